@@ -8,9 +8,11 @@ answer out of a free-form rationale, and how to compare it with the gold answer.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
-__all__ = ["Example", "Task"]
+from dpc_lens.errors import InputError
+
+__all__ = ["Example", "Task", "accuracy"]
 
 
 @dataclass(frozen=True)
@@ -69,3 +71,29 @@ class Task(Protocol):
 
     def accuracy(self, predictions: Sequence[str | None], golds: Sequence[str]) -> float:
         """Fraction of predictions that are correct."""
+
+
+def accuracy(
+    is_correct: Callable[[str | None, str], bool],
+    predictions: Sequence[str | None],
+    golds: Sequence[str],
+) -> float:
+    """Fraction of ``predictions`` that ``is_correct`` accepts against the matching gold answer.
+
+    Shared by the task modules so every task counts the same way: a ``None`` prediction (no
+    answer found) counts as wrong.
+
+    Raises:
+        InputError: the two sequences differ in length, or are empty (accuracy is undefined).
+    """
+    if len(predictions) != len(golds):
+        raise InputError(
+            f"accuracy needs one prediction per gold answer; got {len(predictions)} predictions "
+            f"and {len(golds)} gold answers. Pass the two lists in the same order and length."
+        )
+    if not golds:
+        raise InputError(
+            "accuracy of zero examples is undefined; pass at least one prediction and gold answer."
+        )
+    hits = sum(1 for pred, gold in zip(predictions, golds) if is_correct(pred, gold))
+    return hits / len(golds)

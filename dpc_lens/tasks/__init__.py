@@ -1,0 +1,69 @@
+"""The task registry: data sets by name, and the loaders behind them.
+
+``get_task("gsm8k" | "math" | "aqua" | "arith")`` returns a :class:`Task` object (loader,
+answer extraction, comparison, accuracy); :func:`load_examples` reads a local data file for a
+task. The synthetic arithmetic task lives in :mod:`dpc_lens.tasks.arith` and is imported only
+when asked for. Task objects are stateless; each call returns a fresh one.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+from dpc_lens.errors import ConfigError
+from dpc_lens.tasks.aqua import AquaTask
+from dpc_lens.tasks.base import Example, Task
+from dpc_lens.tasks.gsm8k import GSM8KTask
+from dpc_lens.tasks.io import read_jsonl, write_jsonl
+from dpc_lens.tasks.math import MathTask
+
+__all__ = [
+    "Example",
+    "Task",
+    "TASKS",
+    "get_task",
+    "load_examples",
+    "read_jsonl",
+    "write_jsonl",
+]
+
+TASKS: tuple[str, ...] = ("gsm8k", "math", "aqua", "arith")
+"""The names :func:`get_task` accepts."""
+
+
+def get_task(name: str) -> Task:
+    """The task called ``name`` (case and surrounding spaces ignored).
+
+    Raises:
+        ConfigError: ``name`` is not one of :data:`TASKS` (the message lists them).
+    """
+    key = name.strip().lower() if isinstance(name, str) else name
+    if key == "gsm8k":
+        return GSM8KTask()
+    if key == "math":
+        return MathTask()
+    if key == "aqua":
+        return AquaTask()
+    if key == "arith":
+        from dpc_lens.tasks.arith import ArithTask  # lazy: the module is optional here
+
+        return ArithTask()
+    close = difflib.get_close_matches(str(key), TASKS, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(
+        f"unknown task {name!r}; valid names are {', '.join(TASKS)}.{hint}"
+    )
+
+
+def load_examples(path: str | Path, task: str | Task) -> list[Example]:
+    """Read the local data file (or MATH directory) at ``path`` with ``task``'s loader.
+
+    ``task`` is a name from :data:`TASKS` or a task object.
+
+    Raises:
+        ConfigError: unknown task name.
+        DataError: missing or malformed file (the message names the file, line and field).
+    """
+    task_obj = get_task(task) if isinstance(task, str) else task
+    return task_obj.load(path)
