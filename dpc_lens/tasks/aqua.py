@@ -16,9 +16,10 @@ a generation can be matched back to a letter. Answers are upper-case letters.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from dpc_lens.errors import DataError
 from dpc_lens.tasks.base import Example, accuracy

@@ -95,5 +95,5 @@ def accuracy(
         raise InputError(
             "accuracy of zero examples is undefined; pass at least one prediction and gold answer."
         )
-    hits = sum(1 for pred, gold in zip(predictions, golds) if is_correct(pred, gold))
+    hits = sum(1 for pred, gold in zip(predictions, golds, strict=True) if is_correct(pred, gold))
     return hits / len(golds)

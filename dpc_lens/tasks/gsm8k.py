@@ -17,11 +17,11 @@ commas, ``$`` and trailing units dropped; an integer value is written as an inte
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation, localcontext
 from fractions import Fraction
 from pathlib import Path
-from typing import Sequence
 
 from dpc_lens.errors import DataError
 from dpc_lens.tasks.base import Example, accuracy

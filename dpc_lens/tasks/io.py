@@ -9,8 +9,9 @@ from local paths the user gives (see SPEC section 7).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from dpc_lens.errors import DataError
 

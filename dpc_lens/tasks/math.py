@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from dpc_lens.errors import DataError
 from dpc_lens.tasks.base import Example, accuracy
@@ -176,7 +177,8 @@ class MathTask:
                         f"{str(f)!r}: expected one problem as a JSON object, got a JSON "
                         f"{type(record).__name__}."
                     )
-                items.append((str(f.relative_to(p).with_suffix("").as_posix()), repr(str(f)), record))
+                rel_id = f.relative_to(p).with_suffix("").as_posix()
+                items.append((rel_id, repr(str(f)), record))
         else:
             _check_file(p, "MATH", expected)
             if p.suffix == ".jsonl":
