@@ -1,0 +1,44 @@
+"""dpc_lens: information flow, Dynamic Prompt Corruption and Instance-adaptive Prompting on
+TransformerLens models.
+
+The public API is re-exported here lazily, so ``import dpc_lens`` stays light (no torch or
+TransformerLens import until a name is used).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    # errors
+    "DpcLensError": "errors", "ConfigError": "errors", "InputError": "errors",
+    "DataError": "errors", "ModelError": "errors", "HookError": "errors",
+    "SaliencyError": "errors",
+    # models
+    "ModelAdapter": "model", "as_adapter": "model", "load_model": "model",
+    # soft prompts and inputs
+    "SoftPrompt": "soft_prompt",
+    "SegmentLayout": "segments", "PromptBatch": "segments", "encode_pieces": "segments",
+    # saliency
+    "SaliencyConfig": "saliency", "SaliencyResult": "saliency", "compute_saliency": "saliency",
+    "target_nll": "saliency",
+    "flow_proportions": "flows", "saliency_map": "flows",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dpc_lens' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

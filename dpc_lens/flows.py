@@ -1,0 +1,185 @@
+"""Pure tensor maths of attention saliency and information flow (no model, no hooks).
+
+Everything here is a function of tensors, so tests feed it hand-built matrices. The saliency
+engine (:mod:`dpc_lens.saliency`) calls these inside its gradient hooks, layer by layer.
+
+The saliency score is the one of Wang et al., "Label Words are Anchors" (EMNLP 2023)::
+
+    I_l = | sum_h  A_{h,l} * dL/dA_{h,l} |
+
+``I_l[i, j]`` is the flow from source token ``j`` (key, column) into target token ``i``
+(query, row). A segment flow is a mean (or sum) of ``I_l`` over the pairs ``(i, j)`` with
+``i`` in the target segment, ``j`` in the source segment and ``j < i`` (``j <= i`` when the
+diagonal is kept).
+
+Shapes use TransformerLens's axis words. A leading ``...`` axis is either nothing or
+``head_index`` (per-head output).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+
+from ._typing import Float, Tensor
+from .errors import InputError
+
+__all__ = [
+    "saliency_map",
+    "pair_mask",
+    "segment_flow_sums",
+    "segment_pair_counts",
+    "flow_mean",
+    "flow_proportions",
+    "column_scores",
+    "row_scores",
+    "row_totals",
+]
+
+
+def saliency_map(
+    pattern: Float[Tensor, "batch head_index query_pos key_pos"],
+    grad: Float[Tensor, "batch head_index query_pos key_pos"],
+    *,
+    per_head: bool = False,
+    signed: bool = False,
+    include_diagonal: bool = False,
+    fp32: bool = True,
+) -> Float[Tensor, "batch ... query_pos key_pos"]:
+    """``I = |sum_h A ⊙ dL/dA|`` for one layer (Wang et al. 2023, eq. 1).
+
+    Args:
+        pattern: post-softmax attention ``A``.
+        grad: ``dL/dA``, same shape.
+        per_head: keep the head axis (no head sum); the abs is then taken per head.
+        signed: skip the absolute value.
+        include_diagonal: keep ``I[i, i]``; by default it is zeroed, as in the reference
+            implementation, so self-flow never enters flow means.
+        fp32: accumulate in float32 whatever the model's dtype.
+
+    Returns ``[batch, query_pos, key_pos]``, or ``[batch, head_index, query_pos, key_pos]``
+    with ``per_head``. Entries above the diagonal are exactly zero (``A`` is zero there).
+    """
+    if pattern.shape != grad.shape:
+        raise InputError(
+            f"pattern and grad must have the same shape, got {tuple(pattern.shape)} and "
+            f"{tuple(grad.shape)}."
+        )
+    if fp32:
+        pattern, grad = pattern.float(), grad.float()
+    prod = pattern * grad
+    out = prod if per_head else prod.sum(dim=1)
+    if not signed:
+        out = out.abs()
+    if not include_diagonal:
+        q, k = out.shape[-2], out.shape[-1]
+        eye = torch.eye(q, k, dtype=torch.bool, device=out.device)
+        out = out.masked_fill(eye, 0.0)
+    return out
+
+
+def pair_mask(n_pos: int, *, include_diagonal: bool = False, device=None) -> Tensor:
+    """``[query_pos, key_pos]`` float mask of the pairs that count: ``j < i`` (or ``j <= i``)."""
+    offset = 0 if include_diagonal else -1
+    return torch.ones(n_pos, n_pos, device=device).tril(offset)
+
+
+def segment_flow_sums(
+    saliency: Float[Tensor, "batch ... query_pos key_pos"],
+    segment_masks: Float[Tensor, "batch segment pos"],
+) -> Float[Tensor, "batch ... target source"]:
+    """``S[b, t, s] = sum_{i in T_t, j in S_s} I[b, i, j]`` for every ordered segment pair.
+
+    ``segment_masks[b, n, p]`` is 1 where position ``p`` belongs to segment ``n`` of example
+    ``b``. Only pairs inside the causal triangle carry saliency, so no extra mask is needed when
+    the map came from :func:`saliency_map` (it is zero above and, by default, on the diagonal).
+    The result is indexed ``[target, source]``: row = where the flow goes.
+    """
+    m = segment_masks.to(saliency.dtype)
+    if saliency.dim() == 4:  # per head
+        return torch.einsum("btq,bhqk,bsk->bhts", m, saliency, m)
+    return torch.einsum("btq,bqk,bsk->bts", m, saliency, m)
+
+
+def segment_pair_counts(
+    segment_masks: Float[Tensor, "batch segment pos"], *, include_diagonal: bool = False
+) -> Float[Tensor, "batch target source"]:
+    """``C[b, t, s]``: the number of pairs ``(i, j)``, ``i in T_t``, ``j in S_s``, ``j < i``.
+
+    With ``include_diagonal`` the pairs ``j <= i`` count. A zero count means the flow is
+    undefined (for example question->soft, which the causal mask forbids).
+    """
+    m = segment_masks.float()
+    pm = pair_mask(m.shape[-1], include_diagonal=include_diagonal, device=m.device)
+    return torch.einsum("btq,qk,bsk->bts", m, pm, m)
+
+
+def flow_mean(
+    sums: Float[Tensor, "*shape target source"], counts: Float[Tensor, "*cshape target source"]
+) -> Float[Tensor, "*shape target source"]:
+    """``sums / counts`` where ``counts > 0``, NaN where the flow is undefined (count 0)."""
+    counts = counts.to(sums.dtype)
+    while counts.dim() < sums.dim():  # broadcast over layer / head axes
+        counts = counts.unsqueeze(-3)
+    out = sums / counts.clamp(min=1)
+    return out.masked_fill(counts == 0, float("nan"))
+
+
+def flow_proportions(flows: Mapping[str, Tensor], names: Sequence[str] | None = None) -> dict[str, Tensor]:
+    """Per-layer proportions: ``p_k = flow_k / sum_{k'} flow_k'`` over the chosen flows.
+
+    This is how Wang et al. plot flows: for each layer (and example) the chosen flows sum to 1.
+    ``flows`` maps a name such as ``"soft->rationale"`` to a tensor of any common shape
+    (e.g. ``[layer]`` or ``[layer, batch]``). Where every flow is zero the proportions are NaN.
+    """
+    names = list(names) if names is not None else list(flows)
+    if not names:
+        raise InputError("flow_proportions needs at least one flow name.")
+    missing = [n for n in names if n not in flows]
+    if missing:
+        raise InputError(f"Unknown flows {missing}; available: {sorted(flows)}.")
+    stacked = torch.stack([flows[n].float() for n in names])
+    total = stacked.sum(0, keepdim=True)
+    props = stacked / total
+    props = torch.where(total == 0, torch.full_like(props, float("nan")), props)
+    return {n: props[i] for i, n in enumerate(names)}
+
+
+def column_scores(
+    saliency: Float[Tensor, "batch ... query_pos key_pos"],
+    target_mask: Float[Tensor, "batch query_pos"],
+    *,
+    row_normalize: bool = False,
+    row_total: Float[Tensor, "batch ... query_pos"] | None = None,
+) -> Float[Tensor, "batch ... key_pos"]:
+    """Per-source-token column score ``c_j = sum_{i in T} I[i, j]`` (SPEC section 3, step 3).
+
+    With ``row_normalize`` each row is first divided by its incoming total
+    ``sum_j' I[i, j']`` (its share of the row's flow; rows with zero total contribute zero), so
+    a high-loss generation does not dominate (SPEC section 3, "Measured on a small model").
+    """
+    w = target_mask.to(saliency.dtype)
+    if saliency.dim() == 4:
+        w = w.unsqueeze(1)  # broadcast over heads
+    if row_normalize:
+        total = row_totals(saliency) if row_total is None else row_total
+        w = w / torch.where(total > 0, total, torch.ones_like(total))
+        w = torch.where(total > 0, w, torch.zeros_like(w))
+    return (saliency * w.unsqueeze(-1)).sum(-2)
+
+
+def row_scores(
+    saliency: Float[Tensor, "batch ... query_pos key_pos"],
+    source_mask: Float[Tensor, "batch key_pos"],
+) -> Float[Tensor, "batch ... query_pos"]:
+    """Per-target-token incoming flow from a source set: ``r_i = sum_{j in S} I[i, j]``."""
+    w = source_mask.to(saliency.dtype)
+    if saliency.dim() == 4:
+        w = w.unsqueeze(1)
+    return (saliency * w.unsqueeze(-2)).sum(-1)
+
+
+def row_totals(saliency: Float[Tensor, "batch ... query_pos key_pos"]) -> Float[Tensor, "batch ... query_pos"]:
+    """The whole incoming flow of each target row, ``sum_j I[i, j]``."""
+    return saliency.sum(-1)

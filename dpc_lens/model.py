@@ -1,0 +1,379 @@
+"""One adapter over both TransformerLens model families, and the model loader.
+
+dpc_lens accepts a ``TransformerBridge`` (TransformerLens >= 3.4, including 4.x) or a
+``HookedTransformer`` (TransformerLens 2.13 - 3.x). Everything else in the library talks to
+:class:`ModelAdapter`; it branches only where the two families really differ:
+
+* feeding input embeddings: the bridge passes them to the Hugging Face model as
+  ``inputs_embeds`` with explicit ``position_ids``; a HookedTransformer is run from
+  ``start_at_layer=0`` with the residual ``embeds (+ positional embedding)`` built here;
+* incremental decoding (the bridge hands back Hugging Face's own KV cache).
+
+``hook_embed`` does not fire for embedding input on either family (SPEC section 5), so soft
+prompts and corruption live in the embedding tensor, never in a hook.
+
+TransformerLens 4.x raises ``ImportError`` on ``hasattr(transformer_lens, "HookedTransformer")``,
+so versions are read from package metadata and the class is imported inside ``try``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, Iterator, Literal
+
+import torch
+
+from ._typing import Float, Int, Tensor
+from .errors import InputError, ModelError
+
+__all__ = [
+    "ModelAdapter",
+    "as_adapter",
+    "load_model",
+    "tl_version",
+    "hooked_transformer_class",
+    "frozen_for_saliency",
+]
+
+Family = Literal["bridge", "hooked"]
+
+
+def tl_version() -> tuple[int, ...]:
+    """The installed transformer-lens version as a tuple of ints (from package metadata)."""
+    raw = metadata.version("transformer-lens")
+    parts = []
+    for piece in raw.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def hooked_transformer_class() -> type | None:
+    """``HookedTransformer`` on TransformerLens < 4, ``None`` where it no longer exists."""
+    if tl_version() >= (4,):
+        return None
+    try:
+        from transformer_lens import HookedTransformer  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return HookedTransformer
+
+
+def _bridge_class() -> type | None:
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError:
+        return None
+    return TransformerBridge
+
+
+@dataclass(frozen=True)
+class ModelAdapter:
+    """The small protocol dpc_lens needs from a TransformerLens model.
+
+    Build one with :func:`as_adapter` (every public function accepts a raw model too).
+    """
+
+    model: Any
+    family: Family
+
+    # ----------------------------------------------------------------- facts
+    @property
+    def cfg(self) -> Any:
+        return self.model.cfg
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.cfg.n_layers)
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.cfg.n_heads)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.cfg.d_model)
+
+    @property
+    def n_ctx(self) -> int | None:
+        n = getattr(self.cfg, "n_ctx", None)
+        return int(n) if n else None
+
+    @property
+    def tokenizer(self) -> Any:
+        return getattr(self.model, "tokenizer", None)
+
+    @property
+    def hook_dict(self) -> dict:
+        return self.model.hook_dict
+
+    @property
+    def device(self) -> torch.device:
+        return self.embedding_weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embedding_weight.dtype
+
+    @property
+    def embedding_weight(self) -> Tensor:
+        """The token embedding matrix ``W_E`` ``[d_vocab, d_model]``."""
+        if self.family == "hooked":
+            return self.model.W_E
+        return self._input_embedding().weight
+
+    def _input_embedding(self) -> Any:
+        hf = self._hf_model
+        if hasattr(hf, "get_input_embeddings"):
+            return hf.get_input_embeddings()
+        emb = getattr(hf, "tok_embed", None)  # TransformerLens-native model (boot_native)
+        if emb is None:
+            raise ModelError(
+                f"Cannot find the token embedding of {type(hf).__name__}; dpc_lens needs "
+                "get_input_embeddings() (any Hugging Face model) to build soft-prompt inputs."
+            )
+        return emb
+
+    @property
+    def _hf_model(self) -> Any:
+        underlying = getattr(getattr(self.model, "_driver", None), "underlying_model", None)
+        if underlying is None:
+            underlying = getattr(self.model, "original_model", None)
+        if underlying is None:
+            raise ModelError(
+                "This TransformerBridge has no local torch model (its driver runs remotely, "
+                "e.g. vLLM or an inspection server), so attention patterns and their gradients "
+                "are not available. Boot the model with TransformerBridge.boot_transformers(...) "
+                "or dpc_lens.load_model(...)."
+            )
+        return underlying
+
+    @property
+    def positional_embedding_type(self) -> str:
+        return str(getattr(self.cfg, "positional_embedding_type", "standard"))
+
+    def pad_token_id(self) -> int:
+        tok = self.tokenizer
+        for attr in ("pad_token_id", "eos_token_id", "bos_token_id"):
+            v = getattr(tok, attr, None) if tok is not None else None
+            if v is not None:
+                return int(v)
+        return 0
+
+    # --------------------------------------------------------------- checks
+    def check_supported(self) -> None:
+        """Raise :class:`ModelError` when the model cannot give attention patterns."""
+        if self.family == "bridge":
+            hf = self._hf_model
+            impl = getattr(getattr(hf, "config", None), "_attn_implementation", "eager")
+            if impl not in (None, "eager"):
+                raise ModelError(
+                    f"The model computes attention with {impl!r}; attention patterns exist only "
+                    "with eager attention. Load it with dpc_lens.load_model (forces eager) or "
+                    "pass attn_implementation='eager'."
+                )
+        if "blocks.0.attn.hook_pattern" not in self.hook_dict:
+            raise ModelError(
+                "The model has no 'blocks.0.attn.hook_pattern' hook, so attention saliency cannot "
+                "be measured. dpc_lens needs a decoder with TransformerLens attention hooks."
+            )
+
+    # ------------------------------------------------------------ embeddings
+    def embed_tokens(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+        """Token embeddings as the model's own input layer computes them (no positional part)."""
+        tokens = tokens.to(self.device)
+        if self.family == "hooked":
+            return self.model.embed(tokens)
+        return self._input_embedding()(tokens)
+
+    def _hooked_residual(self, embeds: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor | None]:
+        """HookedTransformer: residual entering block 0, and the shortformer embedding if any."""
+        kind = self.positional_embedding_type
+        if kind in ("standard", "shortformer"):
+            dummy = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+            pos = self.model.hook_pos_embed(self.model.pos_embed(dummy, 0, attention_mask))
+            if kind == "standard":
+                return embeds + pos, None
+            return embeds, pos
+        return embeds, None
+
+    def forward_embeds(
+        self,
+        embeds: Float[Tensor, "batch pos d_model"],
+        attention_mask: Int[Tensor, "batch pos"],
+        position_ids: Int[Tensor, "batch pos"],
+    ) -> Float[Tensor, "batch pos d_vocab"]:
+        """Logits for an input given as embeddings (soft prompt included), left-padded.
+
+        ``position_ids`` must be ``cumsum(mask) - 1`` on real positions (what
+        :class:`dpc_lens.segments.PromptBatch` builds); the HookedTransformer derives the same
+        positions from the mask itself.
+        """
+        if self.family == "hooked":
+            residual, short = self._hooked_residual(embeds, attention_mask)
+            kwargs: dict[str, Any] = {"start_at_layer": 0, "attention_mask": attention_mask}
+            if short is not None:
+                kwargs["shortformer_pos_embed"] = short
+            return self.model(residual, **kwargs)
+        kwargs = {"attention_mask": attention_mask}
+        if self._accepts_position_ids():
+            kwargs["position_ids"] = position_ids
+        return self.model(embeds, **kwargs)
+
+    def _accepts_position_ids(self) -> bool:
+        try:
+            params = inspect.signature(self._hf_model.forward).parameters
+        except (TypeError, ValueError):
+            return False
+        return "position_ids" in params
+
+    def forward_step(
+        self,
+        tokens: Int[Tensor, "batch 1"],
+        attention_mask: Int[Tensor, "batch pos"],
+        position_ids: Int[Tensor, "batch 1"],
+        cache: Any,
+    ) -> tuple[Float[Tensor, "batch 1 d_vocab"], Any]:
+        """One incremental decoding step with the bridge's Hugging Face KV cache."""
+        kwargs: dict[str, Any] = {"attention_mask": attention_mask, "past_key_values": cache}
+        if self._accepts_position_ids():
+            kwargs["position_ids"] = position_ids
+        return self.model(tokens.to(self.device), return_type="logits_and_cache", **kwargs)
+
+    def prefill(
+        self,
+        embeds: Float[Tensor, "batch pos d_model"],
+        attention_mask: Int[Tensor, "batch pos"],
+        position_ids: Int[Tensor, "batch pos"],
+    ) -> tuple[Float[Tensor, "batch pos d_vocab"], Any]:
+        """Bridge only: forward over embeddings returning logits and the KV cache."""
+        kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": True}
+        if self._accepts_position_ids():
+            kwargs["position_ids"] = position_ids
+        return self.model(embeds, return_type="logits_and_cache", **kwargs)
+
+    @property
+    def supports_kv_cache(self) -> bool:
+        """Whether dpc_lens decodes incrementally. HookedTransformer is always re-run in full:
+        its ``generate(embeds)`` cache path returns wrong tokens for absolute-position models
+        (SPEC section 5), and a full re-run is exact for every positional scheme."""
+        if self.family != "bridge":
+            return False
+        try:
+            params = inspect.signature(self._hf_model.forward).parameters
+        except (TypeError, ValueError):
+            return False
+        return "past_key_values" in params
+
+    # ----------------------------------------------------------------- hooks
+    def hooks(self, fwd_hooks=(), bwd_hooks=()):
+        """The model's own ``hooks()`` context: removes only what it added, on exit."""
+        return self.model.hooks(fwd_hooks=list(fwd_hooks), bwd_hooks=list(bwd_hooks))
+
+
+def as_adapter(model: Any) -> ModelAdapter:
+    """Wrap a ``TransformerBridge`` or ``HookedTransformer`` (an adapter passes through)."""
+    if isinstance(model, ModelAdapter):
+        return model
+    bridge = _bridge_class()
+    if bridge is not None and isinstance(model, bridge):
+        adapter = ModelAdapter(model, "bridge")
+    else:
+        ht = hooked_transformer_class()
+        if ht is not None and isinstance(model, ht):
+            adapter = ModelAdapter(model, "hooked")
+        else:
+            raise InputError(
+                f"Expected a TransformerLens TransformerBridge or HookedTransformer, got "
+                f"{type(model).__name__}. Load a model with dpc_lens.load_model(name_or_path) "
+                "or TransformerBridge.boot_transformers(...)."
+            )
+    adapter.check_supported()
+    return adapter
+
+
+@contextlib.contextmanager
+def frozen_for_saliency(model: Any) -> Iterator[None]:
+    """Within the block: eval mode and ``requires_grad=False`` on every parameter, so a backward
+    pass allocates no weight gradients. On exit every flag and the training mode are restored
+    exactly, even after an exception."""
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    training = model.training
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        model.eval()
+        yield
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+        model.train(training)
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    family: Family = "bridge",
+) -> Any:
+    """Load a Hugging Face checkpoint (local directory or hub id) as a TransformerLens model.
+
+    The bridge (``TransformerBridge.boot_transformers``) forces eager attention. The model is put
+    in eval mode with every weight frozen. ``device`` defaults to CUDA when present.
+    ``family="hooked"`` uses ``HookedTransformer.from_pretrained`` (TransformerLens < 4 only).
+
+    Raises :class:`ModelError` when the weights are neither a local directory nor reachable.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if isinstance(dtype, str):
+        try:
+            dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                     "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+        except KeyError:
+            raise InputError(
+                f"Unknown dtype {dtype!r}; expected one of float32, bfloat16, float16."
+            ) from None
+    is_local = os.path.isdir(name_or_path)
+    if not is_local and (os.sep in name_or_path and name_or_path.startswith((".", os.sep))):
+        raise ModelError(f"Model directory {name_or_path!r} does not exist. Pass an existing "
+                         "local directory with config.json and weights, or a hub id.")
+    try:
+        if family == "hooked":
+            ht = hooked_transformer_class()
+            if ht is None:
+                raise ModelError(
+                    "HookedTransformer does not exist in TransformerLens >= 4; use family='bridge' "
+                    "or install 'transformer-lens<4'."
+                )
+            kwargs: dict[str, Any] = {"device": device}
+            if dtype is not None:
+                kwargs["dtype"] = dtype
+            model = ht.from_pretrained(name_or_path, **kwargs)
+        else:
+            from transformer_lens.model_bridge import TransformerBridge
+
+            kwargs = {"device": device}
+            if dtype is not None:
+                kwargs["dtype"] = dtype
+            model = TransformerBridge.boot_transformers(name_or_path, **kwargs)
+    except ModelError:
+        raise
+    except (OSError, ValueError) as exc:
+        where = "local directory" if is_local else "Hugging Face hub id"
+        raise ModelError(
+            f"Could not load model {name_or_path!r} as a {where}: {exc}. If the machine is "
+            "offline, download the checkpoint elsewhere and pass its local directory "
+            "(config.json, weights and tokenizer files)."
+        ) from exc
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    as_adapter(model)  # validates attention support
+    return model

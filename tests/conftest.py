@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny offline models, and the autouse check that no test leaks a hook."""
+
+from __future__ import annotations
+
+import gc
+import warnings
+
+import pytest
+import torch
+
+warnings.filterwarnings("ignore")
+
+
+def _live_models():
+    from dpc_lens.model import ModelAdapter  # noqa: F401  (import check)
+
+    out = []
+    for obj in gc.get_objects():
+        try:
+            if isinstance(obj, torch.nn.Module) and hasattr(obj, "hook_dict") and hasattr(obj, "cfg"):
+                out.append(obj)
+        except ReferenceError:
+            continue
+    return out
+
+
+def _hook_counts(model) -> int:
+    n = 0
+    for hp in model.hook_dict.values():
+        n += len(getattr(hp, "_forward_hooks", {})) + len(getattr(hp, "_backward_hooks", {}))
+        n += len(getattr(hp, "_forward_pre_hooks", {}))
+    return n
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_hooks(request):
+    """After every test, every TransformerLens model alive has no hook left on any hook point
+    (besides the ones a test registered on purpose and marked with ``keeps_hooks``)."""
+    yield
+    if request.node.get_closest_marker("keeps_hooks"):
+        return
+    leaked = {type(m).__name__: _hook_counts(m) for m in _live_models() if _hook_counts(m)}
+    assert not leaked, f"hooks left on models after the test: {leaked}"
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    from dpc_lens.testing import boot_tiny
+
+    return boot_tiny("llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2():
+    from dpc_lens.testing import boot_tiny
+
+    return boot_tiny("gpt2")
+
+
+@pytest.fixture(scope="session")
+def native_model():
+    from dpc_lens.testing import boot_native
+
+    return boot_native()
