@@ -1,0 +1,1252 @@
+"""Instance-adaptive Prompting (IAP): the candidate pool, the score and the selection strategies.
+
+IAP (Yuan et al., "Instance-adaptive Zero-shot Chain-of-Thought Prompting", NeurIPS 2024,
+arXiv 2409.20441) answers each question with a hard prompt chosen *per instance* from a pool of
+candidates. For every (question, prompt) pair it generates a rationale, measures three saliency
+flows over ``[question; prompt; rationale]`` and combines them into one score; then
+
+* **IAP-ss** (sequential substitution) walks the pool in order and stops at the first prompt whose
+  score clears a threshold (falling back to the best-scoring prompt when none does), and
+* **IAP-mv** (majority vote) scores every prompt and takes the majority answer among the top m.
+
+Reported with LLaMA-3-8B-Instruct against the best single prompt: GSM8K 64.52 -> 66.34,
+SVAMP 73.67 -> 77.33, Causal Judgement 18.18 -> 29.95, CSQA 64.95 -> 68.39. Good prompts show a
+strong question->prompt flow in shallow layers and a sustained question/prompt->rationale flow in
+deeper ones.
+
+This module owns the *model-free* half of IAP: the prompt pool, per-flow standardisation fitted on
+dev data, the synthesised score, the two strategies and the baselines on hand-given scores and
+answers, and grid-search calibration of lambda, tau and m. Nothing here runs a model or touches a
+hook, so every rule can be tested with numbers worked out by hand; the pipeline that generates
+rationales and runs saliency builds on these functions and caches one (answer, flows) entry per
+(question, prompt) pair, which every strategy then reads.
+
+Cost accounting: IAP-ss can stop early, so :func:`iap_ss` reports ``n_tried`` (prompts that had
+to be generated and scored before it stopped); IAP-mv always needs the whole pool.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Union, no_type_check
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from dpc_lens.errors import ConfigError, DataError, InputError
+
+if TYPE_CHECKING:  # pandas is imported lazily, only by to_dataframe()
+    import pandas as pd
+
+__all__ = [
+    "FLOW_QP",
+    "FLOW_QR",
+    "FLOW_PR",
+    "IAP_FLOWS",
+    "PROMPT_GROUPS",
+    "CandidatePrompt",
+    "DEFAULT_PROMPTS",
+    "PromptPool",
+    "FlowStandardizer",
+    "LayerSpec",
+    "resolve_layers",
+    "IAPConfig",
+    "synthesized_score",
+    "SelectionResult",
+    "iap_ss",
+    "iap_mv",
+    "majority_vote",
+    "single_prompt_answers",
+    "QuestionRecord",
+    "CalibrationResult",
+    "calibrate",
+]
+
+# Classes marked ``@no_type_check`` validate and coerce raw user input in ``__post_init__``
+# (lists -> tuples, strings -> prompts, ints -> floats) and explain what is wrong and how to fix
+# it. The run-time type checker the test suite installs (jaxtyping's import hook) would otherwise
+# check the raw ``__init__`` arguments against the *stored* field types and pre-empt those
+# messages with a generic TypeCheckError. None of them has a tensor shape to check.
+
+# ---------------------------------------------------------------------------------------------
+# Names
+# ---------------------------------------------------------------------------------------------
+
+FLOW_QP = "question->prompt"
+FLOW_QR = "question->rationale"
+FLOW_PR = "prompt->rationale"
+#: The three IAP flows, named "source->target" as in SPEC section 2.
+IAP_FLOWS: tuple[str, str, str] = (FLOW_QP, FLOW_QR, FLOW_PR)
+
+PromptGroup = Literal["instructive", "misleading", "irrelevant", "custom"]
+#: Groups of the IAP paper's pool, plus ``"custom"`` for prompts a user brings.
+PROMPT_GROUPS: tuple[str, ...] = ("instructive", "misleading", "irrelevant", "custom")
+
+_JSON_VERSION = 1
+
+
+def _suggest(name: str, options: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def _check_flow_name(name: object, where: str) -> str:
+    if not isinstance(name, str) or name not in IAP_FLOWS:
+        raise InputError(
+            f"{where}: unknown flow {name!r}; expected one of {list(IAP_FLOWS)}."
+            + (_suggest(name, IAP_FLOWS) if isinstance(name, str) else "")
+        )
+    return name
+
+
+# ---------------------------------------------------------------------------------------------
+# The candidate pool
+# ---------------------------------------------------------------------------------------------
+
+
+@no_type_check  # validated in __post_init__; see the note at the top of the module
+@dataclass(frozen=True)
+class CandidatePrompt:
+    """One hard prompt of the pool.
+
+    Attributes:
+        text: the prompt exactly as it is placed after the question (not stripped: whitespace
+            changes tokenisation, so what you give is what the model sees).
+        group: ``"instructive"``, ``"misleading"``, ``"irrelevant"`` (the IAP paper's groups,
+            taken from Kojima et al.'s zero-shot CoT study) or ``"custom"``.
+    """
+
+    text: str
+    group: PromptGroup = "custom"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.text, str) or not self.text.strip():
+            raise InputError(
+                f"CandidatePrompt.text must be a non-empty string, got {self.text!r}; "
+                "give the prompt's words, e.g. \"Let's think step by step.\"."
+            )
+        if self.group not in PROMPT_GROUPS:
+            raise InputError(
+                f"CandidatePrompt.group must be one of {list(PROMPT_GROUPS)}, got {self.group!r}."
+                + (_suggest(self.group, PROMPT_GROUPS) if isinstance(self.group, str) else "")
+            )
+
+    def to_dict(self) -> dict[str, str]:
+        return {"text": self.text, "group": self.group}
+
+
+#: The default pool: nine prompts, three per group, instructive ones first so that IAP-ss tries
+#: them first. The groups and most wordings follow Kojima et al. (2022, table 4), which the IAP
+#: paper builds its pool from; the exact nine prompts of the IAP paper are not reproduced here
+#: (not verified against its appendix) — load your own list with :meth:`PromptPool.from_file`.
+DEFAULT_PROMPTS: tuple[CandidatePrompt, ...] = (
+    CandidatePrompt("Let's think step by step.", "instructive"),
+    CandidatePrompt("Let's think about this logically.", "instructive"),
+    CandidatePrompt("First, let's break the problem into steps.", "instructive"),
+    CandidatePrompt("Don't think. Just feel.", "misleading"),
+    CandidatePrompt("Let's solve it quickly without checking.", "misleading"),
+    CandidatePrompt("Let's think step by step but reach an incorrect answer.", "misleading"),
+    CandidatePrompt("It's a beautiful day.", "irrelevant"),
+    CandidatePrompt("By the way, I found a good restaurant nearby.", "irrelevant"),
+    CandidatePrompt("Abrakadabra!", "irrelevant"),
+)
+
+
+@no_type_check  # validated in __post_init__; see the note at the top of the module
+@dataclass(frozen=True)
+class PromptPool:
+    """An ordered, validated pool of candidate prompts.
+
+    The order matters: IAP-ss tries prompts in this order and every tie (in score or in votes)
+    falls back to it. The pool is non-empty and its texts are unique (two equal texts would be
+    the same (question, prompt) pair twice and would count twice in a vote).
+
+    Build one with ``PromptPool(prompts)`` (a sequence of :class:`CandidatePrompt` or plain
+    strings, which get group ``"custom"``), :meth:`default`, or :meth:`from_file`.
+    """
+
+    prompts: tuple[CandidatePrompt, ...] = DEFAULT_PROMPTS
+
+    def __post_init__(self) -> None:
+        if isinstance(self.prompts, (str, bytes)) or not isinstance(self.prompts, Iterable):
+            raise InputError(
+                f"PromptPool.prompts must be a sequence of prompts, got {type(self.prompts).__name__}; "
+                "wrap a single prompt in a list: PromptPool([\"Let's think step by step.\"])."
+            )
+        items = tuple(
+            p if isinstance(p, CandidatePrompt) else CandidatePrompt(p) for p in self.prompts
+        )
+        if not items:
+            raise InputError(
+                "PromptPool is empty; IAP needs at least one candidate prompt "
+                "(use PromptPool.default() for the nine built-in ones)."
+            )
+        seen: dict[str, int] = {}
+        for i, p in enumerate(items):
+            if p.text in seen:
+                raise InputError(
+                    f"PromptPool has the prompt {p.text!r} twice (positions {seen[p.text]} and {i}); "
+                    "prompt texts must be unique — remove the duplicate."
+                )
+            seen[p.text] = i
+        object.__setattr__(self, "prompts", items)
+
+    @classmethod
+    def default(cls) -> PromptPool:
+        """The nine built-in prompts, :data:`DEFAULT_PROMPTS`."""
+        return cls(DEFAULT_PROMPTS)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __iter__(self):
+        return iter(self.prompts)
+
+    def __getitem__(self, i: int) -> CandidatePrompt:
+        return self.prompts[i]
+
+    @property
+    def texts(self) -> tuple[str, ...]:
+        return tuple(p.text for p in self.prompts)
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        return tuple(p.group for p in self.prompts)
+
+    def index(self, text: str) -> int:
+        """Position of the prompt with this text; :class:`InputError` if it is not in the pool."""
+        for i, p in enumerate(self.prompts):
+            if p.text == text:
+                return i
+        raise InputError(
+            f"{text!r} is not in the prompt pool." + _suggest(text, self.texts)
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"prompts": [p.to_dict() for p in self.prompts]}
+
+    def save(self, path: str | Path) -> None:
+        """Write the pool as a JSON list of ``{"text", "group"}`` objects (readable by
+        :meth:`from_file`)."""
+        Path(path).write_text(
+            json.dumps([p.to_dict() for p in self.prompts], indent=2, ensure_ascii=False) + "\n",
+            encoding="utf-8",
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> PromptPool:
+        """Read a pool from a local file.
+
+        Two formats, chosen by the file suffix:
+
+        * ``*.json``: a JSON list whose items are strings (group ``"custom"``) or objects
+          ``{"text": ..., "group": ...}`` (``group`` optional).
+        * anything else: plain text, one prompt per line. Each line is stripped of surrounding
+          whitespace; blank lines and lines starting with ``#`` are skipped. Every prompt gets
+          group ``"custom"``.
+
+        Raises:
+            DataError: the file is missing, unreadable, not valid JSON, has an item of the wrong
+                type, an empty prompt, an unknown group, a duplicate prompt, or no prompt at all.
+                The message names the file and the line.
+        """
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise DataError(
+                f"{path}: no such prompt file; give the path of a .json list or a text file "
+                "with one prompt per line."
+            ) from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: cannot read the prompt file as UTF-8 text ({e}).") from None
+        if path.suffix.lower() == ".json":
+            entries = _read_json_prompts(path, text)
+        else:
+            entries = _read_text_prompts(text)
+        if not entries:
+            raise DataError(
+                f"{path}: the file holds no prompt; expected "
+                + ("a non-empty JSON list." if path.suffix.lower() == ".json"
+                   else "one prompt per line (blank and '#' lines are skipped).")
+            )
+        prompts: list[CandidatePrompt] = []
+        first_line: dict[str, int] = {}
+        for line, prompt_text, group in entries:
+            if not prompt_text.strip():
+                raise DataError(f"{path}, line {line}: empty prompt text; remove the entry or fill it.")
+            if group not in PROMPT_GROUPS:
+                raise DataError(
+                    f"{path}, line {line}: unknown group {group!r}; expected one of "
+                    f"{list(PROMPT_GROUPS)}." + _suggest(str(group), PROMPT_GROUPS)
+                )
+            if prompt_text in first_line:
+                raise DataError(
+                    f"{path}, line {line}: duplicate prompt {prompt_text!r} (first on line "
+                    f"{first_line[prompt_text]}); prompt texts must be unique."
+                )
+            first_line[prompt_text] = line
+            prompts.append(CandidatePrompt(prompt_text, group))  # type: ignore[arg-type]
+        return cls(tuple(prompts))
+
+
+def _read_text_prompts(text: str) -> list[tuple[int, str, str]]:
+    out = []
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        out.append((lineno, line, "custom"))
+    return out
+
+
+def _read_json_prompts(path: Path, text: str) -> list[tuple[int, str, str]]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(
+            f"{path}, line {e.lineno}: invalid JSON ({e.msg}); expected a list of strings or of "
+            '{"text": ..., "group": ...} objects.'
+        ) from None
+    if not isinstance(data, list):
+        raise DataError(
+            f"{path}, line 1: expected a JSON list of prompts, got a {type(data).__name__}; "
+            'write ["Let\'s think step by step.", ...].'
+        )
+    lines = _json_array_item_lines(text)
+    out = []
+    for i, item in enumerate(data):
+        line = lines[i] if i < len(lines) else 1
+        if isinstance(item, str):
+            out.append((line, item, "custom"))
+        elif isinstance(item, dict):
+            unknown = set(item) - {"text", "group"}
+            if "text" not in item or not isinstance(item["text"], str):
+                raise DataError(
+                    f"{path}, line {line}: item {i} needs a string field 'text', got {item!r}."
+                )
+            if unknown:
+                raise DataError(
+                    f"{path}, line {line}: item {i} has unknown field(s) {sorted(unknown)}; "
+                    "allowed fields are 'text' and 'group'."
+                )
+            out.append((line, item["text"], item.get("group", "custom")))
+        else:
+            raise DataError(
+                f"{path}, line {line}: item {i} is a {type(item).__name__} ({item!r}); expected a "
+                'string or a {"text": ..., "group": ...} object.'
+            )
+    return out
+
+
+def _json_array_item_lines(text: str) -> list[int]:
+    """Line numbers (1-based) where each item of a top-level JSON array starts.
+
+    Only called on text that already parsed as a JSON list, so the walk cannot fail.
+    """
+    dec = json.JSONDecoder()
+    pos = text.index("[") + 1
+    lines: list[int] = []
+    n = len(text)
+    while True:
+        while pos < n and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= n or text[pos] == "]":
+            return lines
+        lines.append(text.count("\n", 0, pos) + 1)
+        _, pos = dec.raw_decode(text, pos)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flow standardisation
+# ---------------------------------------------------------------------------------------------
+
+FlowValues = Union[Float[Tensor, "*pairs"], Sequence[float], float]
+
+
+def _as_float64(values: FlowValues, what: str) -> Tensor:
+    try:
+        if isinstance(values, Tensor):
+            t = values.detach().to("cpu", torch.float64)
+        else:
+            t = torch.as_tensor(values, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise InputError(
+            f"{what}: expected numbers (a tensor or a list of floats), got {values!r} ({e})."
+        ) from None
+    if not torch.isfinite(t).all():
+        raise InputError(
+            f"{what}: contains NaN or infinite values; drop the (question, prompt) pairs whose "
+            "saliency failed before fitting or scoring."
+        )
+    return t
+
+
+@dataclass(frozen=True)
+class FlowStandardizer:
+    """Per-flow z-scoring, ``z = (x - mean) / std``, fitted on dev data for one model and task.
+
+    Raw saliency magnitudes differ by orders of magnitude between flows, models and tasks (and
+    grow with the loss), so the score combines z-scores. Fit on one value per (question, prompt)
+    pair of a dev split, with :meth:`fit`.
+
+    ``std`` is the *sample* standard deviation (ddof = 1). A flow with fewer than 2 values or with
+    zero spread is refused with an error rather than patched with an epsilon: an epsilon would
+    turn every later value into a huge z-score that silently dominates the sum.
+
+    Attributes:
+        mean, std: per-flow statistics, keyed by flow name (any subset of :data:`IAP_FLOWS`).
+        count: how many values each flow was fitted on (provenance only).
+    """
+
+    mean: Mapping[str, float]
+    std: Mapping[str, float]
+    count: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.mean:
+            raise ConfigError(
+                "FlowStandardizer has no flow; fit it with FlowStandardizer.fit({...}) on dev "
+                f"flows named from {list(IAP_FLOWS)}."
+            )
+        if set(self.mean) != set(self.std):
+            raise ConfigError(
+                f"FlowStandardizer: mean has flows {sorted(self.mean)} but std has "
+                f"{sorted(self.std)}; both need the same flows."
+            )
+        for name in self.mean:
+            _check_flow_name(name, "FlowStandardizer")
+            m, s = self.mean[name], self.std[name]
+            if not (isinstance(m, (int, float)) and math.isfinite(m)):
+                raise ConfigError(f"FlowStandardizer: mean of {name!r} must be a finite number, got {m!r}.")
+            if not (isinstance(s, (int, float)) and math.isfinite(s) and s > 0):
+                raise ConfigError(
+                    f"FlowStandardizer: std of {name!r} must be a finite number > 0, got {s!r}; "
+                    "refit on dev data where this flow varies."
+                )
+        object.__setattr__(self, "mean", {k: float(v) for k, v in self.mean.items()})
+        object.__setattr__(self, "std", {k: float(self.std[k]) for k in self.mean})
+        object.__setattr__(self, "count", {k: int(v) for k, v in dict(self.count).items()})
+
+    @property
+    def flows(self) -> tuple[str, ...]:
+        return tuple(f for f in IAP_FLOWS if f in self.mean)
+
+    @classmethod
+    def fit(cls, flows: Mapping[str, FlowValues]) -> FlowStandardizer:
+        """Fit mean and sample std (ddof = 1) of each flow.
+
+        Args:
+            flows: flow name -> values, one per (question, prompt) pair of the dev split (any
+                shape; flattened). Any subset of :data:`IAP_FLOWS`.
+
+        Raises:
+            InputError: unknown flow name, non-numeric or non-finite values, fewer than 2 values,
+                or all values equal (std 0).
+        """
+        if not isinstance(flows, Mapping) or not flows:
+            raise InputError(
+                f"FlowStandardizer.fit needs a non-empty mapping flow name -> values, got {flows!r}; "
+                f"names are {list(IAP_FLOWS)}."
+            )
+        mean, std, count = {}, {}, {}
+        for name, values in flows.items():
+            _check_flow_name(name, "FlowStandardizer.fit")
+            t = _as_float64(values, f"FlowStandardizer.fit[{name!r}]").reshape(-1)
+            if t.numel() < 2:
+                raise InputError(
+                    f"FlowStandardizer.fit[{name!r}]: got {t.numel()} value(s); a standard deviation "
+                    "needs at least 2 — fit on more (question, prompt) pairs of the dev split."
+                )
+            s = float(t.std(correction=1))
+            if s == 0.0:
+                raise InputError(
+                    f"FlowStandardizer.fit[{name!r}]: all {t.numel()} values equal {float(t[0])!r} "
+                    "(std 0), so z-scores are undefined; fit on more varied dev data, or leave this "
+                    "flow out (and give it weight 0 in the score)."
+                )
+            mean[name], std[name], count[name] = float(t.mean()), s, int(t.numel())
+        return cls(mean=mean, std=std, count=count)
+
+    def z(self, name: str, values: FlowValues) -> Tensor:
+        """z-scores of one flow's values, same shape as given (float64 unless a floating tensor
+        was given, whose dtype is kept)."""
+        _check_flow_name(name, "FlowStandardizer.z")
+        if name not in self.mean:
+            raise InputError(
+                f"FlowStandardizer.z: flow {name!r} was not fitted (fitted: {list(self.flows)}); "
+                "refit including it."
+            )
+        t = _as_float64(values, f"FlowStandardizer.z[{name!r}]")
+        out = (t - self.mean[name]) / self.std[name]
+        if isinstance(values, Tensor) and values.is_floating_point():
+            out = out.to(values.dtype)
+        return out
+
+    def transform(self, flows: Mapping[str, FlowValues]) -> dict[str, Tensor]:
+        """z-scores of every flow given (each must have been fitted)."""
+        return {name: self.z(name, values) for name, values in flows.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "FlowStandardizer",
+            "version": _JSON_VERSION,
+            "mean": dict(self.mean),
+            "std": dict(self.std),
+            "count": dict(self.count),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> FlowStandardizer:
+        if not isinstance(d, Mapping) or "mean" not in d or "std" not in d:
+            raise DataError(
+                "FlowStandardizer.from_dict: expected a mapping with 'mean' and 'std' "
+                f"(as written by to_dict), got {d!r}."
+            )
+        try:
+            mean = {str(k): float(v) for k, v in dict(d["mean"]).items()}
+            std = {str(k): float(v) for k, v in dict(d["std"]).items()}
+            count = {str(k): int(v) for k, v in dict(d.get("count") or {}).items()}
+        except (TypeError, ValueError) as e:
+            raise DataError(
+                f"FlowStandardizer.from_dict: 'mean', 'std' and 'count' must map flow names to "
+                f"numbers ({e})."
+            ) from None
+        try:
+            return cls(mean=mean, std=std, count=count)
+        except (ConfigError, InputError) as e:
+            raise DataError(f"FlowStandardizer.from_dict: {e}") from None
+
+    def save(self, path: str | Path) -> None:
+        """Write as JSON (never pickle)."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> FlowStandardizer:
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise DataError(f"{path}: no such standardizer file.") from None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}, line {e.lineno}: invalid JSON ({e.msg}).") from None
+        try:
+            return cls.from_dict(d)
+        except DataError as e:
+            raise DataError(f"{path}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer sets and config
+# ---------------------------------------------------------------------------------------------
+
+#: A layer set: either explicit layer indices (a tuple of ints, e.g. ``(1, 2, 3)``), or a
+#: fraction pair ``(start, stop)`` of floats with ``0 <= start < stop <= 1``.
+LayerSpec = Union[tuple[int, ...], tuple[float, float]]
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_fraction_pair(spec: Sequence[object]) -> bool:
+    return (
+        len(spec) == 2
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in spec)
+        and any(isinstance(x, float) for x in spec)
+    )
+
+
+def _check_layer_spec(spec: object, field_name: str) -> LayerSpec:
+    how = (
+        "give layer indices as ints, e.g. (0, 1, 2), or a fraction pair as floats, "
+        "e.g. (0.0, 0.3333) for the first third"
+    )
+    if isinstance(spec, (str, bytes)) or not isinstance(spec, Sequence) or len(spec) == 0:
+        raise ConfigError(f"IAPConfig.{field_name} must be a non-empty tuple, got {spec!r}; {how}.")
+    spec = tuple(spec)
+    if _is_fraction_pair(spec):
+        a, b = float(spec[0]), float(spec[1])
+        if not (0.0 <= a < b <= 1.0):
+            raise ConfigError(
+                f"IAPConfig.{field_name} = {spec!r} is read as a fraction pair (it has floats) and "
+                f"needs 0 <= start < stop <= 1; {how}."
+            )
+        return (a, b)
+    if not all(_is_int(x) for x in spec):
+        raise ConfigError(
+            f"IAPConfig.{field_name} = {spec!r} mixes types; {how} (ints = indices, floats = fractions)."
+        )
+    if any(x < 0 for x in spec) or len(set(spec)) != len(spec):
+        raise ConfigError(
+            f"IAPConfig.{field_name} = {spec!r}: layer indices must be distinct and >= 0 "
+            "(negative indices are not supported; write the layer number)."
+        )
+    return tuple(sorted(spec))
+
+
+def resolve_layers(spec: LayerSpec, n_layers: int) -> tuple[int, ...]:
+    """The layer indices a spec selects in a model with ``n_layers`` layers.
+
+    * index tuple: returned sorted; every index must be < ``n_layers``.
+    * fraction pair ``(a, b)``: layers ``round(a * n) .. round(b * n) - 1`` (round half up), and
+      at least one layer. With 32 layers: ``(0, 1/3)`` -> 0..10, ``(2/3, 1)`` -> 21..31; with 12:
+      0..3 and 8..11.
+    """
+    if not _is_int(n_layers) or n_layers < 1:
+        raise InputError(f"resolve_layers: n_layers must be an int >= 1, got {n_layers!r}.")
+    spec = _check_layer_spec(spec, "layers (resolve_layers)")
+    if _is_fraction_pair(spec):
+        a, b = spec
+        start = min(int(math.floor(a * n_layers + 0.5)), n_layers - 1)
+        stop = max(int(math.floor(b * n_layers + 0.5)), start + 1)
+        return tuple(range(start, stop))
+    bad = [i for i in spec if i >= n_layers]
+    if bad:
+        raise InputError(
+            f"resolve_layers: layer(s) {bad} do not exist in a model with {n_layers} layers "
+            f"(valid 0..{n_layers - 1})."
+        )
+    return tuple(spec)  # type: ignore[arg-type]
+
+
+def _check_lam(lam: object, where: str) -> float:
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (0.0 <= lam <= 1.0):
+        raise ConfigError(
+            f"{where}: lam must be a number in [0, 1] (weight of question->prompt; 1 - lam goes to "
+            f"question->rationale), got {lam!r}."
+        )
+    return float(lam)
+
+
+def _check_mu(mu: object, where: str) -> float:
+    if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not (math.isfinite(mu) and mu >= 0):
+        raise ConfigError(
+            f"{where}: mu must be a finite number >= 0 (weight of prompt->rationale; 0 leaves it "
+            f"out), got {mu!r}."
+        )
+    return float(mu)
+
+
+def _check_tau(tau: object, where: str) -> float:
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau):
+        raise ConfigError(
+            f"{where}: tau must be a finite number (the score threshold, in z-score units), got {tau!r}."
+        )
+    return float(tau)
+
+
+def _check_m(m: object, where: str) -> int:
+    if not _is_int(m) or m < 1:
+        raise ConfigError(
+            f"{where}: m must be an int >= 1 (how many top-scoring prompts vote), got {m!r}."
+        )
+    return int(m)
+
+
+@no_type_check  # validated in __post_init__; see the note at the top of the module
+@dataclass(frozen=True)
+class IAPConfig:
+    """Every knob of IAP's score and strategies; saved next to every result.
+
+    Attributes:
+        lam: weight of z(question->prompt) in the score, in [0, 1]; ``1 - lam`` weighs
+            z(question->rationale). Default 0.5 (the paper tunes it; not public).
+        mu: weight of z(prompt->rationale), >= 0. Default 0 (the flow is left out).
+        tau: IAP-ss threshold on the score (z-score units; a score exactly equal to tau clears
+            it). Default 0.0: "above the dev-set average". Fit it with :func:`calibrate`.
+        m: IAP-mv: how many top-scoring prompts vote, an int >= 1. Default 3. An m larger than
+            the pool is clamped to the pool size (see :func:`iap_mv`).
+        qp_layers: layers averaged for question->prompt (shallow). Default ``(0.0, 1/3)``: the
+            first third of layers, layer 0 included (the IAP paper finds question->prompt flow
+            in the shallowest layers; DPC's default drops layer 0 for its own reasons).
+        qr_layers, pr_layers: layers for question->rationale and prompt->rationale (deep).
+            Default ``(2/3, 1.0)``: the last third.
+        aggregate: how per-layer flows become one number per flow; only ``"mean"`` (mean over
+            the layer set of the per-layer segment-mean flow) for now.
+
+    Layer specs are either explicit indices (ints, e.g. ``(1, 2, 3)``) or a fraction pair of
+    floats ``(start, stop)``; see :func:`resolve_layers`. Note ``(0, 1)`` (ints) means layers 0
+    and 1, while ``(0.0, 1.0)`` means all layers.
+    """
+
+    lam: float = 0.5
+    mu: float = 0.0
+    tau: float = 0.0
+    m: int = 3
+    qp_layers: LayerSpec = (0.0, 1.0 / 3.0)
+    qr_layers: LayerSpec = (2.0 / 3.0, 1.0)
+    pr_layers: LayerSpec = (2.0 / 3.0, 1.0)
+    aggregate: Literal["mean"] = "mean"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lam", _check_lam(self.lam, "IAPConfig"))
+        object.__setattr__(self, "mu", _check_mu(self.mu, "IAPConfig"))
+        object.__setattr__(self, "tau", _check_tau(self.tau, "IAPConfig"))
+        object.__setattr__(self, "m", _check_m(self.m, "IAPConfig"))
+        for name in ("qp_layers", "qr_layers", "pr_layers"):
+            object.__setattr__(self, name, _check_layer_spec(getattr(self, name), name))
+        if self.aggregate != "mean":
+            raise ConfigError(
+                f"IAPConfig.aggregate must be 'mean', got {self.aggregate!r}; other reductions are "
+                "not implemented yet."
+            )
+
+    def layers(self, n_layers: int) -> dict[str, tuple[int, ...]]:
+        """Resolved layer indices per flow for a model with ``n_layers`` layers."""
+        return {
+            FLOW_QP: resolve_layers(self.qp_layers, n_layers),
+            FLOW_QR: resolve_layers(self.qr_layers, n_layers),
+            FLOW_PR: resolve_layers(self.pr_layers, n_layers),
+        }
+
+    def score(
+        self,
+        z_qp: Float[Tensor, "*prompts"] | float,
+        z_qr: Float[Tensor, "*prompts"] | float,
+        z_pr: Float[Tensor, "*prompts"] | float | None = None,
+    ) -> Float[Tensor, "*prompts"] | float:
+        """:func:`synthesized_score` with this config's ``lam`` and ``mu``."""
+        return synthesized_score(z_qp, z_qr, z_pr, lam=self.lam, mu=self.mu)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "lam": self.lam,
+            "mu": self.mu,
+            "tau": self.tau,
+            "m": self.m,
+            "qp_layers": list(self.qp_layers),
+            "qr_layers": list(self.qr_layers),
+            "pr_layers": list(self.pr_layers),
+            "aggregate": self.aggregate,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> IAPConfig:
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(
+                f"IAPConfig.from_dict: unknown field(s) {sorted(unknown)}; known fields are "
+                f"{sorted(cls.__dataclass_fields__)}."
+            )
+        kw = dict(d)
+        for name in ("qp_layers", "qr_layers", "pr_layers"):
+            if name in kw and isinstance(kw[name], list):
+                kw[name] = tuple(kw[name])
+        return cls(**kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# The score
+# ---------------------------------------------------------------------------------------------
+
+
+def synthesized_score(
+    z_qp: Float[Tensor, "*prompts"] | float,
+    z_qr: Float[Tensor, "*prompts"] | float,
+    z_pr: Float[Tensor, "*prompts"] | float | None = None,
+    *,
+    lam: float = 0.5,
+    mu: float = 0.0,
+) -> Float[Tensor, "*prompts"] | float:
+    """IAP's synthesised saliency score of a (question, prompt) pair::
+
+        S = lam * z(question->prompt) + (1 - lam) * z(question->rationale) + mu * z(prompt->rationale)
+
+    The z's are flows standardised per model and task (:class:`FlowStandardizer`). The IAP
+    paper's exact formula is not public (it combines layer- and head-averaged saliency with one
+    harmonic weight); this is dpc_lens's default, with every weight a knob (SPEC section 4).
+
+    Works elementwise on floats or tensors of the same shape. ``z_pr`` may be omitted only when
+    ``mu == 0``.
+    """
+    lam = _check_lam(lam, "synthesized_score")
+    mu = _check_mu(mu, "synthesized_score")
+    s = lam * z_qp + (1.0 - lam) * z_qr
+    if mu != 0.0:
+        if z_pr is None:
+            raise InputError(
+                f"synthesized_score: mu = {mu} weighs prompt->rationale but z_pr was not given; "
+                "pass z_pr or set mu = 0."
+            )
+        s = s + mu * z_pr
+    return s
+
+
+# ---------------------------------------------------------------------------------------------
+# Strategies
+# ---------------------------------------------------------------------------------------------
+
+Answer = Union[str, None]
+Scores = Union[Float[Tensor, " n_prompts"], Sequence[float]]
+
+
+@dataclass(frozen=True)
+class SelectionResult:
+    """What a strategy decided for one question.
+
+    Attributes:
+        strategy: ``"iap_ss"`` or ``"iap_mv"``.
+        index: pool position of the chosen prompt. For IAP-mv: the highest-scoring prompt among
+            the voters that gave the winning answer (earliest in pool order on a score tie).
+        answer: the final answer (``None`` when the chosen prompt(s) gave no extractable answer).
+        n_tried: prompts that had to be generated and scored: for IAP-ss ``index + 1`` when a
+            prompt cleared tau, the whole pool when none did; for IAP-mv always the whole pool.
+        fallback: IAP-ss only: no prompt cleared tau, so the best-scoring one was taken.
+        considered: pool positions the decision looked at, in the order it looked at them
+            (IAP-ss: 0..n_tried-1; IAP-mv: the top m by score).
+        votes: IAP-mv only: answer -> number of votes among the considered prompts (``None``
+            answers do not vote).
+    """
+
+    strategy: Literal["iap_ss", "iap_mv"]
+    index: int
+    answer: Answer
+    n_tried: int
+    fallback: bool = False
+    considered: tuple[int, ...] = ()
+    votes: Mapping[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "strategy": self.strategy,
+            "index": self.index,
+            "answer": self.answer,
+            "n_tried": self.n_tried,
+            "fallback": self.fallback,
+            "considered": list(self.considered),
+            "votes": dict(self.votes),
+        }
+
+
+def _check_scores_answers(
+    scores: Scores, answers: Sequence[Answer], where: str
+) -> tuple[list[float], list[Answer]]:
+    if isinstance(scores, Tensor):
+        if scores.ndim != 1:
+            raise InputError(
+                f"{where}: scores must be 1-D (one per prompt of ONE question), got shape "
+                f"{tuple(scores.shape)}; call once per question."
+            )
+        s = [float(x) for x in scores.detach().cpu().tolist()]
+    else:
+        try:
+            s = [float(x) for x in scores]
+        except (TypeError, ValueError):
+            raise InputError(f"{where}: scores must be numbers, got {scores!r}.") from None
+    if isinstance(answers, str):
+        raise InputError(f"{where}: answers must be a sequence (one per prompt), got a string.")
+    a = list(answers)
+    if not s:
+        raise InputError(f"{where}: no prompt; scores and answers need one entry per pool prompt.")
+    if len(s) != len(a):
+        raise InputError(
+            f"{where}: {len(s)} scores but {len(a)} answers; both need one entry per pool prompt, "
+            "in pool order."
+        )
+    bad = [i for i, x in enumerate(s) if not math.isfinite(x)]
+    if bad:
+        raise InputError(
+            f"{where}: score(s) at position(s) {bad} are NaN or infinite; fix or drop those "
+            "(question, prompt) pairs before selecting."
+        )
+    for i, x in enumerate(a):
+        if x is not None and not isinstance(x, str):
+            raise InputError(f"{where}: answer {i} must be a string or None, got {x!r}.")
+    return s, a
+
+
+def _argmax_first(values: Sequence[float]) -> int:
+    best = 0
+    for i, v in enumerate(values):
+        if v > values[best]:
+            best = i
+    return best
+
+
+def iap_ss(scores: Scores, answers: Sequence[Answer], tau: float) -> SelectionResult:
+    """IAP-ss (sequential substitution) for one question.
+
+    Walk the pool in order and answer with the first prompt whose score is ``>= tau`` (equal
+    counts as clearing). If none clears it, answer with the highest-scoring prompt, the earliest
+    in pool order on a tie. The answer is taken as is, ``None`` included.
+
+    Args:
+        scores: one score per pool prompt, in pool order (from the pipeline's cache).
+        answers: the answer each prompt produced, in pool order (``None``: none extracted).
+        tau: the threshold.
+
+    Returns:
+        A :class:`SelectionResult`; ``n_tried`` is what IAP-ss really costs on this question.
+    """
+    s, a = _check_scores_answers(scores, answers, "iap_ss")
+    tau = _check_tau(tau, "iap_ss")
+    for i, x in enumerate(s):
+        if x >= tau:
+            return SelectionResult("iap_ss", i, a[i], n_tried=i + 1, fallback=False,
+                                   considered=tuple(range(i + 1)))
+    best = _argmax_first(s)
+    return SelectionResult("iap_ss", best, a[best], n_tried=len(s), fallback=True,
+                           considered=tuple(range(len(s))))
+
+
+def iap_mv(scores: Scores, answers: Sequence[Answer], m: int) -> SelectionResult:
+    """IAP-mv (majority vote among the best) for one question.
+
+    1. Rank prompts by score, highest first; equal scores keep pool order. Keep the top ``m``.
+       An ``m`` larger than the pool is clamped to the pool size (the vote is then over every
+       prompt, with the score tie-breaks below); ``m`` must still be an int >= 1.
+    2. Each kept prompt with a non-``None`` answer votes for it; ``None`` answers do not vote.
+       If all kept answers are ``None``, the answer is ``None`` (from the top-ranked prompt).
+    3. The answer with most votes wins. Ties: the higher summed score of its voters, then the
+       higher best single score, then the answer whose best voter comes first in pool order.
+
+    ``index`` is the highest-scoring voter for the winning answer; ``n_tried`` is the pool size
+    (IAP-mv scores every prompt).
+    """
+    s, a = _check_scores_answers(scores, answers, "iap_mv")
+    m = _check_m(m, "iap_mv")
+    order = sorted(range(len(s)), key=lambda i: (-s[i], i))
+    top = tuple(order[: min(m, len(s))])
+    votes: dict[str, int] = {}
+    total: dict[str, float] = {}
+    best_voter: dict[str, int] = {}  # answer -> its top-ranked voter (top is already ranked)
+    for i in top:
+        ans = a[i]
+        if ans is None:
+            continue
+        votes[ans] = votes.get(ans, 0) + 1
+        total[ans] = total.get(ans, 0.0) + s[i]
+        best_voter.setdefault(ans, i)
+    if not votes:
+        return SelectionResult("iap_mv", top[0], None, n_tried=len(s), considered=top, votes={})
+    winner = min(
+        votes,
+        key=lambda ans: (-votes[ans], -total[ans], -s[best_voter[ans]], best_voter[ans]),
+    )
+    return SelectionResult("iap_mv", best_voter[winner], winner, n_tried=len(s),
+                           considered=top, votes=votes)
+
+
+def majority_vote(answers: Sequence[Answer]) -> Answer:
+    """Baseline: the most frequent answer over all prompts of one question.
+
+    ``None`` answers do not vote; if every answer is ``None`` the result is ``None``. A tie in
+    counts goes to the answer that appears first in pool order.
+    """
+    if isinstance(answers, str):
+        raise InputError("majority_vote: answers must be a sequence (one per prompt), got a string.")
+    counts: dict[str, int] = {}  # dicts keep insertion order = first occurrence in pool order
+    for x in answers:
+        if x is None:
+            continue
+        if not isinstance(x, str):
+            raise InputError(f"majority_vote: answers must be strings or None, got {x!r}.")
+        counts[x] = counts.get(x, 0) + 1
+    if not counts:
+        return None
+    best = max(counts.values())
+    return next(ans for ans, c in counts.items() if c == best)
+
+
+def single_prompt_answers(answers: Sequence[Sequence[Answer]], index: int) -> list[Answer]:
+    """Baseline: the answers prompt ``index`` gave, one per question (a column of the
+    questions x prompts answer table)."""
+    out = []
+    for q, row in enumerate(answers):
+        if not -len(row) <= index < len(row):
+            raise InputError(
+                f"single_prompt_answers: question {q} has {len(row)} answers; prompt index {index} "
+                "is out of range."
+            )
+        out.append(row[index])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration
+# ---------------------------------------------------------------------------------------------
+
+
+@no_type_check  # validated in __post_init__; see the note at the top of the module
+@dataclass(frozen=True)
+class QuestionRecord:
+    """The cached per-prompt results for one dev question, in pool order.
+
+    Attributes:
+        z_qp, z_qr: z-scored question->prompt and question->rationale flows, one per prompt.
+        answers: the answer each prompt produced (``None``: none extracted).
+        z_pr: z-scored prompt->rationale flows, or ``None`` when not measured (then only mu = 0
+            can be used).
+    """
+
+    z_qp: tuple[float, ...]
+    z_qr: tuple[float, ...]
+    answers: tuple[Answer, ...]
+    z_pr: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        def floats(v, name):
+            if isinstance(v, Tensor):
+                v = v.detach().cpu().reshape(-1).tolist()
+            try:
+                t = tuple(float(x) for x in v)
+            except (TypeError, ValueError):
+                raise InputError(f"QuestionRecord.{name} must be numbers, got {v!r}.") from None
+            if not all(math.isfinite(x) for x in t):
+                raise InputError(f"QuestionRecord.{name} has NaN or infinite values: {t!r}.")
+            return t
+
+        object.__setattr__(self, "z_qp", floats(self.z_qp, "z_qp"))
+        object.__setattr__(self, "z_qr", floats(self.z_qr, "z_qr"))
+        if self.z_pr is not None:
+            object.__setattr__(self, "z_pr", floats(self.z_pr, "z_pr"))
+        if isinstance(self.answers, str):
+            raise InputError("QuestionRecord.answers must be a sequence of answers, got a string.")
+        object.__setattr__(self, "answers", tuple(self.answers))
+        for i, x in enumerate(self.answers):
+            if x is not None and not isinstance(x, str):
+                raise InputError(f"QuestionRecord.answers[{i}] must be a string or None, got {x!r}.")
+        n = len(self.answers)
+        lens = {"z_qp": len(self.z_qp), "z_qr": len(self.z_qr), "answers": n}
+        if self.z_pr is not None:
+            lens["z_pr"] = len(self.z_pr)
+        if n == 0 or len(set(lens.values())) != 1:
+            raise InputError(
+                f"QuestionRecord: every field needs one entry per pool prompt, got lengths {lens}."
+            )
+
+    def scores(self, lam: float, mu: float = 0.0) -> list[float]:
+        """:func:`synthesized_score` of every prompt, in pool order."""
+        if mu != 0.0 and self.z_pr is None:
+            raise InputError(
+                f"QuestionRecord.scores: mu = {mu} but this record has no z_pr; record "
+                "prompt->rationale flows or use mu = 0."
+            )
+        z_pr = self.z_pr if self.z_pr is not None else (0.0,) * len(self.answers)
+        return [synthesized_score(q, r, p, lam=lam, mu=mu)
+                for q, r, p in zip(self.z_qp, self.z_qr, z_pr, strict=True)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "z_qp": list(self.z_qp),
+            "z_qr": list(self.z_qr),
+            "z_pr": None if self.z_pr is None else list(self.z_pr),
+            "answers": list(self.answers),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> QuestionRecord:
+        missing = {"z_qp", "z_qr", "answers"} - set(d)
+        if missing:
+            raise InputError(
+                f"QuestionRecord.from_dict: missing field(s) {sorted(missing)}; expected z_qp, "
+                "z_qr, answers and optionally z_pr."
+            )
+        return cls(z_qp=d["z_qp"], z_qr=d["z_qr"], answers=d["answers"], z_pr=d.get("z_pr"))
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    """Best IAP settings on a dev split, and how sensitive accuracy is to each.
+
+    Attributes:
+        best_ss: ``{"lam", "tau", "accuracy", "mean_tried"}`` — best IAP-ss setting.
+        best_mv: ``{"lam", "m", "accuracy"}`` — best IAP-mv setting.
+        sensitivity: rows ``{"strategy", "param", "value", "lam", "tau"|"m", "accuracy",
+            "mean_tried"}``: accuracy as one parameter sweeps its grid with the other at its
+            best value.
+        grid: every evaluated setting (same row shape, ``param`` = ``"grid"``).
+        baselines: ``{"single": [accuracy of each prompt], "majority": ..., "oracle": ...}``
+            (oracle: some prompt's answer is correct; ``single`` is ``None`` when questions
+            have pools of different sizes).
+        n_questions: dev questions used. mu: the fixed prompt->rationale weight used.
+    """
+
+    best_ss: Mapping[str, float]
+    best_mv: Mapping[str, float]
+    sensitivity: tuple[Mapping[str, Any], ...]
+    grid: tuple[Mapping[str, Any], ...]
+    baselines: Mapping[str, Any]
+    n_questions: int
+    mu: float = 0.0
+
+    def config(self, strategy: Literal["iap_ss", "iap_mv"], base: IAPConfig | None = None) -> IAPConfig:
+        """``base`` (default :class:`IAPConfig`) with the best lam and tau (IAP-ss) or lam and
+        m (IAP-mv), and this calibration's mu. The two strategies may prefer different lam."""
+        base = base or IAPConfig()
+        if strategy == "iap_ss":
+            return replace(base, lam=self.best_ss["lam"], tau=self.best_ss["tau"], mu=self.mu)
+        if strategy == "iap_mv":
+            return replace(base, lam=self.best_mv["lam"], m=int(self.best_mv["m"]), mu=self.mu)
+        raise InputError(
+            f"CalibrationResult.config: strategy must be 'iap_ss' or 'iap_mv', got {strategy!r}."
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "CalibrationResult",
+            "version": _JSON_VERSION,
+            "best_ss": dict(self.best_ss),
+            "best_mv": dict(self.best_mv),
+            "sensitivity": [dict(r) for r in self.sensitivity],
+            "grid": [dict(r) for r in self.grid],
+            "baselines": dict(self.baselines),
+            "n_questions": self.n_questions,
+            "mu": self.mu,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CalibrationResult:
+        try:
+            return cls(
+                best_ss=dict(d["best_ss"]),
+                best_mv=dict(d["best_mv"]),
+                sensitivity=tuple(dict(r) for r in d["sensitivity"]),
+                grid=tuple(dict(r) for r in d["grid"]),
+                baselines=dict(d["baselines"]),
+                n_questions=int(d["n_questions"]),
+                mu=float(d.get("mu", 0.0)),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"CalibrationResult.from_dict: malformed data ({e!r}).") from None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> CalibrationResult:
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise DataError(f"{path}: no such calibration file.") from None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}, line {e.lineno}: invalid JSON ({e.msg}).") from None
+        return cls.from_dict(d)
+
+    def to_dataframe(self, which: Literal["sensitivity", "grid"] = "sensitivity") -> pd.DataFrame:
+        """The sensitivity table (or the full grid) as a pandas DataFrame."""
+        import pandas as pd
+
+        if which not in ("sensitivity", "grid"):
+            raise InputError(f"to_dataframe: which must be 'sensitivity' or 'grid', got {which!r}.")
+        return pd.DataFrame([dict(r) for r in getattr(self, which)])
+
+
+def _check_grid(values: Sequence[Any], name: str, check: Callable[[Any, str], Any]) -> list[Any]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise ConfigError(f"calibrate: {name} must be a non-empty sequence, got {values!r}.")
+    vals = [check(v, f"calibrate({name})") for v in values]
+    if not vals:
+        raise ConfigError(f"calibrate: {name} is empty; give at least one value to try.")
+    return vals
+
+
+def calibrate(
+    records: Sequence[QuestionRecord | Mapping[str, Any]],
+    golds: Sequence[str],
+    lam_grid: Sequence[float],
+    tau_grid: Sequence[float],
+    m_grid: Sequence[int],
+    is_correct: Callable[[Answer, str], bool],
+    *,
+    mu: float = 0.0,
+) -> CalibrationResult:
+    """Grid-search lam and tau for IAP-ss, and lam and m for IAP-mv, on a labelled dev split.
+
+    For every setting the strategy is applied to every question's cached scores and answers, and
+    accuracy is the fraction of questions whose selected answer ``is_correct(answer, gold)``.
+    The best setting is the most accurate; ties go to the earliest in grid order (lam first, then
+    tau or m), so order the grids with the value you prefer on a tie first. ``mu`` is fixed.
+
+    Args:
+        records: one :class:`QuestionRecord` (or its ``to_dict()``) per dev question.
+        golds: the gold answer of each question.
+        lam_grid, tau_grid, m_grid: values to try.
+        is_correct: the task's answer check (e.g. ``task.is_correct``).
+        mu: weight of z(prompt->rationale) in every score.
+    """
+    recs = [r if isinstance(r, QuestionRecord) else QuestionRecord.from_dict(r) for r in records]
+    golds = list(golds)
+    if not recs:
+        raise InputError("calibrate: no records; give one QuestionRecord per dev question.")
+    if len(golds) != len(recs):
+        raise InputError(f"calibrate: {len(recs)} records but {len(golds)} golds; give one gold per record.")
+    if not callable(is_correct):
+        raise InputError(
+            "calibrate: is_correct must be a function (answer, gold) -> bool, e.g. task.is_correct."
+        )
+    lams = _check_grid(lam_grid, "lam_grid", _check_lam)
+    taus = _check_grid(tau_grid, "tau_grid", _check_tau)
+    ms = _check_grid(m_grid, "m_grid", _check_m)
+    mu = _check_mu(mu, "calibrate")
+    n = len(recs)
+
+    correct_cache: dict[tuple[int, Answer], bool] = {}
+
+    def ok(q: int, ans: Answer) -> bool:
+        key = (q, ans)
+        if key not in correct_cache:
+            correct_cache[key] = bool(is_correct(ans, golds[q]))
+        return correct_cache[key]
+
+    scores_by_lam = {lam: [r.scores(lam, mu) for r in recs] for lam in lams}
+
+    ss_rows: list[dict[str, Any]] = []
+    for lam in lams:
+        for tau in taus:
+            picks = [iap_ss(s, r.answers, tau) for s, r in zip(scores_by_lam[lam], recs, strict=True)]
+            acc = sum(ok(q, p.answer) for q, p in enumerate(picks)) / n
+            ss_rows.append({"strategy": "iap_ss", "param": "grid", "value": None, "lam": lam,
+                            "tau": tau, "accuracy": acc,
+                            "mean_tried": sum(p.n_tried for p in picks) / n})
+    mv_rows: list[dict[str, Any]] = []
+    for lam in lams:
+        for m in ms:
+            picks = [iap_mv(s, r.answers, m) for s, r in zip(scores_by_lam[lam], recs, strict=True)]
+            acc = sum(ok(q, p.answer) for q, p in enumerate(picks)) / n
+            mv_rows.append({"strategy": "iap_mv", "param": "grid", "value": None, "lam": lam,
+                            "m": m, "accuracy": acc,
+                            "mean_tried": sum(p.n_tried for p in picks) / n})
+
+    def best(rows):  # first row with the top accuracy (grid order breaks ties)
+        top = max(r["accuracy"] for r in rows)
+        return next(r for r in rows if r["accuracy"] == top)
+
+    b_ss, b_mv = best(ss_rows), best(mv_rows)
+    sens: list[dict[str, Any]] = []
+    for rows, b, other in ((ss_rows, b_ss, "tau"), (mv_rows, b_mv, "m")):
+        for r in rows:
+            if r[other] == b[other]:
+                sens.append({**r, "param": "lam", "value": r["lam"]})
+        for r in rows:
+            if r["lam"] == b["lam"]:
+                sens.append({**r, "param": other, "value": r[other]})
+
+    n_prompts = {len(r.answers) for r in recs}
+    single: list[float] | None = None
+    if len(n_prompts) == 1:
+        k = n_prompts.pop()
+        single = [sum(ok(q, r.answers[j]) for q, r in enumerate(recs)) / n for j in range(k)]
+    baselines = {
+        "single": single,
+        "majority": sum(ok(q, majority_vote(r.answers)) for q, r in enumerate(recs)) / n,
+        "oracle": sum(any(ok(q, a) for a in r.answers) for q, r in enumerate(recs)) / n,
+    }
+    return CalibrationResult(
+        best_ss={"lam": b_ss["lam"], "tau": b_ss["tau"], "accuracy": b_ss["accuracy"],
+                 "mean_tried": b_ss["mean_tried"]},
+        best_mv={"lam": b_mv["lam"], "m": b_mv["m"], "accuracy": b_mv["accuracy"]},
+        sensitivity=tuple(sens),
+        grid=tuple(ss_rows + mv_rows),
+        baselines=baselines,
+        n_questions=n,
+        mu=mu,
+    )
