@@ -1,0 +1,224 @@
+"""Batched generation from ``[soft; prompt]`` embeddings on both TransformerLens families.
+
+Soft prompts go into the input embedding tensor (``hook_embed`` does not fire for embedding
+input, SPEC section 5). Rows are left-padded with the pads *before* the soft prompt and
+positions taken from the mask (see :mod:`dpc_lens.segments`), so each row generates exactly
+what it generates alone.
+
+Decoding paths:
+
+* ``TransformerBridge`` over a Hugging Face model: one prefill over the embeddings, then
+  incremental steps with Hugging Face's own KV cache (explicit ``position_ids`` and the
+  growing attention mask).
+* ``HookedTransformer`` and models without a KV cache (the TransformerLens-native bridge):
+  the whole sequence is re-run every step. HookedTransformer's ``generate(embeds)`` cache path
+  returns wrong tokens for absolute-position models from the third new token on (SPEC section
+  5); the full re-run is exact for every positional scheme.
+
+Greedy by default; sampling (temperature, top-k) is seeded per call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import ConfigError, InputError
+from .model import as_adapter
+from .segments import PromptBatch, SegmentLayout
+
+__all__ = ["GenerationConfig", "Generation", "generate", "encode_prompts"]
+
+StopReason = Literal["eos", "stop_string", "max_new_tokens"]
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How to generate.
+
+    Attributes:
+        max_new_tokens: at most this many new tokens per row.
+        do_sample: sample instead of greedy argmax.
+        temperature / top_k: sampling knobs (ignored when greedy).
+        seed: seed of the sampling generator (``None``: unseeded).
+        stop_at_eos: stop a row at the tokenizer's EOS (the EOS is not part of the output).
+        stop_strings: stop a row once its decoded text contains one of these (the text is cut
+            before it).
+        batch_size: rows generated together.
+        use_kv_cache: use the bridge's KV cache where available (results are identical).
+    """
+
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    seed: int | None = 0
+    stop_at_eos: bool = True
+    stop_strings: tuple[str, ...] = ()
+    batch_size: int = 16
+    use_kv_cache: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}.")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}; use do_sample=False for greedy.")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"top_k must be >= 1 or None, got {self.top_k}.")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}.")
+        if isinstance(self.stop_strings, str):
+            object.__setattr__(self, "stop_strings", (self.stop_strings,))
+        else:
+            object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["stop_strings"] = list(self.stop_strings)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GenerationConfig":
+        d = dict(d)
+        d["stop_strings"] = tuple(d.get("stop_strings", ()))
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One generated continuation: its token ids (no EOS), text and why it stopped."""
+
+    token_ids: tuple[int, ...]
+    text: str
+    stop_reason: StopReason
+
+
+def encode_prompts(adapter: Any, prompts: Sequence[str | Sequence[int]], *, add_bos: bool = False) -> list[list[int]]:
+    """Token ids of each prompt (texts tokenised without special tokens; BOS prepended on request)."""
+    tok = adapter.tokenizer
+    out = []
+    for p in prompts:
+        if isinstance(p, str):
+            if tok is None:
+                raise InputError("Text prompts need a model with a tokenizer; pass token ids instead.")
+            ids = list(tok(p, add_special_tokens=False)["input_ids"])
+        else:
+            ids = [int(t) for t in p]
+        if add_bos:
+            bos = getattr(tok, "bos_token_id", None)
+            if bos is None:
+                raise InputError("add_bos=True but the tokenizer has no BOS token.")
+            ids = [int(bos)] + ids
+        out.append(ids)
+    return out
+
+
+def _pick(logits: torch.Tensor, cfg: GenerationConfig, gen: torch.Generator | None) -> torch.Tensor:
+    if not cfg.do_sample:
+        return logits.argmax(-1)
+    logits = logits.float() / cfg.temperature
+    if cfg.top_k is not None:
+        kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, -1)
+    return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(logits.device)
+
+
+@torch.no_grad()
+def _generate_batch(adapter: Any, seqs: list[list[int]], soft: Any, cfg: GenerationConfig,
+                    gen: torch.Generator | None) -> list[Generation]:
+    layouts = [SegmentLayout({"prompt": (0, len(s))}, len(s)) for s in seqs]
+    batch = PromptBatch.build(adapter, seqs, layouts, soft)
+    B = batch.batch_size
+    n_ctx = adapter.n_ctx
+    if n_ctx is not None and batch.seq_len + cfg.max_new_tokens > n_ctx:
+        raise InputError(
+            f"Prompt length {batch.seq_len} + max_new_tokens {cfg.max_new_tokens} exceeds the "
+            f"model's context n_ctx={n_ctx}; lower max_new_tokens or shorten the prompt."
+        )
+    tok = adapter.tokenizer
+    eos = getattr(tok, "eos_token_id", None) if (tok is not None and cfg.stop_at_eos) else None
+    pad = adapter.pad_token_id()
+    embeds, mask, pos = batch.embeds, batch.attention_mask, batch.position_ids
+    use_cache = cfg.use_kv_cache and adapter.supports_kv_cache
+    cache = None
+    if use_cache:
+        logits, cache = adapter.prefill(embeds, mask, pos)
+    else:
+        logits = adapter.forward_embeds(embeds, mask, pos)
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    reason: list[StopReason] = ["max_new_tokens"] * B
+    texts = [""] * B
+    last_pos = pos[:, -1]
+    for _step in range(cfg.max_new_tokens):
+        nxt = _pick(logits[:, -1], cfg, gen)
+        for b in range(B):
+            if done[b]:
+                continue
+            t = int(nxt[b])
+            if eos is not None and t == eos:
+                done[b], reason[b] = True, "eos"
+                continue
+            out[b].append(t)
+            if cfg.stop_strings and tok is not None:
+                text = tok.decode(out[b], skip_special_tokens=True)
+                hit = [text.find(s) for s in cfg.stop_strings if s in text]
+                if hit:
+                    texts[b] = text[: min(hit)]
+                    done[b], reason[b] = True, "stop_string"
+        if all(done):
+            break
+        feed = torch.where(torch.tensor(done, device=nxt.device), torch.full_like(nxt, pad), nxt)
+        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=mask.device)], dim=1)
+        last_pos = last_pos + 1
+        if use_cache:
+            logits, cache = adapter.forward_step(feed[:, None], mask, last_pos[:, None], cache)
+        else:
+            embeds = torch.cat([embeds, adapter.embed_tokens(feed[:, None])], dim=1)
+            pos = torch.cat([pos, last_pos[:, None]], dim=1)
+            logits = adapter.forward_embeds(embeds, mask, pos)
+    results = []
+    for b in range(B):
+        if reason[b] != "stop_string":
+            texts[b] = tok.decode(out[b], skip_special_tokens=True) if tok is not None else ""
+        results.append(Generation(tuple(out[b]), texts[b], reason[b]))
+    return results
+
+
+def generate(
+    model: Any,
+    prompts: Sequence[str | Sequence[int]],
+    soft_prompt: Any = None,
+    config: GenerationConfig | None = None,
+    *,
+    add_bos: bool = False,
+    progress: bool = True,
+    desc: str = "generate",
+) -> list[Generation]:
+    """Generate a continuation for every prompt, with the soft prompt (if any) first.
+
+    Args:
+        model: a ``TransformerBridge``/``HookedTransformer`` or an adapter.
+        prompts: texts (tokenised without special tokens) or token-id lists.
+        soft_prompt: a :class:`~dpc_lens.soft_prompt.SoftPrompt`, a ``[P, d_model]`` tensor, or None.
+        config: :class:`GenerationConfig` (greedy, 64 new tokens by default).
+        add_bos: prepend the tokenizer's BOS to every prompt (after the soft prompt, as PEFT).
+        progress: show a tqdm bar over batches.
+
+    Returns one :class:`Generation` per prompt, in order.
+    """
+    cfg = config or GenerationConfig()
+    adapter = as_adapter(model)
+    seqs = encode_prompts(adapter, prompts, add_bos=add_bos)
+    gen = None
+    if cfg.do_sample and cfg.seed is not None:
+        gen = torch.Generator().manual_seed(int(cfg.seed))
+    results: list[Generation] = []
+    starts = range(0, len(seqs), cfg.batch_size)
+    for s in tqdm(starts, desc=desc, disable=not progress or len(seqs) <= cfg.batch_size, leave=False):
+        results.extend(_generate_batch(adapter, seqs[s:s + cfg.batch_size], soft_prompt, cfg, gen))
+    return results
