@@ -1,0 +1,1158 @@
+"""The DPC detector: information accumulation, deep-layer flow and the Dynamic Trigger.
+
+This module owns SPEC section 3, steps 3 and 4, as pure tensor maths. It never sees a model,
+a hook or a token: the saliency engine reduces the saliency maps I_l of one instance to the four
+small tensors of :class:`DetectorInputs`, and everything here is a function of those tensors.
+That split lets calibration re-run the detector for many configs on cached inputs without a
+model, and lets the tests feed hand-built matrices whose answers are worked out by hand.
+
+Why normalised statistics are the default (SPEC section 3, "measured on a small model"): raw
+saliency I_l = |sum_h A * dL/dA| scales with the gradient of the loss, and a wrong generation
+has a larger loss, so *every* raw flow is larger for wrong answers, including flows that do not
+involve the soft prompt. A trigger on raw magnitudes measures the loss, not the soft prompt's
+influence. The ``"normalized"`` statistic uses each target row's share of its incoming flow,
+which is invariant to that overall scale; ``"raw"`` stays available so calibration can choose.
+
+Pieces, bottom to top:
+
+* :func:`resolve_layers` turns a layer-set spec (indices, a fraction pair, ``"shallow"`` or
+  ``"deep"``) into sorted layer indices for a model with ``n_layers`` layers.
+* :func:`accumulation` (shallow layers) - how concentrated the soft-prompt column scores are,
+  and which soft tokens to corrupt.
+* :func:`deep_flow` (deep layers) - how many second-half rationale tokens lean on the soft
+  prompt more than the first half did.
+* :func:`dynamic_trigger` - both, plus the decision, in one :class:`TriggerDecision` that keeps
+  every intermediate number and serialises to JSON.
+* Batch helpers: :func:`sink_rate`, :func:`accumulation_deepflow_contingency` (the paper's
+  Fig. 5 left), :func:`fires_at_thresholds` (threshold sweeps without recomputation) and
+  :func:`fit_sink_scale` (the reference for ``sink="normalize"``).
+
+Cost: every function works on tensors of size [n_layers, n_soft] and [n_layers, n_rationale]
+(a few thousand numbers), in float64 on the CPU; :func:`dynamic_trigger` takes well under a
+millisecond. R and the accumulation threshold do not change any statistic, so sweeping them
+needs no recomputation at all (:func:`fires_at_thresholds`).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Literal, get_args
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from dpc_lens.errors import ConfigError, InputError
+
+__all__ = [
+    "LayerSpec",
+    "Statistic",
+    "BetaMode",
+    "SinkMode",
+    "AccumulationMeasure",
+    "resolve_layers",
+    "DetectorInputs",
+    "DetectorConfig",
+    "AccumulationStats",
+    "DeepFlowStats",
+    "TriggerDecision",
+    "accumulation",
+    "deep_flow",
+    "dynamic_trigger",
+    "sink_rate",
+    "accumulation_deepflow_contingency",
+    "fires_at_thresholds",
+    "fit_sink_scale",
+]
+
+Statistic = Literal["raw", "normalized"]
+BetaMode = Literal["first_half_mean", "fixed"]
+SinkMode = Literal["keep", "exclude", "normalize"]
+AccumulationMeasure = Literal["max_share", "max_over_mean", "concentration"]
+LayerName = Literal["shallow", "deep"]
+#: A layer set: a sequence of layer indices (negative counts from the end), a
+#: ``(start_frac, end_frac)`` pair of floats, or one of the names ``"shallow"`` / ``"deep"``.
+LayerSpec = LayerName | Sequence[int] | tuple[float, float]
+
+_STATISTICS: tuple[str, ...] = get_args(Statistic)
+_BETA_MODES: tuple[str, ...] = get_args(BetaMode)
+_SINK_MODES: tuple[str, ...] = get_args(SinkMode)
+_MEASURES: tuple[str, ...] = get_args(AccumulationMeasure)
+_LAYER_NAMES: tuple[str, ...] = get_args(LayerName)
+
+# Fraction boundaries like 0.28 * 25 come out as 7.000000000000001 in floating point; the
+# boundary must still count as 7, so ceil() is taken after subtracting this tolerance.
+_FRACTION_EPS = 1e-9
+
+
+# --------------------------------------------------------------------------------------------
+# Layer sets
+# --------------------------------------------------------------------------------------------
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _normalize_layer_spec(spec: Any, what: str) -> str | tuple[int, ...] | tuple[float, float]:
+    """Check a layer spec's form (not its range, which needs n_layers) and make it hashable.
+
+    Returns the name, a tuple of ints (index list) or a tuple of two floats (fraction pair).
+    The rule that tells the two sequence forms apart: a sequence holding any ``float`` is a
+    fraction pair and must have exactly two entries; a sequence of ``int`` only is an index
+    list. So ``(0, 0.5)`` is a fraction pair and ``(0, 1)`` is the index list [0, 1].
+    """
+    if isinstance(spec, str):
+        if spec not in _LAYER_NAMES:
+            raise ConfigError(
+                f"{what}={spec!r} is not a layer-set name; expected one of {_LAYER_NAMES}, "
+                "a list of layer indices such as [1, 2, 3], or a fraction pair such as (0.0, 0.33)."
+            )
+        return spec
+    if isinstance(spec, torch.Tensor):
+        spec = spec.tolist()
+    if not isinstance(spec, Sequence):
+        raise ConfigError(
+            f"{what}={spec!r} (type {type(spec).__name__}) is not a layer set; expected 'shallow', "
+            "'deep', a list of layer indices such as [1, 2, 3], or a fraction pair such as "
+            "(0.0, 0.33)."
+        )
+    items = list(spec)
+    if not items:
+        raise ConfigError(
+            f"{what} is an empty list; give at least one layer index, a fraction pair, "
+            "or 'shallow' / 'deep'."
+        )
+    if any(isinstance(x, float) for x in items):
+        if len(items) != 2 or not all(_is_real(x) for x in items):
+            raise ConfigError(
+                f"{what}={spec!r} mixes floats into a layer list; a fraction pair is exactly two "
+                "numbers (start_frac, end_frac) such as (0.0, 0.33), and an index list holds "
+                "ints only."
+            )
+        start, end = float(items[0]), float(items[1])
+        if not (0.0 <= start < end <= 1.0):
+            raise ConfigError(
+                f"{what}={spec!r} is not a valid fraction pair; expected 0.0 <= start_frac < "
+                "end_frac <= 1.0, e.g. (0.0, 0.33) for the first third or (0.67, 1.0) for the last."
+            )
+        return (start, end)
+    bad = [x for x in items if not _is_int(x)]
+    if bad:
+        raise ConfigError(
+            f"{what}={spec!r} holds non-integer entries {bad!r}; layer indices are ints "
+            "(negative ones count from the last layer)."
+        )
+    return tuple(int(x) for x in items)
+
+
+def _fraction_layers(start: float, end: float, n_layers: int) -> list[int]:
+    lo = math.ceil(start * n_layers - _FRACTION_EPS)
+    hi = math.ceil(end * n_layers - _FRACTION_EPS)
+    return list(range(max(lo, 0), min(hi, n_layers)))
+
+
+def resolve_layers(spec: LayerSpec, n_layers: int) -> list[int]:
+    """Turn a layer-set spec into a sorted list of distinct layer indices in ``[0, n_layers)``.
+
+    Forms of ``spec``:
+
+    * **index list** (ints): negative indices count from the end (``-1`` is the last layer).
+      Every index must lie in ``[-n_layers, n_layers)`` and no layer may appear twice (two
+      spellings of one layer, such as ``[3, -1]`` in a 4-layer model, count as a repeat: a
+      repeated layer would be weighted twice in the sums).
+    * **fraction pair** ``(start_frac, end_frac)`` (floats, ``0 <= start < end <= 1``): the
+      layers l with ``start_frac <= l / n_layers < end_frac``, i.e.
+      ``range(ceil(start_frac * n), ceil(end_frac * n))``.
+    * ``"shallow"``: the first third of the layers without layer 0 -- the fraction pair
+      ``(0, 1/3)`` minus layer 0, i.e. layers ``1 .. ceil(n/3) - 1``. When that is empty
+      (n_layers = 2 or 3) it falls back to ``[1]``.
+    * ``"deep"``: the last third -- the fraction pair ``(2/3, 1)``, i.e. layers
+      ``ceil(2n/3) .. n-1`` (that is the last ``floor(n/3)`` layers). When that is empty
+      (n_layers <= 2) it falls back to ``[n - 1]``.
+
+    Defaults by model size (SPEC section 3 step 6; the paper gives none, and reports the
+    strongest soft-prompt flow around layers 2-10 of 32-40-layer models)::
+
+        n_layers   shallow        deep
+        2          [1]            [1]      (the same layer: a 2-layer model has no better split)
+        3          [1]            [2]
+        4          [1]            [3]
+        12         [1, 2, 3]      [8, 9, 10, 11]
+        32         [1 .. 10]      [22 .. 31]
+        40         [1 .. 13]      [27 .. 39]
+
+    Raises:
+        ConfigError: the spec is malformed, an index is out of range or repeated, a fraction
+            pair selects no layer of this model, or ``"shallow"`` is asked of a 1-layer model.
+    """
+    if not _is_int(n_layers) or n_layers < 1:
+        raise ConfigError(
+            f"n_layers={n_layers!r} must be a positive int (the model's cfg.n_layers)."
+        )
+    norm = _normalize_layer_spec(spec, "layer spec")
+    if norm == "shallow":
+        if n_layers < 2:
+            raise ConfigError(
+                "the layer set 'shallow' excludes layer 0, and a 1-layer model has no other "
+                "layer; pass [0] explicitly (e.g. shallow_layers=[0]) to use layer 0."
+            )
+        layers = [layer for layer in _fraction_layers(0.0, 1.0 / 3.0, n_layers) if layer != 0]
+        return layers or [1]
+    if norm == "deep":
+        return _fraction_layers(2.0 / 3.0, 1.0, n_layers) or [n_layers - 1]
+    if isinstance(norm, tuple) and norm and isinstance(norm[0], float):
+        start, end = norm
+        layers = _fraction_layers(start, end, n_layers)
+        if not layers:
+            raise ConfigError(
+                f"fraction pair ({start}, {end}) selects no layer of a {n_layers}-layer model "
+                f"(it takes layers l with {start} <= l/{n_layers} < {end}); widen the range or "
+                "pass layer indices explicitly."
+            )
+        return layers
+    out: list[int] = []
+    for idx in norm:  # type: ignore[union-attr]
+        if not -n_layers <= idx < n_layers:
+            raise ConfigError(
+                f"layer index {idx} is out of range for a {n_layers}-layer model; valid indices "
+                f"are 0..{n_layers - 1} or -{n_layers}..-1."
+            )
+        pos = idx % n_layers
+        if pos in out:
+            raise ConfigError(
+                f"layer {pos} appears twice in {list(norm)!r} (for a {n_layers}-layer model); "
+                "each layer may be listed once."
+            )
+        out.append(pos)
+    return sorted(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs and config
+# --------------------------------------------------------------------------------------------
+
+
+def _check_matrix(t: Any, name: str, dims: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise InputError(
+            f"{name} must be a torch.Tensor of shape [{dims}], got {type(t).__name__}."
+        )
+    if t.ndim != 2:
+        raise InputError(f"{name} must be 2-D [{dims}], got shape {tuple(t.shape)}.")
+    if not t.is_floating_point():
+        raise InputError(f"{name} must be a floating-point tensor, got dtype {t.dtype}.")
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        raise InputError(
+            f"{name} holds NaN or inf values; the saliency pass produced non-finite flows "
+            "(check the loss and, under bf16/fp16, use fp32 accumulation)."
+        )
+    if t.numel() and bool((t < 0).any()):
+        raise InputError(
+            f"{name} holds negative values (min {float(t.min()):.4g}); the detector needs the "
+            "absolute saliency |sum_h A * dL/dA|, not the signed option."
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class DetectorInputs:
+    """What the saliency engine hands the detector for ONE instance, already reduced.
+
+    Layout of the instance: ``[soft (P tokens); question; rationale (n tokens)]``, saliency
+    ``I_l(i, j)`` = flow from source j (column) into target i (row), every model layer l.
+
+    Attributes:
+        soft_columns: ``[layer, soft]``; ``soft_columns[l, j] = sum_{i in question ∪ rationale}
+            I_l(i, j)`` -- raw column score of soft token j.
+        soft_columns_norm: ``[layer, soft]``; the same sum of row-normalised saliency
+            ``I_l(i, j) / sum_{j' < i} I_l(i, j')`` (diagonal excluded): each target row's share
+            of its incoming flow, so each row contributes at most 1.
+        rationale_rows: ``[layer, rat]``; ``rationale_rows[l, i] = mean_{j in soft} I_l(i, j)``
+            for rationale token i (raw).
+        rationale_rows_norm: ``[layer, rat]``; ``sum_{j in soft} I_l(i, j) / sum_{j' < i}
+            I_l(i, j')`` -- the share of row i's incoming flow that comes from the soft prompt,
+            in [0, 1].
+
+    Dim 0 covers all the model's layers (``n_layers``); the detector picks its layer sets.
+    All four must be finite and non-negative. The rationale axis may have length 0 (empty
+    generation); :func:`deep_flow` then returns a defined no-trigger result.
+
+    Raises:
+        InputError: wrong type, rank, dtype, shape mismatch, NaN/inf or negative values.
+    """
+
+    soft_columns: Float[Tensor, "layer soft"]
+    soft_columns_norm: Float[Tensor, "layer soft"]
+    rationale_rows: Float[Tensor, "layer rat"]
+    rationale_rows_norm: Float[Tensor, "layer rat"]
+
+    def __post_init__(self) -> None:
+        _check_matrix(self.soft_columns, "soft_columns", "layer soft")
+        _check_matrix(self.soft_columns_norm, "soft_columns_norm", "layer soft")
+        _check_matrix(self.rationale_rows, "rationale_rows", "layer rat")
+        _check_matrix(self.rationale_rows_norm, "rationale_rows_norm", "layer rat")
+        if self.soft_columns.shape != self.soft_columns_norm.shape:
+            raise InputError(
+                f"soft_columns has shape {tuple(self.soft_columns.shape)} but "
+                "soft_columns_norm has "
+                f"{tuple(self.soft_columns_norm.shape)}; both must be [n_layers, n_soft]."
+            )
+        if self.rationale_rows.shape != self.rationale_rows_norm.shape:
+            raise InputError(
+                f"rationale_rows has shape {tuple(self.rationale_rows.shape)} but "
+                f"rationale_rows_norm has {tuple(self.rationale_rows_norm.shape)}; both must be "
+                "[n_layers, n_rationale]."
+            )
+        if self.soft_columns.shape[0] != self.rationale_rows.shape[0]:
+            raise InputError(
+                f"soft_columns covers {self.soft_columns.shape[0]} layers but rationale_rows "
+                "covers "
+                f"{self.rationale_rows.shape[0]}; both must cover every model layer."
+            )
+        if self.soft_columns.shape[0] < 1 or self.soft_columns.shape[1] < 1:
+            raise InputError(
+                f"soft_columns has shape {tuple(self.soft_columns.shape)}; need at least one layer "
+                "and one soft token."
+            )
+        if self.rationale_rows_norm.numel() and float(self.rationale_rows_norm.max()) > 1.0 + 1e-4:
+            raise InputError(
+                f"rationale_rows_norm has a value {float(self.rationale_rows_norm.max()):.4g} > 1, "
+                "but it is a share of a row's incoming flow; did you pass the raw rows there?"
+            )
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.soft_columns.shape[0])
+
+    @property
+    def n_soft(self) -> int:
+        return int(self.soft_columns.shape[1])
+
+    @property
+    def n_rationale(self) -> int:
+        return int(self.rationale_rows.shape[1])
+
+    def columns(self, statistic: Statistic) -> Float[Tensor, "layer soft"]:
+        """The soft-column tensor for ``statistic`` (``"raw"`` or ``"normalized"``)."""
+        return self.soft_columns_norm if statistic == "normalized" else self.soft_columns
+
+    def rows(self, statistic: Statistic) -> Float[Tensor, "layer rat"]:
+        """The rationale-row tensor for ``statistic`` (``"raw"`` or ``"normalized"``)."""
+        return self.rationale_rows_norm if statistic == "normalized" else self.rationale_rows
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        """The four tensors by field name (for ``safetensors.torch.save_file`` caching)."""
+        return {f.name: getattr(self, f.name).contiguous() for f in fields(self)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor]) -> DetectorInputs:
+        """Inverse of :meth:`to_tensors`."""
+        missing = [f.name for f in fields(cls) if f.name not in tensors]
+        if missing:
+            raise InputError(
+                f"cached detector inputs lack {missing}; expected all of "
+                f"{[f.name for f in fields(cls)]}."
+            )
+        return cls(**{f.name: tensors[f.name] for f in fields(cls)})
+
+
+def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not allowed; expected one of {choices}.")
+
+
+def _check_real(value: Any, name: str) -> float:
+    if not _is_real(value) or not math.isfinite(float(value)):
+        raise ConfigError(f"{name}={value!r} must be a finite number.")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """Every knob of the DPC detector (SPEC section 3, steps 3-4), validated on construction.
+
+    Attributes:
+        shallow_layers: layers for information accumulation (:func:`resolve_layers` forms).
+            Default ``"shallow"``: first third of the layers without layer 0.
+        deep_layers: layers for the deep flow. Default ``"deep"``: last third of the layers.
+        statistic: ``"normalized"`` (default) uses the row-share tensors of
+            :class:`DetectorInputs`, ``"raw"`` the raw saliency sums. Normalised is the default
+            because raw saliency grows with the generation's loss (see the module docstring).
+        beta_mode: ``"first_half_mean"`` (the paper's default: beta = mean f over the first half
+            of the rationale) or ``"fixed"`` (beta = ``beta_value``).
+        beta_value: the fixed beta; required (>= 0) when ``beta_mode="fixed"``, must be ``None``
+            otherwise.
+        R: affected-share threshold in [0, 1]; the trigger fires when the share of affected
+            second-half tokens is strictly greater than R (R = 1 never fires). The paper gives
+            no value. Default 0.5: fire when most of the second half leans on the soft prompt
+            more than the first half did on average -- a neutral start that calibration on a
+            labelled dev split should replace.
+        sink: what to do with soft column 0, where attention sinks sit:
+            ``"keep"`` (default, the paper's behaviour; watch :func:`sink_rate`),
+            ``"exclude"`` (drop column 0 from every accumulation statistic and from the top-k),
+            ``"normalize"`` (divide column 0 by ``sink_scale``, see :func:`fit_sink_scale`).
+        sink_scale: for ``sink="normalize"`` only (required there, ``None`` otherwise): the
+            typical ratio c_0 / mean(c_1..c_{P-1}) on reference instances. After dividing,
+            column 0 competes as an ordinary column that is large only when it exceeds its
+            usual sink level.
+        top_k: how many soft tokens to locate for corruption (default 1, the paper's k).
+        require_accumulation: when True the trigger also needs accumulation in the shallow
+            layers (``accumulation_measure >= accumulation_threshold``). Default False: the
+            paper triggers on the deep flow alone and uses accumulation to locate the tokens.
+        accumulation_measure: the concentration measure that decides "accumulation present":
+            ``"max_over_mean"`` (default; c_max / mean c, = P_eff * max_share, comparable across
+            prompt lengths), ``"max_share"`` (c_max / sum c, in (0, 1]) or ``"concentration"``
+            (1 - normalised entropy, in [0, 1]).
+        accumulation_threshold: accumulation is present when the measure is >= this. Default
+            4.0 on ``max_over_mean``: the top column carries at least four times an even share
+            (the SPEC's small model showed 5x: 31% vs 6.25% with 16 tokens). Bounds: > 0 and
+            <= 1 for ``max_share``/``concentration``, >= 1 for ``max_over_mean``.
+    """
+
+    shallow_layers: LayerSpec = "shallow"
+    deep_layers: LayerSpec = "deep"
+    statistic: Statistic = "normalized"
+    beta_mode: BetaMode = "first_half_mean"
+    beta_value: float | None = None
+    R: float = 0.5
+    sink: SinkMode = "keep"
+    sink_scale: float | None = None
+    top_k: int = 1
+    require_accumulation: bool = False
+    accumulation_measure: AccumulationMeasure = "max_over_mean"
+    accumulation_threshold: float = 4.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "shallow_layers", _normalize_layer_spec(self.shallow_layers, "shallow_layers")
+        )
+        object.__setattr__(
+            self, "deep_layers", _normalize_layer_spec(self.deep_layers, "deep_layers")
+        )
+        _check_choice(self.statistic, "statistic", _STATISTICS)
+        _check_choice(self.beta_mode, "beta_mode", _BETA_MODES)
+        if self.beta_mode == "fixed":
+            if self.beta_value is None:
+                raise ConfigError(
+                    "beta_mode='fixed' needs beta_value (a number >= 0 on the scale of the chosen "
+                    "statistic); or use beta_mode='first_half_mean'."
+                )
+            bv = _check_real(self.beta_value, "beta_value")
+            if bv < 0:
+                raise ConfigError(
+                    f"beta_value={bv} must be >= 0 (saliency flows are non-negative)."
+                )
+            object.__setattr__(self, "beta_value", bv)
+        elif self.beta_value is not None:
+            raise ConfigError(
+                f"beta_value={self.beta_value!r} is only used with beta_mode='fixed'; set "
+                "beta_mode='fixed' or leave beta_value=None."
+            )
+        r = _check_real(self.R, "R")
+        if not 0.0 <= r <= 1.0:
+            raise ConfigError(
+                f"R={r} must be in [0, 1]: it is a threshold on the share of affected second-half "
+                "rationale tokens (the trigger fires when the share is > R)."
+            )
+        object.__setattr__(self, "R", r)
+        _check_choice(self.sink, "sink", _SINK_MODES)
+        if self.sink == "normalize":
+            if self.sink_scale is None:
+                raise ConfigError(
+                    "sink='normalize' needs sink_scale (the typical c_0 / mean(c_1..) ratio); "
+                    "fit it "
+                    "on reference instances with fit_sink_scale(inputs, config), or use "
+                    "sink='exclude'."
+                )
+            s = _check_real(self.sink_scale, "sink_scale")
+            if s <= 0:
+                raise ConfigError(f"sink_scale={s} must be > 0.")
+            object.__setattr__(self, "sink_scale", s)
+        elif self.sink_scale is not None:
+            raise ConfigError(
+                f"sink_scale={self.sink_scale!r} is only used with sink='normalize'; set "
+                "sink='normalize' or leave sink_scale=None."
+            )
+        if not _is_int(self.top_k) or self.top_k < 1:
+            raise ConfigError(f"top_k={self.top_k!r} must be an int >= 1 (soft tokens to corrupt).")
+        if not isinstance(self.require_accumulation, bool):
+            raise ConfigError(
+                f"require_accumulation={self.require_accumulation!r} must be True or False."
+            )
+        _check_choice(self.accumulation_measure, "accumulation_measure", _MEASURES)
+        t = _check_real(self.accumulation_threshold, "accumulation_threshold")
+        if self.accumulation_measure == "max_over_mean":
+            if t < 1.0:
+                raise ConfigError(
+                    f"accumulation_threshold={t} is below 1, but max_over_mean is always >= 1 "
+                    "(1 = even spread); use e.g. 4.0 for 'top column >= 4x an even share'."
+                )
+        elif not 0.0 < t <= 1.0:
+            raise ConfigError(
+                f"accumulation_threshold={t} must be in (0, 1] for "
+                f"accumulation_measure={self.accumulation_measure!r}."
+            )
+        object.__setattr__(self, "accumulation_threshold", t)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict; layer specs become a name, a list of ints or a list of two floats."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DetectorConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown DetectorConfig fields {unknown}; known fields: {sorted(known)}."
+            )
+        return cls(**d)
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------------------------
+
+
+def _tensor_list(t: Tensor) -> list[float]:
+    return [float(x) for x in t.tolist()]
+
+
+@dataclass(frozen=True, eq=False)
+class AccumulationStats:
+    """Concentration of the soft-prompt column scores over the shallow layers of one instance.
+
+    Attributes:
+        layers: the layers summed over.
+        sink: the sink mode applied; ``sink_scale`` the divisor used for ``"normalize"``.
+        column: ``c_j = sum_l columns[l, j]`` before sink handling, float64 ``[soft]``.
+        scores: ``c`` after sink handling (``"exclude"``: position 0 set to 0 and left out of
+            every statistic; ``"normalize"``: ``c_0 / sink_scale``), float64 ``[soft]``.
+        total: sum of the scores over the positions taken into account.
+        max_share: ``max scores / total``.
+        max_over_mean: ``max scores / mean scores`` = n_counted * max_share (1 = even spread).
+        entropy: ``H = -sum_j p_j ln p_j`` with ``p = scores / total`` (``0 ln 0 = 0``), in nats.
+        normalized_entropy: ``H / ln(n_counted)`` in [0, 1] (1 = even; defined as 0 when only
+            one position is counted).
+        top_indices: the ``top_k`` located soft tokens, ORIGINAL soft positions, by descending
+            score, ties broken by the lower position.
+        top_is_position0: whether the top located token is soft position 0 (an attention sink
+            suspect; :func:`sink_rate` counts these).
+    """
+
+    layers: tuple[int, ...]
+    sink: SinkMode
+    sink_scale: float | None
+    column: Float[Tensor, " soft"]
+    scores: Float[Tensor, " soft"]
+    total: float
+    max_share: float
+    max_over_mean: float
+    entropy: float
+    normalized_entropy: float
+    top_indices: tuple[int, ...]
+    top_is_position0: bool
+
+    @property
+    def concentration(self) -> float:
+        """``1 - normalized_entropy``: 0 for an even spread, 1 for a single column."""
+        return 1.0 - self.normalized_entropy
+
+    def measure(self, name: AccumulationMeasure) -> float:
+        """The concentration measure called ``name`` (see :class:`DetectorConfig`)."""
+        _check_choice(name, "accumulation_measure", _MEASURES)
+        return float(getattr(self, name))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layers": list(self.layers),
+            "sink": self.sink,
+            "sink_scale": self.sink_scale,
+            "column": _tensor_list(self.column),
+            "scores": _tensor_list(self.scores),
+            "total": self.total,
+            "max_share": self.max_share,
+            "max_over_mean": self.max_over_mean,
+            "entropy": self.entropy,
+            "normalized_entropy": self.normalized_entropy,
+            "top_indices": list(self.top_indices),
+            "top_is_position0": self.top_is_position0,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AccumulationStats:
+        return cls(
+            layers=tuple(int(x) for x in d["layers"]),
+            sink=d["sink"],
+            sink_scale=d["sink_scale"],
+            column=torch.tensor(d["column"], dtype=torch.float64),
+            scores=torch.tensor(d["scores"], dtype=torch.float64),
+            total=float(d["total"]),
+            max_share=float(d["max_share"]),
+            max_over_mean=float(d["max_over_mean"]),
+            entropy=float(d["entropy"]),
+            normalized_entropy=float(d["normalized_entropy"]),
+            top_indices=tuple(int(x) for x in d["top_indices"]),
+            top_is_position0=bool(d["top_is_position0"]),
+        )
+
+
+def _check_layers(layers: Sequence[int], n_layers: int, name: str) -> list[int]:
+    out = [int(layer) for layer in layers]
+    if not out:
+        raise InputError(
+            f"{name}: the layer list is empty; resolve a layer spec with resolve_layers()."
+        )
+    bad = [layer for layer in out if not 0 <= layer < n_layers]
+    if bad:
+        raise InputError(
+            f"{name}: layers {bad} are outside 0..{n_layers - 1} of the input tensor; pass indices "
+            "from resolve_layers(spec, n_layers)."
+        )
+    if len(set(out)) != len(out):
+        raise InputError(f"{name}: layers {out} repeat an index; each layer may appear once.")
+    return out
+
+
+def accumulation(
+    columns: Float[Tensor, "layer soft"],
+    layers: Sequence[int],
+    sink: SinkMode = "keep",
+    top_k: int = 1,
+    sink_scale: float | None = None,
+) -> AccumulationStats:
+    """Information accumulation in the shallow layers (SPEC section 3, step 3).
+
+    Formula, for soft tokens j = 0..P-1 and the chosen layers S::
+
+        c_j        = sum_{l in S} columns[l, j]
+        sink       keep:      s = c
+                   exclude:   s = c with position 0 dropped (n_counted = P - 1)
+                   normalize: s = c with s_0 = c_0 / sink_scale
+        max_share  = max_j s_j / sum_j s_j
+        max/mean   = max_j s_j / mean_j s_j         (= n_counted * max_share)
+        p_j        = s_j / sum s;   H = -sum_j p_j ln p_j;   H_norm = H / ln(n_counted)
+        top_k      = the k positions with the largest s_j (ties -> lower position first)
+
+    With ``columns = soft_columns`` (sums over question and rationale rows) c is the paper's
+    column score; with ``soft_columns_norm`` it is the sum of per-row shares. Computed in
+    float64.
+
+    Raises:
+        InputError: a bad layer list, ``top_k`` larger than the positions counted, a missing
+            ``sink_scale`` for ``"normalize"``, or all counted scores zero (the saliency pass
+            delivered no flow into the soft prompt -- never silently read as "no accumulation").
+    """
+    _check_matrix(columns, "columns", "layer soft")
+    _check_choice(sink, "sink", _SINK_MODES)
+    n_layers, n_soft = columns.shape
+    chosen = _check_layers(layers, n_layers, "accumulation")
+    if not _is_int(top_k) or top_k < 1:
+        raise InputError(f"top_k={top_k!r} must be an int >= 1.")
+    c = columns.detach().to(device="cpu", dtype=torch.float64)[chosen].sum(dim=0)
+    scores = c.clone()
+    counted = torch.ones(n_soft, dtype=torch.bool)
+    if sink == "exclude":
+        counted[0] = False
+        scores[0] = 0.0
+    elif sink == "normalize":
+        if sink_scale is None or not sink_scale > 0:
+            raise InputError(
+                f"sink='normalize' needs sink_scale > 0, got {sink_scale!r}; see fit_sink_scale()."
+            )
+        scores[0] = scores[0] / float(sink_scale)
+    n_counted = int(counted.sum())
+    if n_counted < top_k:
+        raise InputError(
+            f"top_k={top_k} but only {n_counted} soft positions are counted (P={n_soft}, "
+            f"sink={sink!r}); lower top_k."
+        )
+    s = scores[counted]
+    total = float(s.sum())
+    if total <= 0.0:
+        raise InputError(
+            f"all counted soft-column scores are zero in layers {chosen}; the saliency pass "
+            "delivered no flow into the soft prompt (check that gradients reached these layers)."
+        )
+    p = s / total
+    max_share = float(p.max())
+    plogp = torch.where(p > 0, p * torch.log(torch.where(p > 0, p, torch.ones_like(p))), 0.0)
+    entropy = float(-plogp.sum())
+    norm_entropy = entropy / math.log(n_counted) if n_counted > 1 else 0.0
+    # Stable descending sort keeps the lower position first among equal scores.
+    ranked = torch.where(counted, scores, torch.tensor(-math.inf, dtype=torch.float64))
+    order = torch.sort(ranked, descending=True, stable=True).indices[:top_k]
+    top = tuple(int(i) for i in order.tolist())
+    return AccumulationStats(
+        layers=tuple(chosen),
+        sink=sink,
+        sink_scale=float(sink_scale) if sink == "normalize" else None,
+        column=c,
+        scores=scores,
+        total=total,
+        max_share=max_share,
+        max_over_mean=max_share * n_counted,
+        entropy=entropy,
+        normalized_entropy=min(max(norm_entropy, 0.0), 1.0),
+        top_indices=top,
+        top_is_position0=top[0] == 0,
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class DeepFlowStats:
+    """Deep-layer soft-prompt flow into the rationale of one instance (SPEC section 3, step 4).
+
+    Attributes:
+        layers: the layers averaged over.
+        f: ``f_i`` per rationale token, float64 ``[rat]``.
+        n_first: ``|r1| = floor(n / 2)``; r2 is tokens ``n_first .. n-1`` (``ceil(n/2)`` tokens).
+        beta_mode, beta: the baseline mode and value (``None`` when undefined: too short).
+        affected: ``[rat]`` bool mask, True for tokens of r2 with ``f_i > beta`` (r1 is False).
+        n_affected: number of affected tokens.
+        affected_share: ``n_affected / |r2|`` (0.0 when undefined).
+        defined: False when the rationale is too short to judge (then nothing is affected and
+            the trigger cannot fire); ``note`` says why.
+    """
+
+    layers: tuple[int, ...]
+    f: Float[Tensor, " rat"]
+    n_first: int
+    beta_mode: BetaMode
+    beta: float | None
+    affected: Bool[Tensor, " rat"]
+    n_affected: int
+    affected_share: float
+    defined: bool
+    note: str
+
+    @property
+    def n_second(self) -> int:
+        return int(self.f.shape[0]) - self.n_first
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layers": list(self.layers),
+            "f": _tensor_list(self.f),
+            "n_first": self.n_first,
+            "beta_mode": self.beta_mode,
+            "beta": self.beta,
+            "affected_indices": [int(i) for i in torch.nonzero(self.affected).flatten().tolist()],
+            "n_affected": self.n_affected,
+            "affected_share": self.affected_share,
+            "defined": self.defined,
+            "note": self.note,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DeepFlowStats:
+        f = torch.tensor(d["f"], dtype=torch.float64)
+        mask = torch.zeros(f.shape[0], dtype=torch.bool)
+        idx = [int(i) for i in d["affected_indices"]]
+        if idx:
+            mask[idx] = True
+        return cls(
+            layers=tuple(int(x) for x in d["layers"]),
+            f=f,
+            n_first=int(d["n_first"]),
+            beta_mode=d["beta_mode"],
+            beta=None if d["beta"] is None else float(d["beta"]),
+            affected=mask,
+            n_affected=int(d["n_affected"]),
+            affected_share=float(d["affected_share"]),
+            defined=bool(d["defined"]),
+            note=str(d["note"]),
+        )
+
+
+def deep_flow(
+    rows: Float[Tensor, "layer rat"],
+    layers: Sequence[int],
+    beta_mode: BetaMode = "first_half_mean",
+    beta_value: float | None = None,
+) -> DeepFlowStats:
+    """Deep-layer flow from the soft prompt into the rationale, and the affected tokens.
+
+    Formula, for rationale tokens i = 0..n-1 and the chosen layers S::
+
+        f_i            = mean_{l in S} rows[l, i]
+        r1             = tokens 0 .. floor(n/2) - 1,   r2 = tokens floor(n/2) .. n-1
+                         (odd n: the middle token goes to r2, so |r2| = |r1| + 1)
+        beta           = mean_{i in r1} f_i            (beta_mode="first_half_mean", the paper's)
+                       = beta_value                    (beta_mode="fixed")
+        affected_i     = f_i > beta  for i in r2       (strict)
+        affected_share = #affected / |r2|
+
+    With ``rows = rationale_rows``, ``f_i`` is the paper's mean over deep layers of the mean
+    soft->token-i saliency; with ``rationale_rows_norm`` it is the share of token i's incoming
+    flow that comes from the soft prompt. The threshold R is applied by
+    :func:`dynamic_trigger`, so one DeepFlowStats serves every R.
+
+    Short rationales give a defined no-trigger result (``defined=False``, share 0, no affected
+    token, ``note`` says why) instead of an error, so one empty generation does not stop a
+    batch run: n = 0 always, n = 1 with ``"first_half_mean"`` (r1 is empty, beta undefined).
+    With a fixed beta, n = 1 is judged normally (r2 is the single token).
+
+    Raises:
+        InputError: a bad layer list, an unknown ``beta_mode``, or ``"fixed"`` without a value.
+    """
+    _check_matrix(rows, "rows", "layer rat")
+    _check_choice(beta_mode, "beta_mode", _BETA_MODES)
+    n_layers, n = rows.shape
+    chosen = _check_layers(layers, n_layers, "deep_flow")
+    if beta_mode == "fixed" and (beta_value is None or not math.isfinite(float(beta_value))):
+        raise InputError(f"beta_mode='fixed' needs a finite beta_value, got {beta_value!r}.")
+    f = rows.detach().to(device="cpu", dtype=torch.float64)[chosen].mean(dim=0)
+    n_first = n // 2
+    mask = torch.zeros(n, dtype=torch.bool)
+
+    def undefined(note: str) -> DeepFlowStats:
+        return DeepFlowStats(tuple(chosen), f, n_first, beta_mode, None, mask, 0, 0.0, False, note)
+
+    if n == 0:
+        return undefined("empty rationale: nothing to judge, the trigger cannot fire")
+    if beta_mode == "first_half_mean":
+        if n_first == 0:
+            return undefined(
+                f"rationale has {n} token; the first-half mean needs at least 2 tokens, "
+                "the trigger cannot fire"
+            )
+        beta = float(f[:n_first].mean())
+    else:
+        beta = float(beta_value)  # type: ignore[arg-type]
+    mask[n_first:] = f[n_first:] > beta
+    n_aff = int(mask.sum())
+    n_second = n - n_first
+    return DeepFlowStats(
+        layers=tuple(chosen),
+        f=f,
+        n_first=n_first,
+        beta_mode=beta_mode,
+        beta=beta,
+        affected=mask,
+        n_affected=n_aff,
+        affected_share=n_aff / n_second,
+        defined=True,
+        note="",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The Dynamic Trigger
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class TriggerDecision:
+    """The Dynamic Trigger's verdict for one instance, with everything that led to it.
+
+    Attributes:
+        config: the detector config used.
+        statistic: ``"raw"`` or ``"normalized"`` (which input tensors were read).
+        shallow_layers, deep_layers: the resolved layer lists.
+        accumulation: shallow-layer :class:`AccumulationStats` (its ``top_indices`` are the
+            soft tokens Dynamic Corruption zeroes when ``fired``).
+        deep_flow: deep-layer :class:`DeepFlowStats`.
+        accumulation_value: ``accumulation.measure(config.accumulation_measure)``.
+        accumulation_present: ``accumulation_value >= config.accumulation_threshold``
+            (computed whether or not it gates the trigger, for the Fig. 5 contingency).
+        flow_triggered: ``deep_flow.defined and deep_flow.affected_share > config.R``.
+        fired: ``flow_triggered and (accumulation_present or not config.require_accumulation)``.
+        reason: one human-readable sentence saying why it fired or not.
+    """
+
+    config: DetectorConfig
+    statistic: Statistic
+    shallow_layers: tuple[int, ...]
+    deep_layers: tuple[int, ...]
+    accumulation: AccumulationStats
+    deep_flow: DeepFlowStats
+    accumulation_value: float
+    accumulation_present: bool
+    flow_triggered: bool
+    fired: bool
+    reason: str
+
+    @property
+    def corrupt_indices(self) -> tuple[int, ...]:
+        """Soft positions to zero: the located top-k when fired, else none."""
+        return self.accumulation.top_indices if self.fired else ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict (floats, ints, bools, strings, lists) for a JSONL record."""
+        return {
+            "config": self.config.to_dict(),
+            "statistic": self.statistic,
+            "shallow_layers": list(self.shallow_layers),
+            "deep_layers": list(self.deep_layers),
+            "accumulation": self.accumulation.to_dict(),
+            "deep_flow": self.deep_flow.to_dict(),
+            "accumulation_value": self.accumulation_value,
+            "accumulation_present": self.accumulation_present,
+            "flow_triggered": self.flow_triggered,
+            "fired": self.fired,
+            "reason": self.reason,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TriggerDecision:
+        return cls(
+            config=DetectorConfig.from_dict(d["config"]),
+            statistic=d["statistic"],
+            shallow_layers=tuple(int(x) for x in d["shallow_layers"]),
+            deep_layers=tuple(int(x) for x in d["deep_layers"]),
+            accumulation=AccumulationStats.from_dict(d["accumulation"]),
+            deep_flow=DeepFlowStats.from_dict(d["deep_flow"]),
+            accumulation_value=float(d["accumulation_value"]),
+            accumulation_present=bool(d["accumulation_present"]),
+            flow_triggered=bool(d["flow_triggered"]),
+            fired=bool(d["fired"]),
+            reason=str(d["reason"]),
+        )
+
+
+def _resolve_field(config: DetectorConfig, name: str, n_layers: int) -> list[int]:
+    try:
+        return resolve_layers(getattr(config, name), n_layers)
+    except ConfigError as err:
+        raise ConfigError(f"{name}: {err}") from None
+
+
+def dynamic_trigger(
+    inputs: DetectorInputs, config: DetectorConfig | None = None
+) -> TriggerDecision:
+    """Decide whether the soft prompt harms this instance (DPC's Dynamic Trigger).
+
+    Reads ``soft_columns[_norm]`` and ``rationale_rows[_norm]`` according to
+    ``config.statistic``, resolves the layer sets against ``inputs.n_layers``, then::
+
+        acc   = accumulation(columns, shallow, sink, top_k)
+        flow  = deep_flow(rows, deep, beta_mode, beta_value)
+        present        = acc.<accumulation_measure> >= accumulation_threshold
+        flow_triggered = flow.affected_share > R        (strict: a share equal to R does not fire)
+        fired          = flow_triggered and (present or not require_accumulation)
+
+    Pure torch on tensors of a few thousand numbers: well under a millisecond per call, so
+    calibration can re-run it for many configs on cached :class:`DetectorInputs`.
+    """
+    if config is None:
+        config = DetectorConfig()
+    if not isinstance(inputs, DetectorInputs):
+        raise InputError(f"inputs must be DetectorInputs, got {type(inputs).__name__}.")
+    if not isinstance(config, DetectorConfig):
+        raise InputError(f"config must be DetectorConfig, got {type(config).__name__}.")
+    shallow = _resolve_field(config, "shallow_layers", inputs.n_layers)
+    deep = _resolve_field(config, "deep_layers", inputs.n_layers)
+    acc = accumulation(
+        inputs.columns(config.statistic), shallow, config.sink, config.top_k, config.sink_scale
+    )
+    flow = deep_flow(inputs.rows(config.statistic), deep, config.beta_mode, config.beta_value)
+    value = acc.measure(config.accumulation_measure)
+    present = value >= config.accumulation_threshold
+    flow_triggered = flow.defined and flow.affected_share > config.R
+    fired = flow_triggered and (present or not config.require_accumulation)
+
+    acc_txt = (
+        f"accumulation {config.accumulation_measure}={value:.4g} "
+        f"{'>=' if present else '<'} {config.accumulation_threshold:.4g}"
+    )
+    if not flow.defined:
+        reason = f"not fired: {flow.note}"
+    else:
+        flow_txt = (
+            f"{flow.n_affected}/{flow.n_second} second-half rationale tokens have deep "
+            f"soft-prompt flow > beta={flow.beta:.4g} (share {flow.affected_share:.4g} "
+            f"{'>' if flow_triggered else '<='} R={config.R:.4g})"
+        )
+        if fired:
+            reason = f"fired: {flow_txt}"
+            if config.require_accumulation:
+                reason += f" and {acc_txt}"
+        elif not flow_triggered:
+            reason = f"not fired: {flow_txt}"
+        else:
+            reason = f"not fired: {flow_txt} but {acc_txt} and require_accumulation=True"
+    return TriggerDecision(
+        config=config,
+        statistic=config.statistic,
+        shallow_layers=tuple(shallow),
+        deep_layers=tuple(deep),
+        accumulation=acc,
+        deep_flow=flow,
+        accumulation_value=value,
+        accumulation_present=present,
+        flow_triggered=flow_triggered,
+        fired=fired,
+        reason=reason,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Batch helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _check_decisions(decisions: Sequence[TriggerDecision], name: str) -> list[TriggerDecision]:
+    out = list(decisions)
+    if not out:
+        raise InputError(f"{name}: got no decisions; pass at least one TriggerDecision.")
+    bad = [type(d).__name__ for d in out if not isinstance(d, TriggerDecision)]
+    if bad:
+        raise InputError(f"{name}: expected TriggerDecision objects, got {sorted(set(bad))}.")
+    return out
+
+
+def sink_rate(decisions: Sequence[TriggerDecision]) -> float:
+    """Share of instances whose top located soft token is position 0 (the attention-sink slot).
+
+    ``sink_rate = #{d : d.accumulation.top_is_position0} / #decisions``, over all decisions
+    (fired or not). Near 1 means "accumulation" mostly finds the sink: try ``sink="exclude"``
+    or ``"normalize"``. Always 0 under ``"exclude"``.
+    """
+    ds = _check_decisions(decisions, "sink_rate")
+    return sum(d.accumulation.top_is_position0 for d in ds) / len(ds)
+
+
+def accumulation_deepflow_contingency(
+    decisions: Sequence[TriggerDecision],
+    accumulation_threshold: float | None = None,
+    measure: AccumulationMeasure | None = None,
+) -> dict[str, Any]:
+    """2x2 counts of shallow accumulation vs deep-flow change, as in the paper's Fig. 5 (left).
+
+    Accumulation present: ``d.accumulation.measure(measure) >= accumulation_threshold``; both
+    default to each decision's own config (i.e. ``d.accumulation_present``). Deep-flow change:
+    ``d.flow_triggered`` (affected share > R, regardless of the accumulation gate).
+
+    Returns:
+        ``{"accum_change", "accum_no_change", "no_accum_change", "no_accum_no_change"}`` (int
+        counts), ``"n"``, and ``"p_change_given_accum"`` / ``"p_change_given_no_accum"``
+        (floats, ``None`` when the condition never occurs).
+    """
+    ds = _check_decisions(decisions, "accumulation_deepflow_contingency")
+    if measure is not None:
+        _check_choice(measure, "measure", _MEASURES)
+    counts = {
+        "accum_change": 0,
+        "accum_no_change": 0,
+        "no_accum_change": 0,
+        "no_accum_no_change": 0,
+    }
+    for d in ds:
+        if accumulation_threshold is None and measure is None:
+            present = d.accumulation_present
+        else:
+            m = measure or d.config.accumulation_measure
+            t = (
+                d.config.accumulation_threshold
+                if accumulation_threshold is None
+                else accumulation_threshold
+            )
+            present = d.accumulation.measure(m) >= t
+        key = ("accum" if present else "no_accum") + (
+            "_change" if d.flow_triggered else "_no_change"
+        )
+        counts[key] += 1
+    n_acc = counts["accum_change"] + counts["accum_no_change"]
+    n_no = counts["no_accum_change"] + counts["no_accum_no_change"]
+    return {
+        **counts,
+        "n": len(ds),
+        "p_change_given_accum": counts["accum_change"] / n_acc if n_acc else None,
+        "p_change_given_no_accum": counts["no_accum_change"] / n_no if n_no else None,
+    }
+
+
+def fires_at_thresholds(
+    decisions: Sequence[TriggerDecision],
+    R_values: Sequence[float],
+    accumulation_thresholds: Sequence[float] | None = None,
+) -> Bool[Tensor, "r_value acc_value instance"]:
+    """Whether each instance would fire for every (R, accumulation threshold) pair, no recompute.
+
+    R and the accumulation threshold change no statistic, so a sweep only compares the stored
+    numbers::
+
+        out[a, b, n] = defined_n and share_n > R_values[a]
+                       and (value_n >= accumulation_thresholds[b])
+
+    where ``value_n`` is each decision's ``accumulation_value`` (its own measure). With
+    ``accumulation_thresholds=None`` there is no accumulation gate and dim 1 has size 1.
+    Sweeps over layers, statistic, beta or sink do change statistics: re-run
+    :func:`dynamic_trigger` on the cached inputs for those (cheap, see the module docstring).
+    """
+    ds = _check_decisions(decisions, "fires_at_thresholds")
+    r = torch.as_tensor(list(R_values), dtype=torch.float64)
+    if r.ndim != 1 or r.numel() == 0:
+        raise InputError("R_values must be a non-empty sequence of numbers.")
+    share = torch.tensor([d.deep_flow.affected_share for d in ds], dtype=torch.float64)
+    defined = torch.tensor([d.deep_flow.defined for d in ds], dtype=torch.bool)
+    flow = defined[None, :] & (share[None, :] > r[:, None])  # [R, instance]
+    if accumulation_thresholds is None:
+        return flow[:, None, :]
+    t = torch.as_tensor(list(accumulation_thresholds), dtype=torch.float64)
+    if t.ndim != 1 or t.numel() == 0:
+        raise InputError("accumulation_thresholds must be a non-empty sequence of numbers or None.")
+    value = torch.tensor([d.accumulation_value for d in ds], dtype=torch.float64)
+    present = value[None, :] >= t[:, None]  # [acc, instance]
+    return flow[:, None, :] & present[None, :, :]
+
+
+def fit_sink_scale(inputs: Sequence[DetectorInputs], config: DetectorConfig | None = None) -> float:
+    """Reference scale for ``sink="normalize"``: how much larger column 0 usually is.
+
+    For each reference instance, with ``c`` the soft-column sums over ``config.shallow_layers``
+    of the ``config.statistic`` tensor::
+
+        ratio = c_0 / mean(c_1 .. c_{P-1})
+        sink_scale = median over instances of ratio
+
+    The median keeps a few instances with real accumulation on position 0 from inflating the
+    scale. Only ``config.statistic`` and ``config.shallow_layers`` are read, so any sink mode
+    may be set; use it as
+    ``replace(config, sink="normalize", sink_scale=fit_sink_scale(dev, config))``.
+
+    Raises:
+        InputError: no inputs, fewer than 2 soft tokens, or zero flow into columns 1..P-1.
+    """
+    config = config or DetectorConfig()
+    items = list(inputs)
+    if not items:
+        raise InputError("fit_sink_scale: got no inputs; pass reference DetectorInputs.")
+    ratios = []
+    for k, x in enumerate(items):
+        if not isinstance(x, DetectorInputs):
+            raise InputError(
+                f"fit_sink_scale: item {k} is {type(x).__name__}, expected DetectorInputs."
+            )
+        if x.n_soft < 2:
+            raise InputError(
+                f"fit_sink_scale: item {k} has {x.n_soft} soft token; need at least 2."
+            )
+        layers = resolve_layers(config.shallow_layers, x.n_layers)
+        c = x.columns(config.statistic).detach().to("cpu", torch.float64)[layers].sum(dim=0)
+        rest = float(c[1:].mean())
+        if rest <= 0:
+            raise InputError(
+                f"fit_sink_scale: item {k} has no flow into soft columns 1..P-1 in "
+                f"layers {layers}; it cannot serve as a reference."
+            )
+        ratios.append(float(c[0]) / rest)
+    scale = float(statistics.median(ratios))
+    if scale <= 0:
+        raise InputError(
+            "fit_sink_scale: column 0 carries no flow in the reference instances; "
+            "there is no sink to normalise, use sink='keep'."
+        )
+    return scale
