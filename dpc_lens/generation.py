@@ -204,7 +204,8 @@ def generate(
     Args:
         model: a ``TransformerBridge``/``HookedTransformer`` or an adapter.
         prompts: texts (tokenised without special tokens) or token-id lists.
-        soft_prompt: a :class:`~dpc_lens.soft_prompt.SoftPrompt`, a ``[P, d_model]`` tensor, or None.
+        soft_prompt: a :class:`~dpc_lens.soft_prompt.SoftPrompt`, a ``[P, d_model]`` tensor, a list
+            with one of those per prompt (same length), or None.
         config: :class:`GenerationConfig` (greedy, 64 new tokens by default).
         add_bos: prepend the tokenizer's BOS to every prompt (after the soft prompt, as PEFT).
         progress: show a tqdm bar over batches.
@@ -214,11 +215,14 @@ def generate(
     cfg = config or GenerationConfig()
     adapter = as_adapter(model)
     seqs = encode_prompts(adapter, prompts, add_bos=add_bos)
+    if isinstance(soft_prompt, (list, tuple)) and len(soft_prompt) != len(seqs):
+        raise InputError(f"{len(soft_prompt)} soft prompts for {len(seqs)} prompts; give one per prompt.")
     gen = None
     if cfg.do_sample and cfg.seed is not None:
         gen = torch.Generator().manual_seed(int(cfg.seed))
     results: list[Generation] = []
     starts = range(0, len(seqs), cfg.batch_size)
     for s in tqdm(starts, desc=desc, disable=not progress or len(seqs) <= cfg.batch_size, leave=False):
-        results.extend(_generate_batch(adapter, seqs[s:s + cfg.batch_size], soft_prompt, cfg, gen))
+        soft = soft_prompt[s:s + cfg.batch_size] if isinstance(soft_prompt, (list, tuple)) else soft_prompt
+        results.extend(_generate_batch(adapter, seqs[s:s + cfg.batch_size], soft, cfg, gen))
     return results

@@ -182,27 +182,26 @@ class PromptBatch:
         """Build the padded input for ``sequences`` (token ids per example) with ``soft`` first.
 
         ``soft`` is a :class:`~dpc_lens.soft_prompt.SoftPrompt`, a ``[P, d_model]`` tensor (kept in
-        the autograd graph, for prompt tuning), or ``None``. Raises :class:`InputError` when a
+        the autograd graph, for prompt tuning), a list of either (one per example, same ``P``:
+        e.g. differently corrupted prompts regenerated together), or ``None``. Raises :class:`InputError` when a
         row is empty or longer than the model's context.
         """
-        from .soft_prompt import SoftPrompt
-
         if len(sequences) == 0:
             raise InputError("An empty batch: give at least one example.")
         if len(sequences) != len(layouts):
             raise InputError(f"{len(sequences)} sequences but {len(layouts)} layouts.")
-        if soft is None:
-            soft_emb = None
-        elif isinstance(soft, SoftPrompt):
-            soft_emb = soft.for_model(adapter)
-        elif isinstance(soft, torch.Tensor):
-            soft_emb = SoftPrompt(soft.detach()).for_model(adapter)  # validates
-            soft_emb = soft.to(device=adapter.device, dtype=adapter.dtype)
+        if isinstance(soft, (list, tuple)):
+            if len(soft) != len(sequences):
+                raise InputError(
+                    f"Per-example soft prompts: got {len(soft)} for {len(sequences)} examples."
+                )
+            soft_rows = [_soft_tensor(adapter, s) for s in soft]
+            if len({int(s.shape[0]) for s in soft_rows}) != 1:
+                raise InputError("Per-example soft prompts must all have the same number of tokens.")
         else:
-            raise InputError(
-                f"soft must be a SoftPrompt, a [P, d_model] tensor or None; got {type(soft).__name__}."
-            )
-        n_soft = 0 if soft_emb is None else int(soft_emb.shape[0])
+            one = _soft_tensor(adapter, soft) if soft is not None else None
+            soft_rows = [one] * len(sequences) if one is not None else None
+        n_soft = 0 if soft_rows is None else int(soft_rows[0].shape[0])
         lengths = [len(s) + n_soft for s in sequences]
         for i, (seq, lay) in enumerate(zip(sequences, layouts)):
             if len(seq) == 0 and n_soft == 0:
@@ -244,7 +243,7 @@ class PromptBatch:
             rows = []
             for b in range(B):
                 p = pads[b]
-                rows.append(torch.cat([embeds[b, :p], soft_emb, embeds[b, p + n_soft:]], dim=0))
+                rows.append(torch.cat([embeds[b, :p], soft_rows[b], embeds[b, p + n_soft:]], dim=0))
             embeds = torch.stack(rows)
             for b in range(B):
                 tok[b, pads[b]:pads[b] + n_soft] = -1
@@ -267,3 +266,18 @@ class PromptBatch:
             seqs.append(ids)
             lays.append(SegmentLayout(lay.spans, lay.length, tuple(required)))
         return cls.build(adapter, seqs, lays, soft)
+
+
+def _soft_tensor(adapter: Any, soft: Any) -> Tensor:
+    """``soft`` as a ``[P, d_model]`` tensor on the model's device and dtype, validated."""
+    from .soft_prompt import SoftPrompt
+
+    if isinstance(soft, SoftPrompt):
+        return soft.for_model(adapter)
+    if isinstance(soft, torch.Tensor):
+        SoftPrompt(soft.detach()).for_model(adapter)  # validates shape, values and width
+        return soft.to(device=adapter.device, dtype=adapter.dtype)  # keeps the autograd graph
+    raise InputError(
+        f"soft must be a SoftPrompt, a [P, d_model] tensor, a list of them, or None; got "
+        f"{type(soft).__name__}."
+    )
