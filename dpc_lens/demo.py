@@ -1,0 +1,108 @@
+"""``dpc-lens demo``: the whole method in one offline command on the shipped test bed.
+
+The shipped artefacts live in ``dpc_lens/data/`` (see the README's "The embedded default"):
+``reasoner/`` (a small Llama-architecture model with its word-level tokenizer, trained by
+``dpc_lens.reasoner``), ``soft_prompt/`` (a PEFT prompt-tuning adapter trained by
+``dpc_lens.prompt_tuning``), ``test.jsonl`` / ``dev.jsonl`` (the synthetic arithmetic task) and
+``dpc_config.json`` (the DPC config calibrated on dev). The demo runs base, vanilla PT and DPC
+on the test set and writes per-instance JSONL, the summary and the config to ``out_dir``.
+
+When the artefacts are not in this install, the demo says so and runs the saliency analysis on
+a small built-in random model instead, so the command always does something real.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from importlib import resources
+
+__all__ = ["run_demo", "data_dir", "shipped_artefacts"]
+
+
+def data_dir() -> str:
+    return str(resources.files("dpc_lens") / "data")
+
+
+def shipped_artefacts() -> dict[str, str] | None:
+    """Paths of the shipped model, adapter, test/dev sets and config, or None if incomplete."""
+    d = data_dir()
+    paths = {
+        "model": os.path.join(d, "reasoner"),
+        "soft_prompt": os.path.join(d, "soft_prompt"),
+        "test": os.path.join(d, "test.jsonl"),
+        "dev": os.path.join(d, "dev.jsonl"),
+        "config": os.path.join(d, "dpc_config.json"),
+    }
+    needed = ("model", "soft_prompt", "test")
+    if all(os.path.exists(paths[k]) for k in needed):
+        return paths
+    return None
+
+
+def run_demo(out_dir: str = "runs/demo", *, limit: int | None = None, progress: bool = True,
+             plots: bool = False) -> int:
+    """Run the demo; return a process exit code."""
+    from .cli import print_summary
+
+    os.makedirs(out_dir, exist_ok=True)
+    art = shipped_artefacts()
+    t0 = time.perf_counter()
+    if art is None:
+        print("The shipped reasoner and soft prompt are not in this install; running the saliency "
+              "analysis on a small built-in random model instead.")
+        return _saliency_fallback(out_dir)
+    from .dpc import DPCConfig, run_dpc
+    from .model import load_model
+    from .soft_prompt import SoftPrompt
+    from .tasks import get_task, load_examples
+
+    model = load_model(art["model"])
+    soft = SoftPrompt.from_peft(art["soft_prompt"])
+    task = get_task("arith")
+    exs = load_examples(art["test"], task)
+    if limit:
+        exs = exs[:limit]
+    cfg = DPCConfig.load(art["config"]) if os.path.exists(art["config"]) else DPCConfig()
+    rec_path = os.path.join(out_dir, "records.jsonl")
+    if os.path.exists(rec_path):
+        os.remove(rec_path)  # the demo always starts fresh
+    _, summary = run_dpc(model, soft, exs, task, cfg, out_dir=out_dir, progress=progress)
+    summary["wall_time_s"] = time.perf_counter() - t0
+    with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as fh:
+        json.dump(summary, fh, indent=2)
+    print_summary(summary)
+    print(f"wall time {summary['wall_time_s']:.1f} s; records: {rec_path}")
+    if plots:
+        from .cli import _plots
+
+        _plots(out_dir)
+    return 0
+
+
+def _saliency_fallback(out_dir: str) -> int:
+    from .saliency import SaliencyConfig, compute_saliency
+    from .segments import PromptBatch
+    from .soft_prompt import SoftPrompt
+    from .testing import boot_tiny
+
+    import torch
+
+    model = boot_tiny("llama")
+    torch.manual_seed(0)
+    from .model import as_adapter
+
+    adapter = as_adapter(model)
+    soft = SoftPrompt(torch.randn(8, adapter.d_model) * 0.02)
+    tok = adapter.tokenizer
+    examples = [[("bos", [tok.bos_token_id]), ("question", "ann has 7 pens . she buys 5 more . how many pens ?"),
+                 ("rationale", "7 + 5 = 12 . the answer is 12 .")]]
+    batch = PromptBatch.from_pieces(adapter, examples, soft)
+    res = compute_saliency(model, batch, SaliencyConfig(loss_segments=("rationale",)))
+    res.save(os.path.join(out_dir, "saliency"))
+    flows = res.flows(["soft->question", "soft->rationale", "question->rationale"])
+    for name, v in flows.items():
+        print(f"{name:<22}" + " ".join(f"{x:.2e}" for x in v[:, 0].tolist()))
+    print(f"saliency written to {os.path.join(out_dir, 'saliency')}")
+    return 0
