@@ -66,16 +66,19 @@ def saliency_map(
             f"pattern and grad must have the same shape, got {tuple(pattern.shape)} and "
             f"{tuple(grad.shape)}."
         )
-    if fp32:
-        pattern, grad = pattern.float(), grad.float()
-    prod = pattern * grad
-    out = prod if per_head else prod.sum(dim=1)
+    n_heads = pattern.shape[1]
+    if per_head:
+        out = pattern.float() * grad.float() if fp32 else pattern * grad
+    else:
+        # one fused pass over the heads (no [batch, head, q, k] temporary)
+        dtype = torch.float32 if fp32 else pattern.dtype
+        out = pattern[:, 0].to(dtype) * grad[:, 0].to(dtype)
+        for h in range(1, n_heads):
+            out.addcmul_(pattern[:, h].to(dtype), grad[:, h].to(dtype))
     if not signed:
-        out = out.abs()
+        out.abs_()
     if not include_diagonal:
-        q, k = out.shape[-2], out.shape[-1]
-        eye = torch.eye(q, k, dtype=torch.bool, device=out.device)
-        out = out.masked_fill(eye, 0.0)
+        out.diagonal(dim1=-2, dim2=-1).zero_()
     return out
 
 
@@ -97,9 +100,9 @@ def segment_flow_sums(
     The result is indexed ``[target, source]``: row = where the flow goes.
     """
     m = segment_masks.to(saliency.dtype)
-    if saliency.dim() == 4:  # per head
-        return torch.einsum("btq,bhqk,bsk->bhts", m, saliency, m)
-    return torch.einsum("btq,bqk,bsk->bts", m, saliency, m)
+    if saliency.dim() == 4:  # per head: broadcast the masks over the head axis
+        m = m.unsqueeze(1)
+    return (m @ saliency) @ m.transpose(-1, -2)
 
 
 def segment_pair_counts(
@@ -164,9 +167,9 @@ def column_scores(
         w = w.unsqueeze(1)  # broadcast over heads
     if row_normalize:
         total = row_totals(saliency) if row_total is None else row_total
-        w = w / torch.where(total > 0, total, torch.ones_like(total))
-        w = torch.where(total > 0, w, torch.zeros_like(w))
-    return (saliency * w.unsqueeze(-1)).sum(-2)
+        safe = torch.where(total > 0, total, torch.ones_like(total))
+        w = torch.where(total > 0, w / safe, torch.zeros_like(w))
+    return (w.unsqueeze(-2) @ saliency).squeeze(-2)
 
 
 def row_scores(
@@ -177,7 +180,7 @@ def row_scores(
     w = source_mask.to(saliency.dtype)
     if saliency.dim() == 4:
         w = w.unsqueeze(1)
-    return (saliency * w.unsqueeze(-2)).sum(-1)
+    return (saliency @ w.unsqueeze(-1)).squeeze(-1)
 
 
 def row_totals(saliency: Float[Tensor, "batch ... query_pos key_pos"]) -> Float[Tensor, "batch ... query_pos"]:
