@@ -289,25 +289,40 @@ class PromptTuningResult:
         return pd.DataFrame([asdict(r) for r in self.history],
                             columns=["step", "train_loss", "dev_loss", "seconds"])
 
-    def save(self, path: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> str:
-        """Write a PEFT adapter directory (loads in PEFT and :meth:`SoftPrompt.from_peft`)
-        with ``prompt_tuning.json`` (config, history, summary) beside it."""
+    def save(self, path: str | os.PathLike) -> str:
+        """Write :meth:`to_dict` (config, history, summary) as a JSON file at ``path``.
+
+        The prompt itself is a tensor: write it with ``result.soft_prompt.save_peft(dir)``, or
+        use :meth:`save_adapter` for both in one directory.
+        """
+        path = os.fspath(path)
+        parent = os.path.dirname(path)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(self.to_dict(), fh, indent=1)
+        return path
+
+    def save_adapter(self, path: str | os.PathLike, *,
+                     base_model_name_or_path: str | None = None) -> str:
+        """Write a PEFT adapter directory (loads in PEFT and :meth:`SoftPrompt.from_peft`) with
+        ``prompt_tuning.json`` (:meth:`save`) beside it; :meth:`load` reads it back."""
         path = self.soft_prompt.save_peft(
             path, base_model_name_or_path=base_model_name_or_path
             or self.meta.get("base_model_name_or_path"))
-        with open(os.path.join(path, _LOG), "w", encoding="utf-8") as fh:
-            json.dump(self.to_dict(), fh, indent=1)
+        self.save(os.path.join(path, _LOG))
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PromptTuningResult":
-        """Read back a directory written by :meth:`save`."""
+        """Read back a directory written by :meth:`save_adapter`."""
         path = os.fspath(path)
         log = os.path.join(path, _LOG)
         if not os.path.isfile(log):
             raise DataError(
                 f"{path!r} has no {_LOG}; it is not a directory written by "
-                "PromptTuningResult.save (a bare PEFT adapter loads with SoftPrompt.from_peft)."
+                "PromptTuningResult.save_adapter (a bare PEFT adapter loads with "
+                "SoftPrompt.from_peft)."
             )
         with open(log, encoding="utf-8") as fh:
             d = json.load(fh)
@@ -498,7 +513,8 @@ def train_soft_prompt(
 
     Returns:
         :class:`PromptTuningResult` with the best prompt (float32, on the model's device).
-        ``result.soft_prompt.save_peft(dir)`` (or ``result.save(dir)``) writes the adapter.
+        ``result.soft_prompt.save_peft(dir)`` writes the adapter, ``result.save(file)`` the
+        history as JSON, ``result.save_adapter(dir)`` both.
     """
     from tqdm.auto import tqdm
 

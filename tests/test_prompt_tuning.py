@@ -206,7 +206,7 @@ def test_adapter_round_trips_through_peft(model, model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     res = train_soft_prompt(model, TRAIN, PromptTuningConfig(**FAST, steps=8), progress=False)
-    out = res.save(tmp_path / "adapter")
+    out = res.save_adapter(tmp_path / "adapter")
     assert {"adapter_config.json", "adapter_model.safetensors", "prompt_tuning.json"} <= set(
         os.listdir(out))
 
@@ -229,6 +229,8 @@ def test_adapter_round_trips_through_peft(model, model_dir, tmp_path):
     assert back.config == res.config and back.history == res.history
     assert json.loads((tmp_path / "adapter" / "prompt_tuning.json").read_text())["steps_done"] == 8
     assert list(back.to_dataframe().columns) == ["step", "train_loss", "dev_loss", "seconds"]
+    log = res.save(tmp_path / "logs" / "history.json")  # the CLI's layout: JSON beside the adapter
+    assert json.loads(open(log).read())["history"][0]["step"] == 1
 
 
 # ------------------------------------------------------------------ layout, init, evaluation
