@@ -245,7 +245,7 @@ def test_training_layout_is_bos_question_rationale_eos(model):
     assert lay.span(TARGET_SEGMENT) == (1 + len(q), len(ids))
 
 
-def test_initialisations(model):
+def test_initialisations(model, tmp_path):
     adapter = as_adapter(model)
     W = adapter.embedding_weight
     vocab = initial_soft_prompt(model, PromptTuningConfig(n_tokens=6, seed=1))
@@ -258,6 +258,13 @@ def test_initialisations(model):
                                                          init_text="let's think"))
     ref = SoftPrompt.from_text(adapter, "let's think", n_tokens=5)
     assert torch.equal(text.embeddings, ref.embeddings)
+    # PEFT refuses a TEXT init without the tokenizer's path, so the trained adapter carries it
+    from peft import PeftConfig
+
+    res = train_soft_prompt(model, TRAIN[:2], PromptTuningConfig(
+        n_tokens=5, init="text", init_text="let's think", steps=1), progress=False)
+    peft_cfg = PeftConfig.from_pretrained(res.save_adapter(tmp_path / "text_init"))
+    assert peft_cfg.prompt_tuning_init == "TEXT" and peft_cfg.tokenizer_name_or_path
 
     rnd = initial_soft_prompt(model, PromptTuningConfig(n_tokens=64, init="random"))
     rms = float(W.pow(2).mean().sqrt())
