@@ -40,7 +40,7 @@ __all__ = [
 
 def saliency_map(
     pattern: Float[Tensor, "batch head_index query_pos key_pos"],
-    grad: Float[Tensor, "batch head_index query_pos key_pos"],
+    grad: Float[Tensor, "*grad_shape"],  # must equal pattern's shape: checked below with a clear error
     *,
     per_head: bool = False,
     signed: bool = False,

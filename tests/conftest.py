@@ -7,8 +7,14 @@ import warnings
 
 import pytest
 import torch
+from jaxtyping import install_import_hook
 
 warnings.filterwarnings("ignore")
+
+# Shapes in signatures are checked at run time for the pure-maths modules (STYLE item 8):
+# jaxtyping + beartype wrap every annotated function of these modules when they are imported.
+with install_import_hook(["dpc_lens.flows"], "beartype.beartype"):
+    import dpc_lens.flows  # noqa: F401
 
 
 def _live_models():
