@@ -26,6 +26,22 @@ _EXPORTS = {
     "SaliencyConfig": "saliency", "SaliencyResult": "saliency", "compute_saliency": "saliency",
     "target_nll": "saliency",
     "flow_proportions": "flows", "saliency_map": "flows",
+    # generation and corruption
+    "GenerationConfig": "generation", "Generation": "generation", "generate": "generation",
+    "CorruptionConfig": "patching", "corrupt_soft_prompt": "patching", "soft_row_hooks": "patching",
+    # DPC
+    "DetectorConfig": "detector", "DetectorInputs": "detector", "TriggerDecision": "detector",
+    "dynamic_trigger": "detector", "accumulation": "detector", "deep_flow": "detector",
+    "DPCConfig": "dpc", "analyse": "dpc", "run_dpc": "dpc", "summarize": "dpc",
+    "read_records": "dpc",
+    "CalibrationGrid": "calibration", "calibrate_dpc": "calibration",
+    "PromptTuningConfig": "prompt_tuning", "train_soft_prompt": "prompt_tuning",
+    "evaluate_accuracy": "prompt_tuning",
+    # tasks
+    "Example": "tasks", "get_task": "tasks", "load_examples": "tasks",
+    # IAP
+    "PromptPool": "iap", "IAPConfig": "iap", "FlowStandardizer": "iap", "iap_ss": "iap",
+    "iap_mv": "iap",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

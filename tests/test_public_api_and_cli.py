@@ -1,0 +1,86 @@
+"""The public API is light to import and complete; the CLI runs DPC end to end via main([...])."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+
+def test_import_is_light_and_every_export_resolves():
+    code = (
+        "import sys, dpc_lens\n"
+        "assert 'torch' not in sys.modules, 'dpc_lens imports torch at import time'\n"
+        "names = [n for n in dpc_lens.__all__ if n != '__version__']\n"
+        "missing = [n for n in names if getattr(dpc_lens, n, None) is None]\n"
+        "assert not missing, missing\n"
+        "print(len(names))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.strip()) >= 40
+
+
+@pytest.fixture(scope="module")
+def arith_setup(tmp_path_factory):
+    import transformers as tf
+
+    from dpc_lens.reasoner import build_tokenizer
+    from dpc_lens.soft_prompt import SoftPrompt
+    from dpc_lens.tasks.arith import make_split
+    from dpc_lens.tasks.io import write_jsonl
+
+    root = tmp_path_factory.mktemp("cli")
+    model_dir = root / "model"
+    tok = build_tokenizer()
+    tok.save_pretrained(model_dir)
+    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    adapter_dir = root / "adapter"
+    SoftPrompt(torch.randn(4, 32, generator=torch.Generator().manual_seed(1)) * 0.1).save_peft(adapter_dir)
+    data = root / "test.jsonl"
+    write_jsonl(data, make_split("test", 5, seed=3))
+    return root, model_dir, adapter_dir, data
+
+
+def test_cli_dpc_writes_records_summary_config_and_resumes(arith_setup, capsys):
+    from dpc_lens.cli import main
+
+    root, model_dir, adapter_dir, data = arith_setup
+    out = root / "run"
+    argv = ["dpc", "--model", str(model_dir), "--soft-prompt", str(adapter_dir), "--data", str(data),
+            "--task", "arith", "--out", str(out), "--max-new-tokens", "8", "--no-progress",
+            "--baselines", "base"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "pt" in printed and "dpc" in printed and "trigger rate" in printed
+    recs = [json.loads(l) for l in (out / "records.jsonl").read_text().splitlines()]
+    assert len(recs) == 5 and len({r["id"] for r in recs}) == 5
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n"] == 5
+    assert summary["accuracy"]["pt"] == sum(r["pt"]["correct"] for r in recs) / 5
+    assert json.loads((out / "config.json").read_text())["baselines"] == ["base"]
+    # a second run without --resume refuses; with --resume it adds nothing and loses nothing
+    assert main(argv) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(argv + ["--resume"]) == 0
+    again = [json.loads(l) for l in (out / "records.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in again] == [r["id"] for r in recs]
+
+
+def test_cli_reports_missing_files_clearly(arith_setup, capsys):
+    from dpc_lens.cli import main
+
+    root, model_dir, adapter_dir, data = arith_setup
+    rc = main(["dpc", "--model", str(model_dir), "--soft-prompt", str(root / "nope"), "--data", str(data),
+               "--task", "arith", "--out", str(root / "x"), "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "nope" in err
