@@ -6,6 +6,8 @@ Commands:
 * ``dpc`` — DPC and its baselines over a data file; resumable JSONL + summary + config.
 * ``calibrate`` — fit the trigger's knobs on a labelled dev split.
 * ``train-prompt`` — vanilla prompt tuning, saved as a PEFT adapter.
+* ``iap`` — Instance-adaptive Prompting (IAP-ss, IAP-mv, single prompts, majority vote) over a
+  data set; resumable JSONL per (question, prompt) + summary + config.
 
 ``main(argv=None) -> int`` never calls ``sys.exit`` itself, so tests call ``main([...])``.
 """
@@ -70,6 +72,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("iap", help="Instance-adaptive Prompting over a data set")
+    _add_common(p)
+    p.add_argument("--prompts", default=None,
+                   help="prompt pool: .json list or one prompt per line (default: the built-in nine)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--dev", default=None,
+                   help="labelled dev file: fit the standardiser and calibrate lam, tau, m on it first "
+                        "(without it the standardiser is fitted on the run's own flows)")
+    p.add_argument("--dev-limit", type=int, default=None, help="use only the first N dev examples")
+    p.add_argument("--config", default=None, help="an IAP config.json to start from")
+    p.add_argument("--resume", action="store_true", help="continue a killed run in --out")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="generation batch size")
+    p.add_argument("--per-head", action="store_true", help="also keep layer x head flow maps")
+    p.add_argument("--chat-template", choices=("auto", "never", "always"), default=None)
     return parser
 
 
@@ -185,8 +203,41 @@ def _cmd_demo(args) -> int:
     return run_demo(out_dir=args.out, limit=args.limit, progress=not args.no_progress, plots=args.plots)
 
 
+def _cmd_iap(args) -> int:
+    from dataclasses import replace
+
+    from .iap import IAPRunConfig, PromptPool, calibrate_iap, format_summary, run_iap
+
+    cfg = IAPRunConfig.load(args.config) if args.config else IAPRunConfig()
+    gen = cfg.generation
+    if args.max_new_tokens:
+        gen = replace(gen, max_new_tokens=args.max_new_tokens)
+    if args.batch_size:
+        gen = replace(gen, batch_size=args.batch_size)
+    cfg = replace(cfg, generation=gen, per_head=args.per_head or cfg.per_head,
+                  chat_template=args.chat_template or cfg.chat_template)
+    pool = PromptPool.from_file(args.prompts) if args.prompts else PromptPool.default()
+    task, exs = _examples(args)
+    model = _load(args)
+    progress = not args.no_progress
+    std = None
+    if args.dev:
+        from .tasks import load_examples
+
+        dev = load_examples(args.dev, task)[: args.dev_limit or None]
+        fit = calibrate_iap(model, dev, task, pool, cfg, out_dir=os.path.join(args.out, "dev"),
+                            resume=args.resume, progress=progress)
+        cfg, std = fit.config, fit.standardizer
+        print(f"dev calibration: IAP-ss {fit.calibration.best_ss}  IAP-mv {fit.calibration.best_mv}")
+    _, summary = run_iap(model, exs, task, pool, cfg, standardizer=std, out_dir=args.out,
+                         resume=args.resume, progress=progress)
+    print(format_summary(summary))
+    print(f"pairs: {os.path.join(args.out, 'pairs.jsonl')}")
+    return 0
+
+
 _COMMANDS = {"dpc": _cmd_dpc, "calibrate": _cmd_calibrate, "train-prompt": _cmd_train_prompt,
-             "demo": _cmd_demo}
+             "demo": _cmd_demo, "iap": _cmd_iap}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
