@@ -1369,9 +1369,11 @@ class IAPRunConfig:
                 raise ConfigError(f"IAPRunConfig.{name} must be True or False, got {getattr(self, name)!r}.")
 
     def pair_settings(self) -> dict[str, Any]:
-        """The settings a cached (question, prompt) record depends on (a resumed run must match)."""
+        """The settings a cached (question, prompt) record depends on (a resumed run must match;
+        batch sizes are left out: every row generates and scores what it would alone)."""
+        gen = {k: v for k, v in self.generation.to_dict().items() if k != "batch_size"}
         return {
-            "generation": self.generation.to_dict(),
+            "generation": gen,
             "add_bos": self.add_bos,
             "chat_template": self.chat_template,
             "separator": self.separator,
