@@ -41,7 +41,7 @@ _EXPORTS = {
     "Example": "tasks", "get_task": "tasks", "load_examples": "tasks",
     # IAP
     "PromptPool": "iap", "IAPConfig": "iap", "FlowStandardizer": "iap", "iap_ss": "iap",
-    "iap_mv": "iap",
+    "iap_mv": "iap", "run_iap": "iap", "calibrate_iap": "iap", "IAPRunConfig": "iap",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
