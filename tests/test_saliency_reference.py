@@ -189,23 +189,39 @@ def tl_reference(model, tokenizer, pieces, soft: torch.Tensor, n_layers: int):
         x[:, :P] = leaf.to(x.dtype)
         return x
 
+    live = {}
+
     def keep(x, hook):
         pats[hook.name] = x.detach()[0]
+        x.retain_grad()  # second route, for bridges whose backward hooks do not fire
+        live[hook.name] = x
 
     def keep_grad(g, hook):
         grads[hook.name] = g.detach()[0]
 
     names = [f"blocks.{l}.attn.hook_pattern" for l in range(n_layers)]
     fwd = [("hook_embed", put_soft)] + [(n, keep) for n in names]
+    # Backward hooks on hook_pattern are the main route. On the TL 3.9 bridge a backward hook
+    # on hook_pattern cuts the pattern off the graph (neither it nor retain_grad sees a
+    # gradient), so there the retained gradient alone is used.
+    ht = hooked_transformer_class()
+    use_bwd = ht is None or isinstance(model, ht)
+    bwd = [(n, keep_grad) for n in names] if use_bwd else []
     # hooks() rather than run_with_hooks: the latter drops backward hooks before backward runs
-    with torch.enable_grad(), model.hooks(fwd_hooks=fwd, bwd_hooks=[(n, keep_grad) for n in names]):
+    with torch.enable_grad(), model.hooks(fwd_hooks=fwd, bwd_hooks=bwd):
         logits = model(torch.tensor([full_ids]))
         rs, re = spans["rationale"]
         loss = ref_nll(logits[0], [-1] * P + ids, list(range(max(rs, 1), re)))
         loss.backward()
     # The fixture in conftest checks the hooks are gone afterwards.
     A = [pats[n] for n in names]
-    G = [grads[n] for n in names]
+    G = []
+    for n in names:
+        retained = live[n].grad
+        assert retained is not None or n in grads, f"no gradient reached {n}"
+        if n in grads and retained is not None:  # both routes: they must agree
+            torch.testing.assert_close(grads[n], retained[0], atol=0, rtol=0)
+        G.append(grads[n] if n in grads else retained[0].detach())
     return A, G, spans, loss.detach(), logits.detach()[0]
 
 
