@@ -41,8 +41,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping, Sequence, get_args
+from typing import Any, get_args
 
 import torch
 from tqdm.auto import tqdm

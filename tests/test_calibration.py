@@ -53,9 +53,9 @@ def inst(col0, col1, raw1, norm1) -> DetectorInputs:
 
 # Deep flow on layer 1, beta = mean of the first two tokens; share = affected of the last two.
 #            shallow [0] cols   shallow [1] cols   raw rows (share)      norm rows (share)
-A = inst([3, 2, 1], [1, 2, 3], [1, 1, 2, 2],   [0.5, 0.5, 0.1, 0.1])  # raw 1.0, norm 0.0
-B = inst([1, 3, 2], [3, 1, 2], [1, 1, 2, 0],   [0.1, 0.1, 0.5, 0.5])  # raw 0.5, norm 1.0
-Cx = inst([2, 1, 3], [2, 3, 1], [1, 1, 0, 0],  [0.2, 0.2, 0.3, 0.1])  # raw 0.0, norm 0.5
+A = inst([3, 2, 1], [1, 2, 3], [1, 1, 2, 2], [0.5, 0.5, 0.1, 0.1])  # raw 1.0, norm 0.0
+B = inst([1, 3, 2], [3, 1, 2], [1, 1, 2, 0], [0.1, 0.1, 0.5, 0.5])  # raw 0.5, norm 1.0
+Cx = inst([2, 1, 3], [2, 3, 1], [1, 1, 0, 0], [0.2, 0.2, 0.3, 0.1])  # raw 0.0, norm 0.5
 INPUTS = [A, B, Cx, None]  # the fourth instance has an empty rationale: it never fires
 PT_CORRECT = [False, True, False, True]
 # Located rows (sorted):   shallow [0]: k=1  k=2      shallow [1]: k=1  k=2
@@ -63,13 +63,26 @@ PT_CORRECT = [False, True, False, True]
 #                       B           (1,)  (1, 2)                   (0,)  (0, 2)
 #                       C           (2,)  (0, 2)                   (1,)  (0, 1)
 CORRUPTED = {
-    (0, (0,)): True, (0, (0, 1)): False, (0, (2,)): False, (0, (1, 2)): False,
-    (1, (1,)): False, (1, (1, 2)): False, (1, (0,)): True, (1, (0, 2)): False,
-    (2, (2,)): True, (2, (0, 2)): False, (2, (1,)): False, (2, (0, 1)): False,
+    (0, (0,)): True,
+    (0, (0, 1)): False,
+    (0, (2,)): False,
+    (0, (1, 2)): False,
+    (1, (1,)): False,
+    (1, (1, 2)): False,
+    (1, (0,)): True,
+    (1, (0, 2)): False,
+    (2, (2,)): True,
+    (2, (0, 2)): False,
+    (2, (1,)): False,
+    (2, (0, 1)): False,
 }
 GRID = CalibrationGrid(
-    R=(0.25, 0.75), statistic=("raw", "normalized"), top_k=(1, 2),
-    shallow_layers=([0], [1]), deep_layers=([1],), sink=("keep",),
+    R=(0.25, 0.75),
+    statistic=("raw", "normalized"),
+    top_k=(1, 2),
+    shallow_layers=([0], [1]),
+    deep_layers=([1],),
+    sink=("keep",),
 )
 
 # Who fires: raw R=.25 -> A, B; raw R=.75 -> A; normalized R=.25 -> B, C; normalized R=.75 -> B.
@@ -80,8 +93,10 @@ GRID = CalibrationGrid(
 #   norm R=0.25        2     1     2     1
 #   norm R=0.75        1     1     2     1
 HAND = {
-    ("raw", 0.25): [2, 1, 2, 1], ("raw", 0.75): [3, 2, 2, 2],
-    ("normalized", 0.25): [2, 1, 2, 1], ("normalized", 0.75): [1, 1, 2, 1],
+    ("raw", 0.25): [2, 1, 2, 1],
+    ("raw", 0.75): [3, 2, 2, 2],
+    ("normalized", 0.25): [2, 1, 2, 1],
+    ("normalized", 0.75): [1, 1, 2, 1],
 }
 
 
@@ -119,8 +134,15 @@ def test_grid_picks_the_known_best_point_and_accuracies_by_hand():
     cal = calibrate_from_cache(INPUTS, PT_CORRECT, CORRUPTED, GRID)
     for point, acc in zip(cal.points, cal.accuracy):
         assert acc == pytest.approx(expected_accuracy(point)), point
-    assert cal.best_point == {"statistic": "raw", "beta": "first_half_mean", "top_k": 1,
-                              "shallow_layers": [0], "deep_layers": [1], "sink": "keep", "R": 0.75}
+    assert cal.best_point == {
+        "statistic": "raw",
+        "beta": "first_half_mean",
+        "top_k": 1,
+        "shallow_layers": [0],
+        "deep_layers": [1],
+        "sink": "keep",
+        "R": 0.75,
+    }
     assert cal.best_accuracy == pytest.approx(3 / 4)
     assert cal.pt_accuracy == pytest.approx(2 / 4)
     assert cal.gain == pytest.approx(1 / 4)
@@ -129,7 +151,13 @@ def test_grid_picks_the_known_best_point_and_accuracies_by_hand():
     # PT right: B, D; a corrupted answer right somewhere: A (0,), B (0,), C (2,) -> all 4
     assert cal.oracle_accuracy == 1.0
     det = cal.config.detector
-    assert (det.statistic, det.R, det.top_k, det.shallow_layers, det.deep_layers) == ("raw", 0.75, 1, (0,), (1,))
+    assert (det.statistic, det.R, det.top_k, det.shallow_layers, det.deep_layers) == (
+        "raw",
+        0.75,
+        1,
+        (0,),
+        (1,),
+    )
     best = cal.points.index(cal.best_point)
     assert (cal.wrong_to_right[best], cal.right_to_wrong[best]) == (1, 0)
 
@@ -173,23 +201,39 @@ def test_no_gain_means_never_firing_is_chosen():
 
 
 def test_score_points_pure_and_missing_pair_error():
+    from beartype import beartype
+    from jaxtyping import jaxtyped
+
+    score_points = jaxtyped(typechecker=beartype)(C.score_points)  # shapes checked at run time
     fired = torch.tensor([[True, False], [False, False], [True, True]])
     rows = [[(1, 0), ()], [(), ()], [(0, 1), (2,)]]
-    scores = C.score_points(fired, rows, [False, True], {(0, (0, 1)): True, (1, (2,)): False})
+    scores = score_points(fired, rows, [False, True], {(0, (0, 1)): True, (1, (2,)): False})
     assert scores.accuracy.tolist() == [1.0, 0.5, 0.5]
     assert scores.n_fired.tolist() == [1, 0, 2]
     assert scores.wrong_to_right.tolist() == [1, 0, 1]
     assert scores.right_to_wrong.tolist() == [0, 0, 1]
     with pytest.raises(InputError, match=r"instance 1 with rows \[2\]"):
-        C.score_points(fired, rows, [False, True], {(0, (0, 1)): True})
+        score_points(fired, rows, [False, True], {(0, (0, 1)): True})
 
 
 def test_sink_exclude_and_fixed_beta_in_the_grid():
-    grid = CalibrationGrid(R=(0.25,), statistic=("raw",), beta_values=(1.5,), top_k=(1,),
-                           shallow_layers=([0],), deep_layers=([1],), sink=("keep", "exclude"))
+    grid = CalibrationGrid(
+        R=(0.25,),
+        statistic=("raw",),
+        beta_values=(1.5,),
+        top_k=(1,),
+        shallow_layers=([0],),
+        deep_layers=([1],),
+        sink=("keep", "exclude"),
+    )
     sweep = sweep_triggers(INPUTS, grid)
     labels = [(p["beta"], p["sink"]) for p in sweep.points]
-    assert labels == [("first_half_mean", "keep"), ("first_half_mean", "exclude"), (1.5, "keep"), (1.5, "exclude")]
+    assert labels == [
+        ("first_half_mean", "keep"),
+        ("first_half_mean", "exclude"),
+        (1.5, "keep"),
+        (1.5, "exclude"),
+    ]
     # A's shallow [0] columns [3, 2, 1]: keep -> row 0, exclude -> row 1
     assert sweep.point_rows(0)[0] == (0,) and sweep.point_rows(1)[0] == (1,)
     # fixed beta 1.5 on raw rows: A's r2 = [2, 2] both > 1.5 (share 1), B's [2, 0] (share .5),
@@ -198,8 +242,14 @@ def test_sink_exclude_and_fixed_beta_in_the_grid():
 
 
 def test_sink_normalize_fits_a_scale():
-    grid = CalibrationGrid(R=(0.5,), statistic=("raw",), top_k=(1,), shallow_layers=([0],),
-                           deep_layers=([1],), sink=("normalize",))
+    grid = CalibrationGrid(
+        R=(0.5,),
+        statistic=("raw",),
+        top_k=(1,),
+        shallow_layers=([0],),
+        deep_layers=([1],),
+        sink=("normalize",),
+    )
     sweep = sweep_triggers(INPUTS, grid)
     # c_0 / mean(c_1, c_2) over layer 0: A 3/1.5 = 2, B 1/2.5 = .4, C 2/2 = 1 -> median 1
     assert sweep.settings[0].sink_scale == pytest.approx(1.0)
@@ -207,8 +257,13 @@ def test_sink_normalize_fits_a_scale():
 
 
 def test_layer_sets_that_do_not_fit_are_dropped_or_merged():
-    grid = CalibrationGrid(R=(0.5,), statistic=("raw",), top_k=(1,),
-                           shallow_layers=("shallow", [1], (0.0, 0.5)), deep_layers=("deep", (0.75, 1.0)))
+    grid = CalibrationGrid(
+        R=(0.5,),
+        statistic=("raw",),
+        top_k=(1,),
+        shallow_layers=("shallow", [1], (0.0, 0.5)),
+        deep_layers=("deep", (0.75, 1.0)),
+    )
     sweep = sweep_triggers(INPUTS, grid)
     shallow = {json.dumps(p["shallow_layers"]) for p in sweep.points}
     deep = {json.dumps(p["deep_layers"]) for p in sweep.points}
@@ -248,7 +303,9 @@ def test_defaults_and_topk_too_large():
 
 
 def test_save_load_and_dataframes(tmp_path):
-    cal = calibrate_from_cache(INPUTS, PT_CORRECT, CORRUPTED, GRID, n_generations={"pt": 4, "corrupted": 12, "total": 16})
+    cal = calibrate_from_cache(
+        INPUTS, PT_CORRECT, CORRUPTED, GRID, n_generations={"pt": 4, "corrupted": 12, "total": 16}
+    )
     cal.save(tmp_path)
     loaded = DPCConfig.load(tmp_path / "dpc_config.json")
     assert loaded.to_dict() == cal.config.to_dict()
@@ -299,9 +356,14 @@ def test_calibrate_dpc_generates_once_per_distinct_pair(tiny_llama, monkeypatch)
     task = _ToyTask()
     golds = [task.extract_answer(g.text) if i % 2 == 0 else "zzz" for i, g in enumerate(pt)]
     examples = [Example(f"q{i}", q, golds[i] or "zzz") for i, q in enumerate(questions)]
-    grid = CalibrationGrid(R=(0.0, 0.3, 0.6), statistic=("raw", "normalized"), top_k=(1, 2),
-                           shallow_layers=("shallow", (0.0, 0.5)), deep_layers=("deep",),
-                           sink=("keep", "exclude"))
+    grid = CalibrationGrid(
+        R=(0.0, 0.3, 0.6),
+        statistic=("raw", "normalized"),
+        top_k=(1, 2),
+        shallow_layers=("shallow", (0.0, 0.5)),
+        deep_layers=("deep",),
+        sink=("keep", "exclude"),
+    )
 
     rows_generated: list[int] = []
     real = generation._generate_batch
@@ -317,19 +379,21 @@ def test_calibrate_dpc_generates_once_per_distinct_pair(tiny_llama, monkeypatch)
     # independent recount of the distinct fired (example, rows) pairs from analyse + the detector
     analyses = analyse(tiny_llama, soft, questions, base, progress=False)
     pairs = set()
-    for s in range(len(cal.points) // len(grid.R)):
-        for r_i, R in enumerate(grid.R):
-            p = s * len(grid.R) + r_i
-            cfg = DetectorConfig.from_dict({**cal.config.detector.to_dict(), **_detector_fields(cal.points[p])})
-            for i, a in enumerate(analyses):
-                if a.inputs is None:
-                    continue
-                d = dynamic_trigger(a.inputs, cfg)
-                if d.fired:
-                    pairs.add((i, tuple(sorted(d.accumulation.top_indices))))
+    for point in cal.points:
+        cfg = DetectorConfig.from_dict({**cal.config.detector.to_dict(), **_detector_fields(point)})
+        for i, a in enumerate(analyses):
+            if a.inputs is None:
+                continue
+            d = dynamic_trigger(a.inputs, cfg)
+            if d.fired:
+                pairs.add((i, tuple(sorted(d.accumulation.top_indices))))
     assert len(pairs) > 0
-    assert cal.n_generations == {"pt": 4, "corrupted": len(pairs), "total": 4 + len(pairs),
-                                 "naive": cal.n_generations["naive"]}
+    assert cal.n_generations == {
+        "pt": 4,
+        "corrupted": len(pairs),
+        "total": 4 + len(pairs),
+        "naive": cal.n_generations["naive"],
+    }
     assert sum(rows_generated) == 4 + len(pairs)
     assert sum(rows_generated) < cal.n_generations["naive"]  # not grid-size times
     assert torch.equal(soft.embeddings, before)
@@ -345,8 +409,12 @@ def _detector_fields(point: dict) -> dict:
     beta = point["beta"]
     sink = point["sink"]
     return {
-        "statistic": point["statistic"], "top_k": point["top_k"], "R": point["R"],
-        "shallow_layers": point["shallow_layers"], "deep_layers": point["deep_layers"], "sink": sink,
+        "statistic": point["statistic"],
+        "top_k": point["top_k"],
+        "R": point["R"],
+        "shallow_layers": point["shallow_layers"],
+        "deep_layers": point["deep_layers"],
+        "sink": sink,
         "sink_scale": None,
         "beta_mode": "first_half_mean" if beta == "first_half_mean" else "fixed",
         "beta_value": None if beta == "first_half_mean" else beta,

@@ -81,8 +81,10 @@ def setup(tmp_path_factory):
     from dpc_lens.reasoner import ReasonerConfig, build_tokenizer, reasoner_config
 
     tok = build_tokenizer()
-    hf_cfg = reasoner_config(tok, ReasonerConfig(n_layers=N_LAYERS, d_model=32, n_heads=4, n_kv_heads=2,
-                                                 d_mlp=64, max_positions=128))
+    hf_cfg = reasoner_config(
+        tok,
+        ReasonerConfig(n_layers=N_LAYERS, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, max_positions=128),
+    )
     hf_cfg.initializer_range = 0.3  # spread weights: greedy text varies instead of one repeated token
     hf_cfg._attn_implementation = "eager"
     torch.manual_seed(0)
@@ -103,8 +105,10 @@ def setup(tmp_path_factory):
     base = generate(model, qs, None, CFG.generation, add_bos=True, progress=False)
     golds = [TASK.extract_answer(g.text) for g in pt]
     golds[1] = TASK.extract_answer(base[1].text)
-    examples = [dataclasses.replace(e, answer=golds[i]) if i in (0, 1, 2, 4) and golds[i] else e
-                for i, e in enumerate(examples)]
+    examples = [
+        dataclasses.replace(e, answer=golds[i]) if i in (0, 1, 2, 4) and golds[i] else e
+        for i, e in enumerate(examples)
+    ]
     return model, soft, examples
 
 
@@ -134,8 +138,23 @@ def test_record_schema(setup, full_run):
     out, records, _ = full_run
     assert read_records(os.path.join(out, "records.jsonl")) == json.loads(json.dumps(records))
     assert [r["id"] for r in records] == [e.id for e in examples]
-    top = {"id", "question", "gold", "pt", "dpc", "final_answer", "final_correct", "trigger",
-           "located_rows", "flows", "loss", "timings", "base", "always", "random"}
+    top = {
+        "id",
+        "question",
+        "gold",
+        "pt",
+        "dpc",
+        "final_answer",
+        "final_correct",
+        "trigger",
+        "located_rows",
+        "flows",
+        "loss",
+        "timings",
+        "base",
+        "always",
+        "random",
+    }
     for r, ex in zip(records, examples):
         assert set(r) == top, sorted(r)
         assert (r["id"], r["question"], r["gold"]) == (ex.id, ex.question, ex.answer)
@@ -204,7 +223,9 @@ def test_answers_come_from_the_right_generations(setup, full_run):
         assert r["pt"]["answer"] == TASK.extract_answer(pt.text)
         assert r["base"]["rationale"] == _gen(model, r["question"], None).text
         rand = _gen(model, r["question"], corrupt_soft_prompt(soft, r["random"]["corrupted_rows"]))
-        assert r["random"]["rationale"] == rand.text and len(r["random"]["corrupted_rows"]) == CFG.detector.top_k
+        assert (
+            r["random"]["rationale"] == rand.text and len(r["random"]["corrupted_rows"]) == CFG.detector.top_k
+        )
         if r["located_rows"]:
             zeroed = corrupt_soft_prompt(soft, r["located_rows"])
             assert torch.count_nonzero(zeroed.embeddings.abs().sum(1) == 0) == len(r["located_rows"])
@@ -240,8 +261,17 @@ def test_resume_after_interruption_and_a_torn_line(setup, full_run, tmp_path):
             raise RuntimeError("interrupted")
 
     with pytest.raises(RuntimeError, match="interrupted"):
-        run_dpc(model, soft, examples, TASK, CFG, out_dir=out, chunk_size=3, progress=False,
-                on_record=stop_after_three)
+        run_dpc(
+            model,
+            soft,
+            examples,
+            TASK,
+            CFG,
+            out_dir=out,
+            chunk_size=3,
+            progress=False,
+            on_record=stop_after_three,
+        )
     path = out / "records.jsonl"
     lines = path.read_text().splitlines(keepends=True)
     assert len(lines) == 3  # the first chunk was written before the callback raised

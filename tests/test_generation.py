@@ -32,8 +32,11 @@ def _user_hook_count(model) -> int:
     n = 0
     for hp in model.hook_dict.values():
         n += len(hp._forward_hooks) + len(hp._backward_hooks) + len(hp._forward_pre_hooks)
-        n -= sum(1 for h in list(getattr(hp, "fwd_hooks", [])) + list(getattr(hp, "bwd_hooks", []))
-                 if getattr(h, "is_permanent", False))
+        n -= sum(
+            1
+            for h in list(getattr(hp, "fwd_hooks", [])) + list(getattr(hp, "bwd_hooks", []))
+            if getattr(h, "is_permanent", False)
+        )
     return n
 
 
@@ -45,6 +48,8 @@ def no_leaked_hooks():
     yield
     leaked = {type(m).__name__: _user_hook_count(m) for m in _live_models() if _user_hook_count(m)}
     assert not leaked, f"hooks left on models after the test: {leaked}"
+
+
 PROMPTS = ["how many apples", "the cat has 3 pens and 2 books", "bob"]
 
 
@@ -92,9 +97,15 @@ def test_plain_greedy_equals_hf_generate(checkpoints, arch):
     for p, g in zip(ids, ours):
         x = torch.tensor([p])
         with torch.no_grad():
-            ref = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=10,
-                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        new = ref[0, len(p):].tolist()
+            ref = hf.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                do_sample=False,
+                max_new_tokens=10,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+        new = ref[0, len(p) :].tolist()
         assert list(g.token_ids) == hf_new_tokens_until_eos(new, tok.eos_token_id)
         assert g.stop_reason == ("eos" if tok.eos_token_id in new else "max_new_tokens")
         assert g.text == tok.decode(list(g.token_ids), skip_special_tokens=True)
@@ -125,7 +136,9 @@ def test_soft_prompt_greedy_equals_hand_loop_over_hf(checkpoints, arch):
     soft = SoftPrompt(torch.randn(3, model.cfg.d_model, generator=g) * 0.3)
     ids = encode_prompts(as_adapter(model), PROMPTS[:2], add_bos=True)
     for use_cache in (True, False):
-        ours = generate(model, ids, soft, GenerationConfig(max_new_tokens=8, use_kv_cache=use_cache), progress=False)
+        ours = generate(
+            model, ids, soft, GenerationConfig(max_new_tokens=8, use_kv_cache=use_cache), progress=False
+        )
         for p, o in zip(ids, ours):
             want = hf_greedy_with_embeds(hf, soft.embeddings, p, 8, model.tokenizer.eos_token_id)
             assert list(o.token_ids) == want, (arch, use_cache)
@@ -140,12 +153,27 @@ def test_batched_equals_one_by_one_and_cache_equals_no_cache(checkpoints, native
     batched = generate(model, PROMPTS, soft, cfg, add_bos=True, progress=False)
     alone = [generate(model, [p], soft, cfg, add_bos=True, progress=False)[0] for p in PROMPTS]
     assert batched == alone
-    no_cache = generate(model, PROMPTS, soft, GenerationConfig(max_new_tokens=8, stop_at_eos=False,
-                                                              use_kv_cache=False), add_bos=True, progress=False)
+    no_cache = generate(
+        model,
+        PROMPTS,
+        soft,
+        GenerationConfig(max_new_tokens=8, stop_at_eos=False, use_kv_cache=False),
+        add_bos=True,
+        progress=False,
+    )
     assert no_cache == batched
     # batches of 2 (the last one holds one prompt) give the same as one batch of 3
-    assert generate(model, PROMPTS, soft, GenerationConfig(max_new_tokens=8, stop_at_eos=False, batch_size=2),
-                    add_bos=True, progress=False) == batched
+    assert (
+        generate(
+            model,
+            PROMPTS,
+            soft,
+            GenerationConfig(max_new_tokens=8, stop_at_eos=False, batch_size=2),
+            add_bos=True,
+            progress=False,
+        )
+        == batched
+    )
 
 
 def test_per_prompt_soft_prompts(checkpoints):
@@ -155,8 +183,10 @@ def test_per_prompt_soft_prompts(checkpoints):
     b = SoftPrompt(torch.randn(2, model.cfg.d_model, generator=g))
     cfg = GenerationConfig(max_new_tokens=6, stop_at_eos=False)
     both = generate(model, PROMPTS[:2], [a, b], cfg, progress=False)
-    assert both == [generate(model, [PROMPTS[0]], a, cfg, progress=False)[0],
-                    generate(model, [PROMPTS[1]], b, cfg, progress=False)[0]]
+    assert both == [
+        generate(model, [PROMPTS[0]], a, cfg, progress=False)[0],
+        generate(model, [PROMPTS[1]], b, cfg, progress=False)[0],
+    ]
     with pytest.raises(InputError, match="2 soft prompts for 3 prompts"):
         generate(model, PROMPTS, [a, b], cfg, progress=False)
 
@@ -169,9 +199,13 @@ def test_stop_strings_cut_the_text(checkpoints):
     assert len(words) >= 4
     stop = words[3]  # a word from the middle; cut where it first appears
     cut = full.text[: full.text.find(stop)]
-    got = generate(model, [PROMPTS[1]], None, GenerationConfig(max_new_tokens=12, stop_at_eos=False,
-                                                              stop_strings=(stop, "never-there")),
-                   progress=False)[0]
+    got = generate(
+        model,
+        [PROMPTS[1]],
+        None,
+        GenerationConfig(max_new_tokens=12, stop_at_eos=False, stop_strings=(stop, "never-there")),
+        progress=False,
+    )[0]
     assert got.stop_reason == "stop_string"
     assert got.text == cut and stop not in got.text
     assert len(got.token_ids) < len(full.token_ids)
@@ -181,8 +215,9 @@ def test_stop_strings_cut_the_text(checkpoints):
 def test_eos_stops(checkpoints):
     """Make the 3rd greedy token the EOS of a second copy of the model: generation stops there."""
     d, _, model = checkpoints["llama"]
-    full = generate(model, [PROMPTS[0]], None, GenerationConfig(max_new_tokens=10, stop_at_eos=False),
-                    progress=False)[0]
+    full = generate(
+        model, [PROMPTS[0]], None, GenerationConfig(max_new_tokens=10, stop_at_eos=False), progress=False
+    )[0]
     other = load_model(d, device="cpu")
     target = full.token_ids[2]
     other.tokenizer.eos_token = other.tokenizer.convert_ids_to_tokens(target)
@@ -191,15 +226,18 @@ def test_eos_stops(checkpoints):
     got = generate(other, [PROMPTS[0]], None, GenerationConfig(max_new_tokens=10), progress=False)[0]
     assert got.stop_reason == "eos"
     assert list(got.token_ids) == list(full.token_ids[:first])  # EOS itself is not output
-    ignore = generate(other, [PROMPTS[0]], None, GenerationConfig(max_new_tokens=10, stop_at_eos=False),
-                      progress=False)[0]
+    ignore = generate(
+        other, [PROMPTS[0]], None, GenerationConfig(max_new_tokens=10, stop_at_eos=False), progress=False
+    )[0]
     assert ignore.token_ids == full.token_ids
 
 
 @pytest.mark.parametrize("n", [1, 5])
 def test_max_new_tokens_respected(checkpoints, n):
     model = checkpoints["llama"][2]
-    out = generate(model, PROMPTS, None, GenerationConfig(max_new_tokens=n, stop_at_eos=False), progress=False)
+    out = generate(
+        model, PROMPTS, None, GenerationConfig(max_new_tokens=n, stop_at_eos=False), progress=False
+    )
     assert all(len(g.token_ids) == n and g.stop_reason == "max_new_tokens" for g in out)
 
 
@@ -210,7 +248,9 @@ def test_n_ctx_overflow_is_an_input_error(checkpoints, native_model):
         with pytest.raises(InputError, match=f"n_ctx={n_ctx}"):
             generate(model, ids, None, GenerationConfig(max_new_tokens=10), progress=False)
         # exactly filling the context is fine
-        out = generate(model, ids, None, GenerationConfig(max_new_tokens=4, stop_at_eos=False), progress=False)
+        out = generate(
+            model, ids, None, GenerationConfig(max_new_tokens=4, stop_at_eos=False), progress=False
+        )
         assert len(out[0].token_ids) == 4
 
 
@@ -218,14 +258,19 @@ def test_sampling_is_deterministic_for_a_seed(checkpoints):
     model = checkpoints["llama"][2]
 
     def run(seed):
-        cfg = GenerationConfig(max_new_tokens=10, do_sample=True, temperature=3.0, seed=seed, stop_at_eos=False)
+        cfg = GenerationConfig(
+            max_new_tokens=10, do_sample=True, temperature=3.0, seed=seed, stop_at_eos=False
+        )
         return [g.token_ids for g in generate(model, PROMPTS, None, cfg, progress=False)]
 
     a, b, c = run(11), run(11), run(12)
     assert a == b
     assert a != c  # 30 tokens drawn at temperature 3 over ~130 words: equal by chance ~never
-    greedy = [g.token_ids for g in generate(model, PROMPTS, None, GenerationConfig(max_new_tokens=10,
-                                                                                    stop_at_eos=False),
-                                           progress=False)]
+    greedy = [
+        g.token_ids
+        for g in generate(
+            model, PROMPTS, None, GenerationConfig(max_new_tokens=10, stop_at_eos=False), progress=False
+        )
+    ]
     top1 = GenerationConfig(max_new_tokens=10, do_sample=True, top_k=1, seed=5, stop_at_eos=False)
     assert [g.token_ids for g in generate(model, PROMPTS, None, top1, progress=False)] == greedy

@@ -21,7 +21,13 @@ from dpc_lens.dpc import DPCConfig, run_dpc
 from dpc_lens.errors import ConfigError, InputError
 from dpc_lens.generation import GenerationConfig
 from dpc_lens.model import as_adapter
-from dpc_lens.patching import CorruptionConfig, corrupt_soft_prompt, random_rows, replacement_rows, soft_row_hooks
+from dpc_lens.patching import (
+    CorruptionConfig,
+    corrupt_soft_prompt,
+    random_rows,
+    replacement_rows,
+    soft_row_hooks,
+)
 from dpc_lens.segments import PromptBatch, SegmentLayout
 from dpc_lens.soft_prompt import SoftPrompt
 from dpc_lens.tasks.base import Example
@@ -80,7 +86,7 @@ def test_zeroing_row_equals_feeding_a_zero_vector(model, j):
     # the input built by hand: soft rows with row j a zero vector, then the token embeddings
     e = soft.embeddings
     tok = a.embedding_weight[torch.tensor(ids)]
-    embeds = torch.cat([e[:j], torch.zeros(1, e.shape[1]), e[j + 1:], tok])[None]
+    embeds = torch.cat([e[:j], torch.zeros(1, e.shape[1]), e[j + 1 :], tok])[None]
     n = embeds.shape[1]
     with torch.no_grad():
         want = a.forward_embeds(embeds, torch.ones(1, n, dtype=torch.long), torch.arange(n)[None])
@@ -155,25 +161,31 @@ def test_hook_errors():
 # The replacement numbers, by hand
 # ------------------------------------------------------------------------------------------
 
-E = torch.tensor([
-    [1.0, -2.0, 3.0],
-    [0.5, 4.0, -1.0],
-    [-6.0, 0.25, 2.0],
-    [2.0, 2.0, -0.75],
-])
+E = torch.tensor(
+    [
+        [1.0, -2.0, 3.0],
+        [0.5, 4.0, -1.0],
+        [-6.0, 0.25, 2.0],
+        [2.0, 2.0, -0.75],
+    ]
+)
 
 
 def test_zero_mean_scale_by_hand():
     z = replacement_rows(E, [1, -1], CorruptionConfig("zero"))  # -1 is row 3
-    assert torch.equal(z, torch.tensor([[1.0, -2.0, 3.0], [0.0, 0.0, 0.0], [-6.0, 0.25, 2.0], [0.0, 0.0, 0.0]]))
+    assert torch.equal(
+        z, torch.tensor([[1.0, -2.0, 3.0], [0.0, 0.0, 0.0], [-6.0, 0.25, 2.0], [0.0, 0.0, 0.0]])
+    )
     m = replacement_rows(E, [1, 3], CorruptionConfig("mean"))
     # mean of the other rows 0 and 2: [(1 - 6)/2, (-2 + .25)/2, (3 + 2)/2]
     mean = torch.tensor([-2.5, -0.875, 2.5])
     assert torch.equal(m, torch.stack([E[0], mean, E[2], mean]))
     s = replacement_rows(E, [0], CorruptionConfig("scale", scale=0.5))
     assert torch.equal(s, torch.cat([torch.tensor([[0.5, -1.0, 1.5]]), E[1:]]))
-    assert torch.equal(replacement_rows(E, [2], CorruptionConfig("scale", scale=0.0)),
-                       replacement_rows(E, [2], CorruptionConfig("zero")))
+    assert torch.equal(
+        replacement_rows(E, [2], CorruptionConfig("scale", scale=0.0)),
+        replacement_rows(E, [2], CorruptionConfig("zero")),
+    )
     assert torch.equal(E[1], torch.tensor([0.5, 4.0, -1.0]))  # input untouched
     with pytest.raises(InputError, match="at least one soft row left"):
         replacement_rows(E, [0, 1, 2, 3], CorruptionConfig("mean"))
@@ -186,12 +198,14 @@ def test_gamma_zeroes_the_smallest_remaining_entries_by_hand():
     #   row 0: 1, 2, 3     row 2: 6, .25, 2     row 3: 2, 2, .75
     # gamma 30%: round(0.3 * 9) = round(2.7) = 3 entries -> the three smallest: .25, .75, 1
     out = replacement_rows(E, [1], CorruptionConfig("zero", gamma=30.0))
-    want = torch.tensor([
-        [0.0, -2.0, 3.0],
-        [0.0, 0.0, 0.0],
-        [-6.0, 0.0, 2.0],
-        [2.0, 2.0, 0.0],
-    ])
+    want = torch.tensor(
+        [
+            [0.0, -2.0, 3.0],
+            [0.0, 0.0, 0.0],
+            [-6.0, 0.0, 2.0],
+            [2.0, 2.0, 0.0],
+        ]
+    )
     assert torch.equal(out, want)
     # gamma 50%: round(4.5) = 4 (banker's rounding) -> next smallest is one of the four 2's:
     # ties go by position, so the first 2 in row-major order of rows 0, 2, 3: row 0 col 1 (|-2|)
@@ -258,10 +272,15 @@ class _Task:
         return prediction == gold
 
 
-EXAMPLES = [Example(f"e{i}", q, "3") for i, q in enumerate(
-    ["how many apples", "the cat has 3 pens", "bob buys 2 books", "what is 4 plus 5"])]
-CFG = DPCConfig(detector=DetectorConfig(R=0.0), generation=GenerationConfig(max_new_tokens=4, batch_size=2),
-                baselines=("always",))
+EXAMPLES = [
+    Example(f"e{i}", q, "3")
+    for i, q in enumerate(["how many apples", "the cat has 3 pens", "bob buys 2 books", "what is 4 plus 5"])
+]
+CFG = DPCConfig(
+    detector=DetectorConfig(R=0.0),
+    generation=GenerationConfig(max_new_tokens=4, batch_size=2),
+    baselines=("always",),
+)
 
 
 def test_run_dpc_leaves_soft_prompt_and_model_untouched(tiny_llama):
