@@ -172,7 +172,9 @@ def _cmd_calibrate(args) -> int:
     task, exs = _examples(args)
     cal = calibrate_dpc(model, soft, exs, task, _dpc_config(args), progress=not args.no_progress)
     cal.save(args.out)
-    print(json.dumps(cal.to_dict().get("best", cal.to_dict()), indent=2)[:2000])
+    d = cal.to_dict()
+    keep = ("best_point", "best_accuracy", "pt_accuracy", "gain", "oracle_accuracy", "n_generations")
+    print(json.dumps({k: d[k] for k in keep if k in d}, indent=2))
     print(f"chosen config: {os.path.join(args.out, 'dpc_config.json')}")
     return 0
 

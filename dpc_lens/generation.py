@@ -169,6 +169,9 @@ def _generate_batch(adapter: Any, seqs: list[list[int]], soft: Any, cfg: Generat
                 hit = [text.find(s) for s in cfg.stop_strings if s in text]
                 if hit:
                     texts[b] = text[: min(hit)]
+                    # keep only the tokens whose text lies before the stop string
+                    while out[b] and len(tok.decode(out[b], skip_special_tokens=True)) > len(texts[b]):
+                        out[b].pop()
                     done[b], reason[b] = True, "stop_string"
         if all(done):
             break

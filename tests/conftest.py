@@ -31,10 +31,12 @@ def _live_models():
 
 
 def _hook_counts(model) -> int:
+    """Non-permanent hooks on the model's hook points (TransformerLens keeps a few permanent
+    hooks of its own on some bridge architectures, e.g. OPT's MLP hook points)."""
     n = 0
     for hp in model.hook_dict.values():
-        n += len(getattr(hp, "_forward_hooks", {})) + len(getattr(hp, "_backward_hooks", {}))
-        n += len(getattr(hp, "_forward_pre_hooks", {}))
+        for handles in (getattr(hp, "fwd_hooks", []), getattr(hp, "bwd_hooks", [])):
+            n += sum(1 for h in handles if not getattr(h, "is_permanent", False))
     return n
 
 
