@@ -188,7 +188,8 @@ def test_exception_in_custom_loss(model, batch, dirty_flags):
 
 def test_non_scalar_loss(model, batch, dirty_flags):
     flags, modes = dirty_flags
-    with pytest.raises(SaliencyError, match=r"scalar tensor or one value per example \(\[1\]\); got \(2, 3\)"):
+    msg = r"scalar tensor or one value per example \(\[1\]\); got \(2, 3\)"
+    with pytest.raises(SaliencyError, match=msg):
         compute_saliency(model, batch, loss_fn=lambda logits, b: logits[0, :2, :3].sum() * torch.ones(2, 3))
     assert hook_count(model) == 0
     assert_flags(model, flags, modes)
@@ -273,8 +274,8 @@ def test_unknown_flow_segment(model, batch):
 
 
 def test_non_transformerlens_model():
-    with pytest.raises(InputError, match=r"Expected a TransformerLens TransformerBridge or HookedTransformer, "
-                                         r"got Linear"):
+    msg = r"Expected a TransformerLens TransformerBridge or HookedTransformer, got Linear"
+    with pytest.raises(InputError, match=msg):
         as_adapter(torch.nn.Linear(3, 3))
 
 
@@ -290,7 +291,7 @@ def test_remote_driver_bridge():
     with pytest.raises(ModelError, match=r"no local torch model \(its driver runs remotely"):
         adapter.check_supported()
     with pytest.raises(ModelError, match="driver runs remotely"):
-        adapter.embedding_weight
+        _ = adapter.embedding_weight
 
 
 def test_sdpa_model_is_forced_to_eager_or_refused(llama_dir):
@@ -314,5 +315,6 @@ def test_sdpa_model_is_forced_to_eager_or_refused(llama_dir):
         hf.config._attn_implementation = "sdpa"
     else:
         assert tl_version() < (4,)  # TL 3.9 keeps the caller's sdpa: dpc_lens must refuse it
-    with pytest.raises(ModelError, match=r"attention with 'sdpa'.*eager attention.*attn_implementation='eager'"):
+    msg = r"attention with 'sdpa'.*eager attention.*attn_implementation='eager'"
+    with pytest.raises(ModelError, match=msg):
         as_adapter(bridge)

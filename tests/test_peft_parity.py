@@ -107,8 +107,9 @@ def test_greedy_tokens_match_peft_generate(arch, peft_setup):
     pm = s["peft_model"]
     eos = as_adapter(s["bridge"]).tokenizer.eos_token_id
     with torch.no_grad():
-        out = pm.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                          max_new_tokens=8, do_sample=False)
+        mask = torch.ones(1, len(ids), dtype=torch.long)
+        out = pm.generate(input_ids=torch.tensor([ids]), attention_mask=mask, max_new_tokens=8,
+                          do_sample=False)
     ref = out[0].tolist()
     assert ref[: len(ids)] == ids
     got = _greedy(s["bridge"], ids, sp, 8, eos)

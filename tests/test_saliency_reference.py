@@ -423,7 +423,8 @@ def test_gradient_matches_finite_differences(one_layer_f64):
     assert adapter.dtype == torch.float64
     g = torch.Generator().manual_seed(5)
     soft = SoftPrompt(torch.randn(2, 32, generator=g, dtype=torch.float64) * 0.5)
-    batch = PromptBatch.from_pieces(adapter, [[("question", "ann has 3 pens"), ("rationale", "so 3 pens")]], soft)
+    pieces = [("question", "ann has 3 pens"), ("rationale", "so 3 pens")]
+    batch = PromptBatch.from_pieces(adapter, [pieces], soft)
     ids = batch.token_ids[0].tolist()
     rs, re = batch.layouts[0].spans["rationale"]
     hook = "blocks.0.attn.hook_pattern"
@@ -462,7 +463,9 @@ def test_gradient_matches_finite_differences(one_layer_f64):
     assert loss_with(0, T - 1, 0, 1e-2) == base
     assert float(AG[:, T - 1].abs().max()) == 0.0
     checked = 0
-    for h, i, j in [(0, T - 2, 0), (1, T - 2, 2), (3, T - 3, 1), (2, rs, rs - 1), (1, T - 2, T - 2), (0, rs - 1, 3)]:
+    entries = [(0, T - 2, 0), (1, T - 2, 2), (3, T - 3, 1), (2, rs, rs - 1), (1, T - 2, T - 2),
+               (0, rs - 1, 3)]
+    for h, i, j in entries:
         assert A[h, i, j] > 1e-3, (h, i, j)
         eps = 1e-5
         fd = (loss_with(h, i, j, eps) - loss_with(h, i, j, -eps)) / (2 * eps)
