@@ -40,8 +40,10 @@ inline backend displays a returned figure as usual.
 
 from __future__ import annotations
 
+import io
 import os
 import re
+import sys
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -1018,10 +1020,37 @@ def _figure(nrows: int, ncols: int, size: tuple[float, float], *, squeeze: bool 
     """A pyplot-free figure (see the module docstring) and its axes."""
     from matplotlib.figure import Figure
 
+    _show_figures_in_ipython(Figure)
     fig = Figure(figsize=size, dpi=100)
     kw = {"width_ratios": list(width_ratios)} if width_ratios is not None else {}
     axes = fig.subplots(nrows, ncols, squeeze=squeeze, gridspec_kw=kw or None)
     return fig, axes
+
+
+def _show_figures_in_ipython(figure_class: type) -> None:
+    """In a Jupyter/IPython shell, make a returned figure display as a PNG.
+
+    matplotlib's inline backend registers that display only once pyplot is imported; these
+    figures never touch pyplot, so without this a notebook would print ``<Figure ...>``. Only a
+    missing PNG formatter for figures is added (a user's or the inline backend's is kept), and
+    outside IPython nothing happens.
+    """
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    formatters = getattr(getattr(shell, "display_formatter", None), "formatters", None)
+    if not formatters or "image/png" not in formatters:
+        return
+    png = formatters["image/png"]
+    try:
+        png.lookup_by_type(figure_class)
+    except KeyError:
+        png.for_type(figure_class, _png_bytes)
+
+
+def _png_bytes(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    return buf.getvalue()
 
 
 def save(fig: Figure, path: str | os.PathLike, *, dpi: int = 100) -> str:

@@ -104,7 +104,8 @@ def hand_result(per_head: bool = False) -> SaliencyResult:
     full = torch.stack([torch.stack([base * (l + 1) * (b + 1) for b in range(B)]) for l in range(L)])
     names = ("soft", "question", "rationale")
     sums = torch.arange(L * B * 3 * 3, dtype=torch.float32).view(L, B, 3, 3) + 1
-    counts = torch.tensor([[[0, 0, 0], [4, 1, 0], [4, 4, 1]], [[0, 0, 0], [2, 0, 0], [4, 2, 1]]], dtype=torch.float32)
+    counts = torch.tensor([[[0, 0, 0], [4, 1, 0], [4, 4, 1]], [[0, 0, 0], [2, 0, 0], [4, 2, 1]]],
+                          dtype=torch.float32)
     if per_head:  # two heads: head h carries (h + 1) x the sums
         sums = torch.stack([sums, 2 * sums], dim=2)
         full = torch.stack([full, 2 * full], dim=2)
@@ -315,7 +316,8 @@ def test_correct_vs_wrong_deep_layer_means(records):
 
 def test_contingency_counts_and_cells(records):
     d = P.contingency_data(records)
-    assert (d["accum_change"], d["accum_no_change"], d["no_accum_change"], d["no_accum_no_change"]) == (1, 1, 1, 1)
+    cells = ("accum_change", "accum_no_change", "no_accum_change", "no_accum_no_change")
+    assert [d[c] for c in cells] == [1, 1, 1, 1]
     np.testing.assert_array_equal(d["table"], [[1, 1], [1, 1]])
     # PT correct: a wrong (accum, change), b right (accum, none), c right (none, change), d wrong
     np.testing.assert_array_equal(d["accuracy_table"], [[0.0, 1.0], [1.0, 0.0]])
@@ -362,7 +364,8 @@ def test_before_after_by_hand(records):
     d = P.before_after_data(records)
     assert d["n"] == 5 and d["n_fired"] == 2
     assert d["accuracy"] == {"base": 1 / 5, "pt": 2 / 5, "dpc": 2 / 5, "oracle": 3 / 5}
-    assert d["flips"] == {"wrong_to_right": 1, "right_to_wrong": 1, "unchanged_right": 1, "unchanged_wrong": 2}
+    assert d["flips"] == {"wrong_to_right": 1, "right_to_wrong": 1,
+                          "unchanged_right": 1, "unchanged_wrong": 2}
     assert d["answer_changed"] == 2
     assert d["n_soft"] == 3
     # fired: a located soft row 1, c located row 0 (an even spread ties -> lowest position)
