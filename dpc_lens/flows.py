@@ -56,7 +56,7 @@ def saliency_map(
         signed: skip the absolute value.
         include_diagonal: keep ``I[i, i]``; by default it is zeroed, as in the reference
             implementation, so self-flow never enters flow means.
-        fp32: accumulate in float32 whatever the model's dtype.
+        fp32: accumulate in at least float32 (bf16/fp16 models; float64 stays float64).
 
     Returns ``[batch, query_pos, key_pos]``, or ``[batch, head_index, query_pos, key_pos]``
     with ``per_head``. Entries above the diagonal are exactly zero (``A`` is zero there).
@@ -67,11 +67,12 @@ def saliency_map(
             f"{tuple(grad.shape)}."
         )
     n_heads = pattern.shape[1]
+    # fp32 accumulation for bf16/fp16 models; a float64 model keeps float64
+    dtype = torch.promote_types(pattern.dtype, torch.float32) if fp32 else pattern.dtype
     if per_head:
-        out = pattern.float() * grad.float() if fp32 else pattern * grad
+        out = pattern.to(dtype) * grad.to(dtype)
     else:
         # one fused pass over the heads (no [batch, head, q, k] temporary)
-        dtype = torch.float32 if fp32 else pattern.dtype
         out = pattern[:, 0].to(dtype) * grad[:, 0].to(dtype)
         for h in range(1, n_heads):
             out.addcmul_(pattern[:, h].to(dtype), grad[:, h].to(dtype))

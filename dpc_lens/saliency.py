@@ -136,7 +136,8 @@ def target_nll(
             "loss needs a rationale (or set loss_segments to segments the examples have)."
         )
     targets = batch.token_ids.clamp(min=0)[:, 1:]
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    work = torch.promote_types(logits.dtype, torch.float32)  # never below fp32, never downcast fp64
+    logp = torch.log_softmax(logits[:, :-1].to(work), dim=-1)
     tok_lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     w = tmask[:, 1:]
     return -(tok_lp * w).sum(-1) / w.sum(-1)
@@ -412,7 +413,7 @@ def compute_saliency(
         layouts=batch.layouts,
         flow_sums=stack("flow_sums"),
         pair_counts=F.segment_pair_counts(seg_masks, include_diagonal=config.include_diagonal),
-        loss=per_example.detach().float(),
+        loss=per_example.detach().to(torch.promote_types(per_example.dtype, torch.float32)),
         column_sums=stack("column_sums"),
         column_shares=stack("column_shares"),
         row_sums=stack("row_sums"),
