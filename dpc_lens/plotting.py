@@ -891,7 +891,7 @@ def plot_head_maps(
     for ax, n in zip(axes[0], names):
         m, layers = head_map_data(result, n, example=example)
         im = ax.imshow(np.ma.masked_invalid(m), aspect="auto", cmap="magma", interpolation="nearest")
-        fig.colorbar(im, ax=ax, shrink=0.85)
+        fig.colorbar(im, ax=ax, shrink=0.85, format="%.2g")  # no offset text over the next panel
         ax.set_yticks(range(len(layers)))
         ax.set_yticklabels(layers, fontsize=7)
         ax.set_xticks(range(m.shape[1]))
