@@ -16,13 +16,13 @@ from __future__ import annotations
 import json
 import os
 import time
-from importlib import resources
 
 __all__ = ["run_demo", "data_dir", "shipped_artefacts"]
 
 
 def data_dir() -> str:
-    return str(resources.files("dpc_lens") / "data")
+    """The package's shipped-data directory (``dpc_lens/data``)."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 
 def shipped_artefacts() -> dict[str, str] | None:
