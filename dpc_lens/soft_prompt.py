@@ -218,6 +218,10 @@ class SoftPrompt:
                       num_transformer_submodules=1, peft_type="PROMPT_TUNING", task_type="CAUSAL_LM")
         if base_model_name_or_path is not None:
             config["base_model_name_or_path"] = base_model_name_or_path
+        if config.get("prompt_tuning_init") == "TEXT" and not config.get("tokenizer_name_or_path"):
+            # PEFT refuses a TEXT init without a tokenizer path; the trained weights are what
+            # load anyway, so record the init as RANDOM (PEFT's neutral value)
+            config["prompt_tuning_init"] = "RANDOM"
         with open(os.path.join(path, _CONFIG), "w", encoding="utf-8") as fh:
             json.dump(config, fh, indent=2)
         save_file({_KEY: self.embeddings.detach().to("cpu").contiguous()}, os.path.join(path, _SAFETENSORS))
