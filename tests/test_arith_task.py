@@ -150,3 +150,26 @@ def test_task_scores_gold_rationales():
     assert not task.is_correct("8", "9")
     with pytest.raises(DataError):
         task.accuracy(["1"], ["1", "2"])
+
+
+def test_mixtures_are_seeded_and_proportioned():
+    from dpc_lens.tasks.arith import MIXTURES, make_mixture
+
+    a = make_mixture("mixed_test", 101, 0)
+    assert [e.to_dict() for e in a] == [e.to_dict() for e in make_mixture("mixed_test", 101, 0)]
+    assert len(a) == 101 and len({e.id for e in a}) == 101
+    splits = [e.meta["split"] for e in a]
+    assert sorted(set(splits)) == ["alt", "test"] and splits.count("alt") in (50, 51)
+    assert splits != sorted(splits)  # interleaved, not blocks
+    for ex in a:
+        _check_rationale(ex)
+    # Same distribution, different names: different problems.
+    dev = {e.question for e in make_mixture("mixed_dev", 101, 0)}
+    assert len(dev & {e.question for e in a}) < 10
+    custom = make_mixture([("steps4", 1), ("shifted", 3)], 8, 1)
+    assert [e.meta["split"] for e in custom].count("shifted") == 6
+    assert set(MIXTURES) >= {"mixed_train", "mixed_dev", "mixed_test", "alt_train"}
+    with pytest.raises(ConfigError, match="unknown arith mixture"):
+        make_mixture("nope", 3)
+    with pytest.raises(ConfigError, match="weight"):
+        make_mixture([("test", 0)], 3)

@@ -48,6 +48,8 @@ __all__ = [
     "ANSWER_PREFIX",
     "generate_examples",
     "make_split",
+    "make_mixture",
+    "MIXTURES",
     "save_jsonl",
     "vocabulary_texts",
 ]
@@ -410,6 +412,55 @@ def make_split(name: str, n: int, seed: int = 0) -> list[Example]:
     return generate_examples(
         n, seed=sub_seed, split=name, id_prefix=f"arith-{name}-{seed}", **SPLITS[name]
     )
+
+
+# DPC test-bed mixtures: half standard phrasing (the base reasoner solves these), half "alt"
+# phrasing (it solves about a third). A soft prompt tuned on "alt" lifts alt and hurts some
+# standard problems, so base and prompt-tuned accuracy on the mixture are close with many flips
+# both ways, the regime of the DPC paper. "mixed_train"/"mixed_dev"/"mixed_test" share one
+# distribution and differ only in seed; "alt_train" is the soft prompt's training split.
+MIXTURES: dict[str, tuple[tuple[str, float], ...]] = {
+    "mixed_train": (("test", 0.5), ("alt", 0.5)),
+    "mixed_dev": (("test", 0.5), ("alt", 0.5)),
+    "mixed_test": (("test", 0.5), ("alt", 0.5)),
+    "alt_train": (("alt", 1.0),),
+}
+
+
+def make_mixture(name: str | Sequence[tuple[str, float]], n: int, seed: int = 0) -> list[Example]:
+    """``n`` problems from several splits: a named mixture (see :data:`MIXTURES`) or
+    ``(split, weight)`` pairs.
+
+    Part sizes are ``n * weight / sum(weights)`` rounded down, the remainder going to the
+    first parts; each part is drawn with its own seed (from the mixture name, part and
+    ``seed``), then the parts are shuffled together with a seeded shuffle. ``meta["split"]``
+    keeps each problem's own split; ids are ``f"{mixture}-{seed}-{i}"``.
+    """
+    if isinstance(name, str):
+        if name not in MIXTURES:
+            raise ConfigError(f"unknown arith mixture {name!r}; expected one of "
+                              f"{sorted(MIXTURES)} or a list of (split, weight) pairs")
+        label, parts = name, MIXTURES[name]
+    else:
+        parts = tuple(name)
+        label = "mix_" + "_".join(s for s, _ in parts)
+    if not parts or any(s not in SPLITS or not (isinstance(w, (int, float)) and w > 0)
+                        for s, w in parts):
+        raise ConfigError(f"mixture {parts!r}: expected (split, weight > 0) pairs with splits "
+                          f"from {sorted(SPLITS)}")
+    if not isinstance(n, int) or n < 0:
+        raise ConfigError(f"n={n!r} must be a non-negative int (the number of problems)")
+    total = sum(w for _, w in parts)
+    sizes = [int(n * w / total) for _, w in parts]
+    for i in range(n - sum(sizes)):
+        sizes[i % len(sizes)] += 1
+    out: list[Example] = []
+    for (split, _), size in zip(parts, sizes):
+        sub_seed = (seed * 1_000_003 + zlib.crc32(f"{label}/{split}".encode())) % (2**63)
+        out.extend(generate_examples(size, seed=sub_seed, split=split, **SPLITS[split]))
+    random.Random(seed * 7919 + zlib.crc32(label.encode())).shuffle(out)
+    return [Example(id=f"{label}-{seed}-{i}", question=e.question, answer=e.answer,
+                    rationale=e.rationale, meta=e.meta) for i, e in enumerate(out)]
 
 
 def vocabulary_texts() -> list[str]:
