@@ -30,9 +30,10 @@ on ``steps4``, 4% on ``steps5``, 32% on ``alt`` (new phrasing) and 8.5% on ``new
 (``training_log.json``). A soft prompt tuned on ``alt`` lifts ``alt`` (35 -> 56%: 77 gained,
 13 lost of 300) and hurts standard phrasing (100 -> 83%), so on ``make_mixture("mixed_test",
 600)`` base and prompt-tuned accuracy are 65.0% and 65.3%, with 69 problems right without the
-prompt and wrong with it, 71 the other way, oracle 76.8%: the paper's regime (LLaMA3-8B GSM8K
-64.9 / 65.5). Tuned on ``mixed_train`` (the evaluation distribution itself): 65.0 -> 67.8%,
-39 lost, 56 gained, oracle 74.3%. A soft prompt tuned on ``steps5`` instead learnt nothing (5%) and broke every
+prompt and wrong with it, 71 the other way, oracle 76.8% (prompt seed 1: 61.7%, 84 and 64,
+oracle 75.7%): the paper's regime (LLaMA3-8B GSM8K 64.9 / 65.5). Tuned on ``mixed_train`` (the
+evaluation distribution itself, the recommended setting): 65.0 -> 67.8%, 39 lost (25 of them
+alt-phrased, so a trigger cannot just detect the phrasing), 56 gained, oracle 74.3%. A soft prompt tuned on ``steps5`` instead learnt nothing (5%) and broke every
 other split (``test`` 100 -> 3%): the wrong regime.
 """
 

@@ -415,10 +415,12 @@ def make_split(name: str, n: int, seed: int = 0) -> list[Example]:
 
 
 # DPC test-bed mixtures: half standard phrasing (the base reasoner solves these), half "alt"
-# phrasing (it solves about a third). A soft prompt tuned on "alt" lifts alt and hurts some
-# standard problems, so base and prompt-tuned accuracy on the mixture are close with many flips
-# both ways, the regime of the DPC paper. "mixed_train"/"mixed_dev"/"mixed_test" share one
-# distribution and differ only in seed; "alt_train" is the soft prompt's training split.
+# phrasing (it solves about a third). "mixed_train"/"mixed_dev"/"mixed_test" share one
+# distribution and differ only in seed. A soft prompt tuned on "mixed_train" (recommended: the
+# paper's setting, prompt tuned on the task's own train split) lifts alt and loses a few
+# problems of both parts, so base and prompt-tuned accuracy on "mixed_test" are close with flips
+# both ways (measured: 65.0 vs 67.8%, 39 lost, 56 gained). Tuned on "alt_train" (a stress
+# variant) it hurts standard phrasing more: 65.0 vs 61.7-65.3%, 69-84 lost, 64-71 gained.
 MIXTURES: dict[str, tuple[tuple[str, float], ...]] = {
     "mixed_train": (("test", 0.5), ("alt", 0.5)),
     "mixed_dev": (("test", 0.5), ("alt", 0.5)),
