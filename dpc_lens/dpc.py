@@ -351,6 +351,8 @@ def run_dpc(
     With ``out_dir``, records are appended to ``out_dir/records.jsonl`` as each chunk finishes,
     ``config.json`` and ``summary.json`` are written; ``resume=True`` skips the ids already in
     the file (no record lost or duplicated). Without ``resume`` an existing file is an error.
+    ``chunk_size`` questions are processed (and appended) together; default four generation
+    batches.
     """
     cfg = config or DPCConfig()
     adapter = as_adapter(model)
@@ -382,7 +384,10 @@ def run_dpc(
     for _ in range(len(examples) - len(todo)):
         if "random" in cfg.baselines:
             random_rows(soft_prompt.n_tokens, cfg.detector.top_k, gen_rng)
-    step = chunk_size or max(cfg.generation.batch_size, 1)
+    # chunks of several generation batches: the triggered questions of a chunk are regenerated
+    # together, so their regeneration fills batches instead of paying a whole decode loop for a
+    # few rows (measured: DPC/vanilla time 2.17 with one-batch chunks on the shipped reasoner)
+    step = chunk_size or 4 * max(cfg.generation.batch_size, 1)
     new: list[dict] = []
     bar = tqdm(total=len(todo), desc="DPC", disable=not progress)
     try:
