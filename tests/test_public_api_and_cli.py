@@ -84,3 +84,23 @@ def test_cli_reports_missing_files_clearly(arith_setup, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "nope" in err
+
+
+def test_cli_calibrate_writes_a_config_dpc_accepts(arith_setup, capsys):
+    from dpc_lens.cli import main
+    from dpc_lens.dpc import DPCConfig
+
+    root, model_dir, adapter_dir, data = arith_setup
+    out = root / "cal"
+    rc = main(["calibrate", "--model", str(model_dir), "--soft-prompt", str(adapter_dir), "--data", str(data),
+               "--task", "arith", "--out", str(out), "--max-new-tokens", "6", "--limit", "3", "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "best_accuracy" in printed and "n_generations" in printed
+    cfg = DPCConfig.load(out / "dpc_config.json")
+    assert cfg.generation.max_new_tokens == 6
+    run = root / "run_cal"
+    assert main(["dpc", "--model", str(model_dir), "--soft-prompt", str(adapter_dir), "--data", str(data),
+                 "--task", "arith", "--out", str(run), "--config", str(out / "dpc_config.json"),
+                 "--baselines", "", "--no-progress", "--limit", "3"]) == 0
+    assert (run / "records.jsonl").read_text().count("\n") == 3
