@@ -85,10 +85,11 @@ for k, prompt in enumerate(pool.texts):
 # %%
 standardizer = iap.fit_standardizer(pairs)
 cfg = iap.IAPConfig()
-q0 = [p for p in pairs if p["id"] == examples[0].id]  # in pool order
-z = {n: standardizer.z(n, [p["flow_means"][n] for p in q0]) for n in iap.IAP_FLOWS}
-scores = cfg.score(z[iap.FLOW_QP], z[iap.FLOW_QR])
-answers = [p["answer"] for p in q0]
+# z-scores per question in pool order; a pair with an empty rationale (no flows) scores last
+rec = iap.question_records(pairs, len(pool), standardizer)[0]
+q0 = [p for p in pairs if p["id"] == examples[0].id]  # the first question's pairs, pool order
+scores = rec.scores(cfg.lam, cfg.mu)
+answers = rec.answers
 print("scores ", [round(float(s), 3) for s in scores])
 print("answers", answers)
 print("IAP-ss:", iap.iap_ss(scores, answers, cfg.tau))
