@@ -104,3 +104,13 @@ def test_cli_calibrate_writes_a_config_dpc_accepts(arith_setup, capsys):
                  "--task", "arith", "--out", str(run), "--config", str(out / "dpc_config.json"),
                  "--baselines", "", "--no-progress", "--limit", "3"]) == 0
     assert (run / "records.jsonl").read_text().count("\n") == 3
+
+
+def test_load_model_errors_say_where_and_how_to_fix(monkeypatch, tmp_path):
+    from dpc_lens import ModelError, load_model
+
+    with pytest.raises(ModelError, match="does not exist"):
+        load_model(str(tmp_path / "missing"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="local directory"):
+        load_model("nobody-xyz/not-a-model-123")
