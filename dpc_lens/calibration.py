@@ -60,7 +60,8 @@ from .detector import (
     fit_sink_scale,
     resolve_layers,
 )
-from .dpc import DPCConfig, _extract, analyse
+from .dpc import DPCConfig, analyse
+from .tasks import answer_of as _extract
 from .errors import ConfigError, DataError, InputError
 from .generation import encode_prompts, generate
 from .model import as_adapter

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -38,6 +39,7 @@ from .patching import CorruptionConfig, corrupt_soft_prompt, random_rows
 from .saliency import SaliencyConfig, compute_saliency
 from .segments import PromptBatch, SegmentLayout
 from .soft_prompt import SoftPrompt
+from .tasks import answer_of
 from .tasks.base import Example
 
 __all__ = [
@@ -107,6 +109,11 @@ class DPCConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DPCConfig":
         d = dict(d)
+        known = {"detector", "corruption", "generation", "template", "add_bos", "baselines", "seed",
+                 "saliency_batch_size", "fp32"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"Unknown DPCConfig fields {unknown}; expected some of {sorted(known)}.")
         return cls(
             detector=DetectorConfig.from_dict(d.pop("detector", {})),
             corruption=CorruptionConfig(**d.pop("corruption", {})),
@@ -228,12 +235,29 @@ def _answer_record(task: Any, gen: Generation, ex: Example) -> dict[str, Any]:
 
 
 def _extract(task: Any, text: str, ex: Example) -> str | None:
-    if getattr(task, "name", "") == "aqua" and "options" in ex.meta:
-        return task.extract_answer(text, options=ex.meta["options"])
-    return task.extract_answer(text)
+    return answer_of(task, text, ex)
 
 
-def _process_chunk(adapter, soft, exs: Sequence[Example], task, cfg: DPCConfig, gen_rng, progress) -> list[dict]:
+def _safe_trigger(inputs: DetectorInputs | None, det: DetectorConfig) -> TriggerDecision | None:
+    """The trigger for one instance; ``None`` (not fired) when it is undefined for that instance
+    (no rationale, or every counted soft column is exactly zero), so one instance cannot abort a
+    whole run. The record's ``trigger`` is then null."""
+    if inputs is None:
+        return None
+    try:
+        return dynamic_trigger(inputs, det)
+    except InputError:
+        return None
+
+
+def random_rows_for(example_id: str, n_soft: int, k: int, seed: int) -> list[int]:
+    """The random-corruption baseline's rows for one example: seeded by ``(seed, example id)``,
+    so a resumed or reordered run draws the same rows for the same question."""
+    g = torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(str(example_id).encode())) % (2**63))
+    return random_rows(n_soft, k, g)
+
+
+def _process_chunk(adapter, soft, exs: Sequence[Example], task, cfg: DPCConfig, progress) -> list[dict]:
     t0 = time.perf_counter()
     questions = [e.question for e in exs]
     prompts = _prompt_ids(adapter, questions, cfg)
@@ -242,9 +266,7 @@ def _process_chunk(adapter, soft, exs: Sequence[Example], task, cfg: DPCConfig, 
     t1 = time.perf_counter()
     analyses = analyse(adapter, soft, questions, cfg, generations=pt_gen, progress=False)
     t_sal = time.perf_counter() - t1
-    decisions: list[TriggerDecision | None] = [
-        dynamic_trigger(a.inputs, cfg.detector) if a.inputs is not None else None for a in analyses
-    ]
+    decisions = [_safe_trigger(a.inputs, cfg.detector) for a in analyses]
     k = cfg.detector.top_k
     # every instance's located tokens (for 'always'), the fired ones for DPC
     located = []
@@ -269,7 +291,7 @@ def _process_chunk(adapter, soft, exs: Sequence[Example], task, cfg: DPCConfig, 
     if "base" in cfg.baselines:
         base_gen = generate(adapter, prompts, None, cfg.generation, progress=False)
     if "random" in cfg.baselines:
-        rand_rows = [random_rows(soft.n_tokens, k, gen_rng) for _ in exs]
+        rand_rows = [random_rows_for(e.id, soft.n_tokens, k, cfg.seed) for e in exs]
         softs = [corrupt_soft_prompt(soft, r, cfg.corruption) for r in rand_rows]
         rand_gen = generate(adapter, prompts, softs, cfg.generation, progress=False)
     records = []
@@ -362,6 +384,8 @@ def run_dpc(
     ids = [e.id for e in examples]
     if len(set(ids)) != len(ids):
         raise InputError("Example ids must be unique (resume relies on them).")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise InputError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}.")
     done: list[dict] = []
     rec_path = None
     if out_dir is not None:
@@ -373,17 +397,26 @@ def run_dpc(
                 f"{rec_path} already exists. Pass resume=True (--resume) to continue that run, or "
                 "choose another output directory."
             )
-        cfg.save(os.path.join(out_dir, "config.json"))
+        cfg_path = os.path.join(out_dir, "config.json")
+        if resume and os.path.exists(rec_path) and os.path.exists(cfg_path):
+            old_cfg = DPCConfig.load(cfg_path).to_dict()
+            new_cfg = cfg.to_dict()
+            for d in (old_cfg, new_cfg):  # batch sizes do not change any record
+                d.pop("saliency_batch_size", None)
+                d["generation"].pop("batch_size", None)
+            if old_cfg != new_cfg:
+                changed = sorted(k for k in new_cfg if old_cfg.get(k) != new_cfg.get(k))
+                raise InputError(
+                    f"Cannot resume {out_dir}: its records were made with another config (differs "
+                    f"in {changed}). Resume with the same config (--config {cfg_path}) or start a "
+                    "new output directory."
+                )
+        cfg.save(cfg_path)
         if resume:
             done = [r for r in read_records(rec_path) if r.get("id") in set(ids)]
             _rewrite_clean(rec_path, read_records(rec_path))
     done_ids = {r["id"] for r in done}
     todo = [e for e in examples if e.id not in done_ids]
-    gen_rng = torch.Generator().manual_seed(int(cfg.seed))
-    # advance the random stream past finished examples so a resumed run draws the same rows
-    for _ in range(len(examples) - len(todo)):
-        if "random" in cfg.baselines:
-            random_rows(soft_prompt.n_tokens, cfg.detector.top_k, gen_rng)
     # chunks of several generation batches: the triggered questions of a chunk are regenerated
     # together, so their regeneration fills batches instead of paying a whole decode loop for a
     # few rows (measured: DPC/vanilla time 2.17 with one-batch chunks on the shipped reasoner)
@@ -392,7 +425,7 @@ def run_dpc(
     bar = tqdm(total=len(todo), desc="DPC", disable=not progress)
     try:
         for s in range(0, len(todo), step):
-            recs = _process_chunk(adapter, soft_prompt, todo[s:s + step], task, cfg, gen_rng, progress)
+            recs = _process_chunk(adapter, soft_prompt, todo[s:s + step], task, cfg, progress)
             if rec_path is not None:
                 with open(rec_path, "a", encoding="utf-8") as fh:
                     for r in recs:

@@ -1739,7 +1739,7 @@ def _pair_key(rec: Mapping[str, Any]) -> tuple[str, str]:
 
 
 def _pair_json(rec: PairRecord, ex: Any, task: Any) -> dict[str, Any]:
-    from dpc_lens.dpc import _extract
+    from dpc_lens.tasks import answer_of as _extract
 
     ans = _extract(task, rec.rationale, ex)
     d = rec.to_dict()
@@ -2085,9 +2085,10 @@ def run_iap(
                 "continue that run, or choose another output directory."
             )
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        cfg.save(Path(out_dir) / "config.json")
     pairs, cost = _collect_pairs(as_adapter(model), examples, task, pool, cfg, out_dir=out_dir,
                                  resume=resume, progress=progress, desc="IAP")
+    if out_dir is not None:  # only once the resume check in _collect_pairs has passed
+        cfg.save(Path(out_dir) / "config.json")
     if standardizer is None:
         std = fit_standardizer(pairs)
         std_note = {"fitted_on": "run",

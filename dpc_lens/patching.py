@@ -51,6 +51,10 @@ class CorruptionConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("zero", "mean", "scale"):
             raise ConfigError(f"Corruption mode must be 'zero', 'mean' or 'scale', got {self.mode!r}.")
+        for name in ("scale", "gamma"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ConfigError(f"CorruptionConfig.{name} must be a number, got {v!r}.")
         if not 0.0 <= float(self.gamma) <= 100.0:
             raise ConfigError(f"gamma is a percentage in [0, 100], got {self.gamma}.")
 

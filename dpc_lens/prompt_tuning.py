@@ -677,7 +677,9 @@ def evaluate_accuracy(
     gens = generate(model, prompts, soft_prompt, generation_config or GenerationConfig(),
                     add_bos=add_bos, progress=progress, desc="evaluate")
     texts = tuple(g.text for g in gens)
-    preds = tuple(task.extract_answer(t) for t in texts)
+    from .tasks import answer_of
+
+    preds = tuple(answer_of(task, t, e) for t, e in zip(texts, examples))
     correct = tuple(bool(task.is_correct(p, str(ex.answer))) for p, ex in zip(preds, examples,
                                                                              strict=True))
     return AccuracyResult(

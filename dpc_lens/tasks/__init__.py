@@ -19,6 +19,7 @@ from dpc_lens.tasks.io import read_jsonl, write_jsonl
 from dpc_lens.tasks.math import MathTask
 
 __all__ = [
+    "answer_of",
     "Example",
     "Task",
     "TASKS",
@@ -67,3 +68,14 @@ def load_examples(path: str | Path, task: str | Task) -> list[Example]:
     """
     task_obj = get_task(task) if isinstance(task, str) else task
     return task_obj.load(path)
+
+
+def answer_of(task: Task, text: str, example: Example) -> str | None:
+    """The task's answer in ``text`` for ``example`` (AQuA maps numbers to the example's options).
+
+    Every pipeline (DPC, calibration, IAP, prompt-tuning evaluation) scores through this, so an
+    answer is read the same way everywhere.
+    """
+    if getattr(task, "name", "") == "aqua" and "options" in example.meta:
+        return task.extract_answer(text, options=example.meta["options"])  # type: ignore[call-arg]
+    return task.extract_answer(text)
