@@ -19,6 +19,7 @@ so versions are read from package metadata and the class is imported inside ``tr
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
 from dataclasses import dataclass
@@ -225,11 +226,15 @@ class ModelAdapter:
         return self.model(embeds, **kwargs)
 
     def _accepts_position_ids(self) -> bool:
+        return "position_ids" in self._forward_params
+
+    @functools.cached_property
+    def _forward_params(self) -> frozenset[str]:
+        """Keyword names of the wrapped model's ``forward`` (read once, not per decoding step)."""
         try:
-            params = inspect.signature(self._hf_model.forward).parameters
+            return frozenset(inspect.signature(self._hf_model.forward).parameters)
         except (TypeError, ValueError):
-            return False
-        return "position_ids" in params
+            return frozenset()
 
     def forward_step(
         self,
@@ -263,11 +268,7 @@ class ModelAdapter:
         (SPEC section 5), and a full re-run is exact for every positional scheme."""
         if self.family != "bridge":
             return False
-        try:
-            params = inspect.signature(self._hf_model.forward).parameters
-        except (TypeError, ValueError):
-            return False
-        return "past_key_values" in params
+        return "past_key_values" in self._forward_params
 
     # ----------------------------------------------------------------- hooks
     def hooks(self, fwd_hooks=(), bwd_hooks=()):
