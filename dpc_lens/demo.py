@@ -17,7 +17,7 @@ import json
 import os
 import time
 
-__all__ = ["run_demo", "data_dir", "shipped_artefacts"]
+__all__ = ["run_demo", "data_dir", "shipped_artefacts", "default_model"]
 
 
 def data_dir() -> str:
@@ -39,6 +39,46 @@ def shipped_artefacts() -> dict[str, str] | None:
     if all(os.path.exists(paths[k]) for k in needed):
         return paths
     return None
+
+
+def default_model(*, with_soft_prompt: bool = True, seed: int = 0):
+    """``(model, soft_prompt)`` for notebooks and examples, chosen in this order:
+
+    1. ``$DPC_LENS_MODEL`` (and ``$DPC_LENS_SOFT_PROMPT``, a PEFT adapter directory), a user's
+       real checkpoint;
+    2. the shipped reasoner and its soft prompt (:func:`shipped_artefacts`);
+    3. a tiny random 4-layer Llama (:func:`dpc_lens.testing.boot_tiny`).
+
+    Without a matching adapter (a user model with no ``$DPC_LENS_SOFT_PROMPT``, or the tiny
+    model) the soft prompt is 8 vocabulary embeddings drawn with ``seed``. ``soft_prompt`` is
+    ``None`` when ``with_soft_prompt`` is false.
+    """
+    import torch
+
+    from .model import as_adapter, load_model
+    from .soft_prompt import SoftPrompt
+
+    user_model = os.environ.get("DPC_LENS_MODEL")
+    user_soft = os.environ.get("DPC_LENS_SOFT_PROMPT")
+    shipped = shipped_artefacts()
+    if user_model:
+        model = load_model(user_model)
+    elif shipped:
+        model = load_model(shipped["model"])
+    else:
+        from .testing import boot_tiny
+
+        model = boot_tiny("llama", n_layers=4)
+    if not with_soft_prompt:
+        return model, None
+    if user_soft:
+        return model, SoftPrompt.from_peft(user_soft)
+    if shipped and not user_model:
+        return model, SoftPrompt.from_peft(shipped["soft_prompt"])
+    adapter = as_adapter(model)
+    vocab = adapter.embedding_weight.shape[0]
+    ids = torch.randint(4, vocab, (8,), generator=torch.Generator().manual_seed(seed))
+    return model, SoftPrompt.from_tokens(adapter, ids)
 
 
 def run_demo(out_dir: str = "runs/demo", *, limit: int | None = None, progress: bool = True,

@@ -28,33 +28,16 @@
 # `DPC_LENS_SOFT_PROMPT`, a PEFT prompt-tuning adapter) to use your own checkpoint.
 
 # %%
-import os
 
-import torch
 
 import dpc_lens
 from dpc_lens import plotting
-from dpc_lens.demo import shipped_artefacts
+from dpc_lens.demo import default_model
 from dpc_lens.tasks.arith import make_split
-from dpc_lens.testing import boot_tiny
 
-MODEL = os.environ.get("DPC_LENS_MODEL")
-SOFT_PROMPT = os.environ.get("DPC_LENS_SOFT_PROMPT")
-shipped = shipped_artefacts()
-if MODEL:
-    model = dpc_lens.load_model(MODEL)
-elif shipped:
-    model = dpc_lens.load_model(shipped["model"])
-else:
-    model = boot_tiny("llama", n_layers=4)
+# $DPC_LENS_MODEL / $DPC_LENS_SOFT_PROMPT, else the shipped reasoner, else a tiny random model
+model, soft = default_model()
 adapter = dpc_lens.as_adapter(model)
-if SOFT_PROMPT:
-    soft = dpc_lens.SoftPrompt.from_peft(SOFT_PROMPT)
-elif shipped and not MODEL:
-    soft = dpc_lens.SoftPrompt.from_peft(shipped["soft_prompt"])
-else:  # a random soft prompt initialised from vocabulary embeddings
-    vocab = adapter.embedding_weight.shape[0]
-    soft = dpc_lens.SoftPrompt.from_tokens(adapter, torch.randint(4, vocab, (8,), generator=torch.Generator().manual_seed(0)))
 print(f"{adapter.n_layers} layers, {adapter.n_heads} heads, soft prompt of {soft.n_tokens} tokens")
 
 # %% [markdown]

@@ -28,13 +28,11 @@
 import os
 import tempfile
 
-import torch
 
 import dpc_lens
 from dpc_lens import plotting
-from dpc_lens.demo import shipped_artefacts
+from dpc_lens.demo import default_model, shipped_artefacts
 from dpc_lens.tasks.arith import make_split
-from dpc_lens.testing import boot_tiny
 
 N_EXAMPLES = 8
 MODEL = os.environ.get("DPC_LENS_MODEL")
@@ -42,20 +40,9 @@ SOFT_PROMPT = os.environ.get("DPC_LENS_SOFT_PROMPT")
 DATA = os.environ.get("DPC_LENS_DATA")
 TASK = os.environ.get("DPC_LENS_TASK", "arith")
 shipped = shipped_artefacts()
-if MODEL:
-    model = dpc_lens.load_model(MODEL)
-elif shipped:
-    model = dpc_lens.load_model(shipped["model"])
-else:
-    model = boot_tiny("llama", n_layers=4)
+# $DPC_LENS_MODEL / $DPC_LENS_SOFT_PROMPT, else the shipped reasoner, else a tiny random model
+model, soft = default_model()
 adapter = dpc_lens.as_adapter(model)
-if SOFT_PROMPT:
-    soft = dpc_lens.SoftPrompt.from_peft(SOFT_PROMPT)
-elif shipped and not MODEL:
-    soft = dpc_lens.SoftPrompt.from_peft(shipped["soft_prompt"])
-else:  # a random soft prompt initialised from vocabulary embeddings
-    vocab = adapter.embedding_weight.shape[0]
-    soft = dpc_lens.SoftPrompt.from_tokens(adapter, torch.randint(4, vocab, (8,), generator=torch.Generator().manual_seed(0)))
 
 task = dpc_lens.get_task(TASK)
 if DATA:

@@ -26,25 +26,17 @@
 # Runs on the shipped model, else a tiny random one; `DPC_LENS_MODEL` switches to your checkpoint.
 
 # %%
-import os
 
 from IPython.display import display
 
 import dpc_lens
 from dpc_lens import iap, plotting
-from dpc_lens.demo import shipped_artefacts
+from dpc_lens.demo import default_model
 from dpc_lens.tasks.arith import make_split
-from dpc_lens.testing import boot_tiny
 
 N_EXAMPLES = 4
-MODEL = os.environ.get("DPC_LENS_MODEL")
-shipped = shipped_artefacts()
-if MODEL:
-    model = dpc_lens.load_model(MODEL)
-elif shipped:
-    model = dpc_lens.load_model(shipped["model"])
-else:
-    model = boot_tiny("llama", n_layers=4)
+# $DPC_LENS_MODEL, else the shipped reasoner, else a tiny random model
+model, _ = default_model(with_soft_prompt=False)
 adapter = dpc_lens.as_adapter(model)
 task = dpc_lens.get_task("arith")
 examples = make_split("test", N_EXAMPLES)

@@ -46,3 +46,20 @@ def test_demo_runs_end_to_end_on_a_reduced_set(tmp_path, capsys):
     assert summary["accuracy"]["dpc"] == sum(r["dpc"]["correct"] for r in recs) / 12
     # the shipped prompt-tuned reasoner answers at least some of them (a real model, not random)
     assert summary["accuracy"]["oracle"] > 0
+
+
+def test_default_model_prefers_the_users_checkpoint(monkeypatch, tmp_path):
+    from dpc_lens.demo import default_model
+    from dpc_lens.testing import save_tiny_hf_model
+
+    d = save_tiny_hf_model("gpt2", tmp_path / "m", d_model=48)
+    monkeypatch.setenv("DPC_LENS_MODEL", str(d))
+    monkeypatch.delenv("DPC_LENS_SOFT_PROMPT", raising=False)
+    model, soft = default_model()
+    assert model.cfg.d_model == 48  # the user's model, not the shipped 128-wide reasoner
+    assert soft.n_tokens == 8 and soft.d_model == 48  # vocabulary-initialised, no shipped adapter
+    model2, none = default_model(with_soft_prompt=False)
+    assert none is None and model2.cfg.d_model == 48
+    monkeypatch.delenv("DPC_LENS_MODEL")
+    shipped, shipped_soft = default_model()
+    assert shipped.cfg.d_model == 128 and shipped_soft.n_tokens == 16
