@@ -130,6 +130,17 @@ def _check_flow_name(name: object, where: str) -> str:
 
 
 @no_type_check  # validated in __post_init__; see the note at the top of the module
+
+def _read_json(path: str | Path, what: str) -> Any:
+    """A JSON file's content; DataError naming the file (and line) when missing or malformed."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such {what} file.") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}, line {e.lineno}: invalid JSON ({e.msg}).") from None
+
 @dataclass(frozen=True)
 class CandidatePrompt:
     """One hard prompt of the pool.
@@ -548,13 +559,7 @@ class FlowStandardizer:
 
     @classmethod
     def load(cls, path: str | Path) -> FlowStandardizer:
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise DataError(f"{path}: no such standardizer file.") from None
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}, line {e.lineno}: invalid JSON ({e.msg}).") from None
+        d = _read_json(path, "standardizer")
         try:
             return cls.from_dict(d)
         except DataError as e:
@@ -1141,13 +1146,7 @@ class CalibrationResult:
 
     @classmethod
     def load(cls, path: str | Path) -> CalibrationResult:
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise DataError(f"{path}: no such calibration file.") from None
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}, line {e.lineno}: invalid JSON ({e.msg}).") from None
+        d = _read_json(path, "calibration")
         return cls.from_dict(d)
 
     def to_dataframe(self, which: Literal["sensitivity", "grid"] = "sensitivity") -> pd.DataFrame:
@@ -1413,13 +1412,7 @@ class IAPRunConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> IAPRunConfig:
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise DataError(f"{path}: no such IAP config file.") from None
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}, line {e.lineno}: invalid JSON ({e.msg}).") from None
+        d = _read_json(path, "IAP config")
         return cls.from_dict(d)
 
 
