@@ -20,7 +20,9 @@ Greedy by default; sampling (temperature, top-k) is seeded per call.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import contextlib
+import warnings
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Sequence
 
 import torch
@@ -94,6 +96,8 @@ class Generation:
     token_ids: tuple[int, ...]
     text: str
     stop_reason: StopReason
+    #: whether the KV cache was used (decided by behaviour, see ModelAdapter.supports_kv_cache)
+    kv_cache: bool = field(default=False, compare=False)
 
 
 def encode_prompts(adapter: Any, prompts: Sequence[str | Sequence[int]], *, add_bos: bool = False) -> list[list[int]]:
@@ -144,51 +148,52 @@ def _generate_batch(adapter: Any, seqs: list[list[int]], soft: Any, cfg: Generat
     pad = adapter.pad_token_id()
     embeds, mask, pos = batch.embeds, batch.attention_mask, batch.position_ids
     use_cache = cfg.use_kv_cache and adapter.supports_kv_cache
-    cache = None
-    if use_cache:
-        logits, cache = adapter.prefill(embeds, mask, pos)
-    else:
-        logits = adapter.forward_embeds(embeds, mask, pos)
-    out: list[list[int]] = [[] for _ in range(B)]
-    done = [False] * B
-    reason: list[StopReason] = ["max_new_tokens"] * B
-    texts = [""] * B
-    last_pos = pos[:, -1]
-    for _step in range(cfg.max_new_tokens):
-        nxt = _pick(logits[:, -1], cfg, gen)
-        for b in range(B):
-            if done[b]:
-                continue
-            t = int(nxt[b])
-            if eos is not None and t == eos:
-                done[b], reason[b] = True, "eos"
-                continue
-            out[b].append(t)
-            if cfg.stop_strings and tok is not None:
-                text = tok.decode(out[b], skip_special_tokens=True)
-                hit = [text.find(s) for s in cfg.stop_strings if s in text]
-                if hit:
-                    texts[b] = text[: min(hit)]
-                    # keep only the tokens whose text lies before the stop string
-                    while out[b] and len(tok.decode(out[b], skip_special_tokens=True)) > len(texts[b]):
-                        out[b].pop()
-                    done[b], reason[b] = True, "stop_string"
-        if all(done):
-            break
-        feed = torch.where(torch.tensor(done, device=nxt.device), torch.full_like(nxt, pad), nxt)
-        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=mask.device)], dim=1)
-        last_pos = last_pos + 1
+    with adapter.kv_cache_session() if use_cache else contextlib.nullcontext():
+        cache = None
         if use_cache:
-            logits, cache = adapter.forward_step(feed[:, None], mask, last_pos[:, None], cache)
+            logits, cache = adapter.prefill(embeds, mask, pos)
         else:
-            embeds = torch.cat([embeds, adapter.embed_tokens(feed[:, None])], dim=1)
-            pos = torch.cat([pos, last_pos[:, None]], dim=1)
             logits = adapter.forward_embeds(embeds, mask, pos)
+        out: list[list[int]] = [[] for _ in range(B)]
+        done = [False] * B
+        reason: list[StopReason] = ["max_new_tokens"] * B
+        texts = [""] * B
+        last_pos = pos[:, -1]
+        for _step in range(cfg.max_new_tokens):
+            nxt = _pick(logits[:, -1], cfg, gen)
+            for b in range(B):
+                if done[b]:
+                    continue
+                t = int(nxt[b])
+                if eos is not None and t == eos:
+                    done[b], reason[b] = True, "eos"
+                    continue
+                out[b].append(t)
+                if cfg.stop_strings and tok is not None:
+                    text = tok.decode(out[b], skip_special_tokens=True)
+                    hit = [text.find(s) for s in cfg.stop_strings if s in text]
+                    if hit:
+                        texts[b] = text[: min(hit)]
+                        # keep only the tokens whose text lies before the stop string
+                        while out[b] and len(tok.decode(out[b], skip_special_tokens=True)) > len(texts[b]):
+                            out[b].pop()
+                        done[b], reason[b] = True, "stop_string"
+            if all(done) or _step == cfg.max_new_tokens - 1:
+                break  # no forward pass whose logits nobody reads
+            feed = torch.where(torch.tensor(done, device=nxt.device), torch.full_like(nxt, pad), nxt)
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=mask.device)], dim=1)
+            last_pos = last_pos + 1
+            if use_cache:
+                logits, cache = adapter.forward_step(feed[:, None], mask, last_pos[:, None], cache)
+            else:
+                embeds = torch.cat([embeds, adapter.embed_tokens(feed[:, None])], dim=1)
+                pos = torch.cat([pos, last_pos[:, None]], dim=1)
+                logits = adapter.forward_embeds(embeds, mask, pos)
     results = []
     for b in range(B):
         if reason[b] != "stop_string":
             texts[b] = tok.decode(out[b], skip_special_tokens=True) if tok is not None else ""
-        results.append(Generation(tuple(out[b]), texts[b], reason[b]))
+        results.append(Generation(tuple(out[b]), texts[b], reason[b], kv_cache=use_cache))
     return results
 
 
@@ -217,6 +222,13 @@ def generate(
     """
     cfg = config or GenerationConfig()
     adapter = as_adapter(model)
+    if cfg.use_kv_cache and adapter.declares_kv_cache and not adapter.supports_kv_cache:
+        warnings.warn(
+            f"{type(adapter._hf_model).__name__}: cached decoding did not reproduce a full re-run, "
+            "so every decoding step re-runs the whole sequence: "
+            "the same tokens, slower. Each Generation records kv_cache=False.",
+            RuntimeWarning, stacklevel=2,
+        )
     seqs = encode_prompts(adapter, prompts, add_bos=add_bos)
     if isinstance(soft_prompt, (list, tuple)) and len(soft_prompt) != len(seqs):
         raise InputError(f"{len(soft_prompt)} soft prompts for {len(seqs)} prompts; give one per prompt.")

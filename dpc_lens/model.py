@@ -22,6 +22,7 @@ import contextlib
 import functools
 import inspect
 import os
+import weakref
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Iterator, Literal
@@ -70,6 +71,30 @@ def _bridge_class() -> type | None:
     except ImportError:
         return None
     return TransformerBridge
+
+
+# model -> whether its KV cache passed the behaviour probe (ModelAdapter.supports_kv_cache)
+_KV_PROBES: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
+
+
+def _attention_bridges(model: Any) -> list[Any]:
+    """The TransformerLens attention-bridge modules of a bridge model (none on TL < 3.4)."""
+    try:
+        from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+    except ImportError:
+        return []
+    # the base class hands its keywords to the Hugging Face attention, which reads ``cache``
+    # itself; only re-implemented attention (which calls ``_update_kv_cache``) needs the rename
+    return [m for m in model.modules()
+            if isinstance(m, AttentionBridge) and type(m).forward is not AttentionBridge.forward]
+
+
+def _cache_to_past_key_values(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    if "cache" in kwargs and kwargs.get("past_key_values") is None:
+        kwargs = dict(kwargs)
+        kwargs["past_key_values"] = kwargs.pop("cache")
+        return args, kwargs
+    return None
 
 
 @dataclass(frozen=True)
@@ -263,12 +288,66 @@ class ModelAdapter:
 
     @property
     def supports_kv_cache(self) -> bool:
-        """Whether dpc_lens decodes incrementally. HookedTransformer is always re-run in full:
+        """Whether incremental decoding with the KV cache gives the logits of a full re-run.
+
+        Decided by behaviour, once per model (not by a parameter name: transformers 5.24 renamed
+        ``past_key_values`` to ``cache`` and TransformerLens 4.3's attention bridges kept reading
+        the old name, so a signature check turned the cache off without a word while forcing it on
+        gave garbage): a 3-token prefill must return a cache holding 3 positions, and one cached
+        step must reproduce the full re-run's logits. HookedTransformer is always re-run in full:
         its ``generate(embeds)`` cache path returns wrong tokens for absolute-position models
         (SPEC section 5), and a full re-run is exact for every positional scheme."""
         if self.family != "bridge":
             return False
-        return "past_key_values" in self._forward_params
+        known = _KV_PROBES.get(self.model)
+        if known is None:
+            known = _KV_PROBES[self.model] = self._probe_kv_cache()
+        return known
+
+    @property
+    def declares_kv_cache(self) -> bool:
+        """Whether the wrapped model's ``forward`` takes a KV cache at all (by any of its names)."""
+        return self.family == "bridge" and bool(self._forward_params & {"past_key_values", "cache", "use_cache"})
+
+    def _probe_kv_cache(self) -> bool:
+        if not self.declares_kv_cache:
+            return False
+        n_vocab = int(self.embedding_weight.shape[0])
+        ids = torch.tensor([[i % n_vocab for i in (1, 2, 3, 4)]], device=self.device)
+        mask = torch.ones_like(ids)
+        pos = torch.arange(4, device=self.device)[None]
+        try:
+            with torch.no_grad(), self.kv_cache_session():
+                embeds = self.embed_tokens(ids)
+                full = self.forward_embeds(embeds, mask, pos)[:, -1].float()
+                _, cache = self.prefill(embeds[:, :3], mask[:, :3], pos[:, :3])
+                seen = cache.get_seq_length() if hasattr(cache, "get_seq_length") else None
+                if cache is None or (seen is not None and int(seen) != 3):
+                    return False
+                step, _ = self.forward_step(ids[:, 3:], mask, pos[:, 3:], cache)
+        except (TypeError, ValueError, RuntimeError, AttributeError, IndexError):
+            return False
+        step = step[:, -1].float()
+        tol = (1e-3 if self.dtype == torch.float32 or self.dtype == torch.float64 else 5e-2)
+        return bool((step - full).abs().max() <= tol * (1.0 + full.abs().max()))
+
+    @contextlib.contextmanager
+    def kv_cache_session(self) -> Iterator[None]:
+        """Within the block, the bridge's attention modules see the KV cache under the name they
+        read. transformers >= 5.24 passes it as ``cache=``; TransformerLens 4.3's re-implemented
+        attention bridges read only ``past_key_values`` / ``layer_past`` and would leave the
+        cache empty. A forward pre-hook renames the keyword; the hooks are removed on exit, so
+        the caller's model is unchanged (even after an exception). A no-op where the names
+        already agree."""
+        handles = []
+        if self.family == "bridge":
+            for module in _attention_bridges(self.model):
+                handles.append(module.register_forward_pre_hook(_cache_to_past_key_values, with_kwargs=True))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
     # ----------------------------------------------------------------- hooks
     def hooks(self, fwd_hooks=(), bwd_hooks=()):

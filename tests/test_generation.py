@@ -274,3 +274,60 @@ def test_sampling_is_deterministic_for_a_seed(checkpoints):
     ]
     top1 = GenerationConfig(max_new_tokens=10, do_sample=True, top_k=1, seed=5, stop_at_eos=False)
     assert [g.token_ids for g in generate(model, PROMPTS, None, top1, progress=False)] == greedy
+
+
+# ------------------------------------------------------------------ the KV cache is really used
+def _positions_fed(model, **gen_kwargs):
+    """Sequence length entering block 0 at every forward pass of one dpc_lens generate call."""
+    seen: list[int] = []
+
+    def record(x, hook):
+        seen.append(int(x.shape[1]))
+
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", record)]):
+        out = generate(model, [[5, 6, 7, 8, 9]], None, GenerationConfig(max_new_tokens=6, stop_at_eos=False, **gen_kwargs),
+                       progress=False)
+    return seen, out
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_cached_decoding_feeds_one_token_per_step_and_equals_full_rerun(checkpoints, arch):
+    """A decode step after the prefill feeds exactly one position (the cached path is taken,
+    whatever keyword name the installed transformers uses for the cache), and the tokens equal
+    a full re-run of the whole sequence every step."""
+    model = checkpoints[arch][2]
+    assert as_adapter(model).supports_kv_cache
+    cached_lens, cached = _positions_fed(model)
+    assert cached_lens == [5, 1, 1, 1, 1, 1]
+    assert all(g.kv_cache for g in cached)
+    full_lens, full = _positions_fed(model, use_kv_cache=False)
+    assert full_lens == [5, 6, 7, 8, 9, 10]
+    assert not any(g.kv_cache for g in full)
+    assert [g.token_ids for g in cached] == [g.token_ids for g in full]
+
+
+def test_a_cache_that_stays_empty_is_detected_and_not_used(tmp_path, monkeypatch):
+    """When a prefill hands back an empty cache (what TransformerLens 4.3 + transformers 5.24 did
+    without the keyword rename), dpc_lens says so, decodes by full re-runs and gets the right
+    tokens, instead of decoding garbage from the empty cache."""
+    from transformers import DynamicCache
+
+    from dpc_lens.model import ModelAdapter
+
+    path = save_tiny_hf_model("llama", tmp_path / "m", seed=1)
+    model = load_model(str(path), device="cpu")
+    want = generate(model, [[5, 6, 7]], None, GenerationConfig(max_new_tokens=5, stop_at_eos=False,
+                                                                  use_kv_cache=False), progress=False)
+    real_prefill = ModelAdapter.prefill
+
+    def empty_cache_prefill(self, *args, **kwargs):
+        logits, _ = real_prefill(self, *args, **kwargs)
+        return logits, DynamicCache()
+
+    monkeypatch.setattr(ModelAdapter, "prefill", empty_cache_prefill)
+    assert not as_adapter(model).supports_kv_cache
+    with pytest.warns(RuntimeWarning, match="re-runs the whole sequence"):
+        got = generate(model, [[5, 6, 7]], None, GenerationConfig(max_new_tokens=5, stop_at_eos=False),
+                       progress=False)
+    assert [g.token_ids for g in got] == [g.token_ids for g in want]
+    assert not got[0].kv_cache
