@@ -25,8 +25,9 @@ import json
 import os
 import time
 import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -69,6 +70,8 @@ class DPCConfig:
         add_bos: put the tokenizer's BOS after the soft prompt (PEFT's order).
         baselines: which of ``base``, ``always``, ``random`` to also run.
         seed: seed of the random-corruption baseline.
+        random_draws: how many random corruptions per question (seeds ``seed .. seed+n-1``); the
+            summary reports the baseline as the mean accuracy over the draws with its spread.
         saliency_batch_size: examples per saliency pass.
         fp32: saliency accumulated in float32.
     """
@@ -82,6 +85,7 @@ class DPCConfig:
     seed: int = 0
     saliency_batch_size: int = 8
     fp32: bool = True
+    random_draws: int = 1
 
     def __post_init__(self) -> None:
         if "{question}" not in self.template:
@@ -92,6 +96,9 @@ class DPCConfig:
             raise ConfigError(f"Unknown baselines {bad}; choose from {BASELINES}.")
         if self.saliency_batch_size < 1:
             raise ConfigError("saliency_batch_size must be >= 1.")
+        if not isinstance(self.random_draws, int) or isinstance(self.random_draws, bool) \
+                or self.random_draws < 1:
+            raise ConfigError(f"random_draws must be an int >= 1, got {self.random_draws!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -104,13 +111,14 @@ class DPCConfig:
             "seed": self.seed,
             "saliency_batch_size": self.saliency_batch_size,
             "fp32": self.fp32,
+            "random_draws": self.random_draws,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DPCConfig":
         d = dict(d)
         known = {"detector", "corruption", "generation", "template", "add_bos", "baselines", "seed",
-                 "saliency_batch_size", "fp32"}
+                 "saliency_batch_size", "fp32", "random_draws"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"Unknown DPCConfig fields {unknown}; expected some of {sorted(known)}.")
@@ -162,7 +170,8 @@ def _detector_inputs(res: Any, b: int, n_soft: int) -> DetectorInputs:
     r0, r1 = lay.spans["rationale"]
     rows = res.row_sums[:, b, r0:r1]
     tot = res.row_totals[:, b, r0:r1]
-    share = torch.where(tot > 0, rows / torch.where(tot > 0, tot, torch.ones_like(tot)), torch.zeros_like(tot))
+    safe = torch.where(tot > 0, tot, torch.ones_like(tot))
+    share = torch.where(tot > 0, rows / safe, torch.zeros_like(tot))
     return DetectorInputs(
         soft_columns=res.column_sums[:, b, s0:s1].double().cpu(),
         soft_columns_norm=res.column_shares[:, b, s0:s1].double().cpu(),
@@ -189,7 +198,8 @@ def analyse(
     adapter = as_adapter(model)
     prompts = _prompt_ids(adapter, questions, cfg)
     if generations is None:
-        generations = generate(adapter, prompts, soft_prompt, cfg.generation, progress=progress, desc="PT generate")
+        generations = generate(adapter, prompts, soft_prompt, cfg.generation, progress=progress,
+                               desc="PT generate")
     if len(generations) != len(prompts):
         raise InputError(f"{len(generations)} generations for {len(prompts)} questions.")
     sal_cfg = SaliencyConfig(
@@ -238,98 +248,173 @@ def _extract(task: Any, text: str, ex: Example) -> str | None:
     return answer_of(task, text, ex)
 
 
-def _safe_trigger(inputs: DetectorInputs | None, det: DetectorConfig) -> TriggerDecision | None:
-    """The trigger for one instance; ``None`` (not fired) when it is undefined for that instance
-    (no rationale, or every counted soft column is exactly zero), so one instance cannot abort a
-    whole run. The record's ``trigger`` is then null."""
+def _safe_trigger(inputs: DetectorInputs | None,
+                  det: DetectorConfig) -> tuple[TriggerDecision | None, str | None]:
+    """The trigger for one instance and, when it could not be computed, why.
+
+    ``(None, None)`` when there is no rationale to measure; ``(None, message)`` when the trigger
+    is undefined for that instance (e.g. every counted soft column is exactly zero), so one
+    instance cannot abort a whole run -- but the failure is kept in the record
+    (``trigger_error``) and counted in the summary, never silent."""
     if inputs is None:
-        return None
+        return None, None
     try:
-        return dynamic_trigger(inputs, det)
-    except InputError:
-        return None
+        return dynamic_trigger(inputs, det), None
+    except InputError as exc:
+        return None, str(exc)
 
 
 def random_rows_for(example_id: str, n_soft: int, k: int, seed: int) -> list[int]:
     """The random-corruption baseline's rows for one example: seeded by ``(seed, example id)``,
     so a resumed or reordered run draws the same rows for the same question."""
-    g = torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(str(example_id).encode())) % (2**63))
+    mixed = int(seed) * 1_000_003 + zlib.crc32(str(example_id).encode())
+    g = torch.Generator().manual_seed(mixed % (2**63))
     return random_rows(n_soft, k, g)
 
 
-def _process_chunk(adapter, soft, exs: Sequence[Example], task, cfg: DPCConfig, progress) -> list[dict]:
+def check_config_fits(cfg: DPCConfig, soft_prompt: SoftPrompt, n_layers: int | None = None) -> None:
+    """Refuse, before any work, a config the soft prompt cannot satisfy (a ``detector.top_k``
+    larger than the soft tokens it may choose from would make the trigger undefined on every
+    question, i.e. DPC would silently never fire)."""
+    n_soft = soft_prompt.n_tokens
+    usable = n_soft - (1 if cfg.detector.sink == "exclude" else 0)
+    if cfg.detector.top_k > usable:
+        why = f" (sink='exclude' leaves {usable} to choose from)" if usable != n_soft else ""
+        raise ConfigError(
+            f"detector.top_k={cfg.detector.top_k} is larger than the soft prompt's {n_soft} "
+            f"tokens{why}: DPC could never locate that many and would never fire. Set "
+            f"detector.top_k to at most {usable} in the config file (--config), or use a longer "
+            "soft prompt."
+        )
+
+
+def _too_long(adapter: Any, prompt: Sequence[int], n_soft: int, cfg: DPCConfig) -> str | None:
+    """Why a question cannot be run on this model (``None`` when it fits)."""
+    n_ctx = adapter.n_ctx
+    need = len(prompt) + n_soft + cfg.generation.max_new_tokens
+    if n_ctx is None or need <= n_ctx:
+        return None
+    return (f"too long for the model's context: {len(prompt)} prompt tokens + {n_soft} soft tokens "
+            f"+ max_new_tokens {cfg.generation.max_new_tokens} = {need} > n_ctx={n_ctx}")
+
+
+@dataclass(eq=False)
+class _Pending:
+    """One question between analysis and its final record (waiting for a regeneration)."""
+
+    ex: Example
+    prompt: list[int]
+    analysis: Analysis
+    decision: TriggerDecision | None
+    error: str | None
+    located: list[int]
+    base: Generation | None
+    rand: list[tuple[list[int], Generation]]
+    timings: dict[str, float]
+    regen: Generation | None = None
+
+    def needs_regen(self, cfg: DPCConfig) -> bool:
+        fired = self.decision is not None and self.decision.fired
+        return fired or ("always" in cfg.baselines and bool(self.located))
+
+
+def _analyse_batch(adapter, soft, exs: Sequence[Example], prompts: list[list[int]],
+                   cfg: DPCConfig) -> list[_Pending]:
+    """PT generation, saliency, trigger and the per-question baselines of one batch."""
+    n = len(exs)
     t0 = time.perf_counter()
-    questions = [e.question for e in exs]
-    prompts = _prompt_ids(adapter, questions, cfg)
     pt_gen = generate(adapter, prompts, soft, cfg.generation, progress=False)
     t_gen = time.perf_counter() - t0
     t1 = time.perf_counter()
-    analyses = analyse(adapter, soft, questions, cfg, generations=pt_gen, progress=False)
+    analyses = analyse(adapter, soft, [e.question for e in exs], cfg, generations=pt_gen, progress=False)
     t_sal = time.perf_counter() - t1
-    decisions = [_safe_trigger(a.inputs, cfg.detector) for a in analyses]
     k = cfg.detector.top_k
-    # every instance's located tokens (for 'always'), the fired ones for DPC
-    located = []
-    for a, d in zip(analyses, decisions):
-        if d is not None:
-            located.append(list(d.accumulation.top_indices[:k]))
-        else:
-            located.append([])
-    need_regen = {i for i, d in enumerate(decisions) if d is not None and d.fired}
-    if "always" in cfg.baselines:
-        need_regen |= {i for i, rows in enumerate(located) if rows}
-    t2 = time.perf_counter()
-    regen: dict[int, Generation] = {}
-    if need_regen:
-        order = sorted(need_regen)
-        softs = [corrupt_soft_prompt(soft, located[i], cfg.corruption) for i in order]
-        gens = generate(adapter, [prompts[i] for i in order], softs, cfg.generation, progress=False)
-        regen = dict(zip(order, gens))
-    t_regen = time.perf_counter() - t2
-    base_gen = rand_gen = None
-    rand_rows: list[list[int]] = []
+    base_gen = None
     if "base" in cfg.baselines:
         base_gen = generate(adapter, prompts, None, cfg.generation, progress=False)
+    rand: list[list[tuple[list[int], Generation]]] = [[] for _ in exs]
     if "random" in cfg.baselines:
-        rand_rows = [random_rows_for(e.id, soft.n_tokens, k, cfg.seed) for e in exs]
-        softs = [corrupt_soft_prompt(soft, r, cfg.corruption) for r in rand_rows]
-        rand_gen = generate(adapter, prompts, softs, cfg.generation, progress=False)
-    records = []
-    n = len(exs)
-    for i, (ex, a, d) in enumerate(zip(exs, analyses, decisions)):
-        pt = _answer_record(task, a.generation, ex)
-        fired = bool(d is not None and d.fired)
-        dpc = dict(_answer_record(task, regen[i], ex)) if fired else dict(pt)
-        dpc.update(fired=fired, corrupted_rows=located[i] if fired else [])
-        rec: dict[str, Any] = {
-            "id": ex.id,
-            "question": ex.question,
-            "gold": ex.answer,
-            "pt": pt,
-            "dpc": dpc,
-            "final_answer": dpc["answer"],
-            "final_correct": dpc["correct"],
-            "trigger": d.to_dict() if d is not None else None,
-            "located_rows": located[i],
-            "flows": a.flows,
-            "loss": a.loss,
-            "timings": {"pt_generate_s": t_gen / n, "saliency_s": t_sal / n,
-                        "regenerate_s": (t_regen / max(len(need_regen), 1)) if i in need_regen else 0.0},
-        }
-        if base_gen is not None:
-            rec["base"] = _answer_record(task, base_gen[i], ex)
-        if "always" in cfg.baselines:
-            rec["always"] = _answer_record(task, regen[i], ex) if i in regen else dict(pt)
-            rec["always"]["corrupted_rows"] = located[i]
-        if rand_gen is not None:
-            rec["random"] = _answer_record(task, rand_gen[i], ex)
-            rec["random"]["corrupted_rows"] = rand_rows[i]
-        records.append(rec)
-    return records
+        for j in range(cfg.random_draws):
+            rows = [random_rows_for(e.id, soft.n_tokens, k, cfg.seed + j) for e in exs]
+            softs = [corrupt_soft_prompt(soft, r, cfg.corruption) for r in rows]
+            gens = generate(adapter, prompts, softs, cfg.generation, progress=False)
+            for i, (r, g) in enumerate(zip(rows, gens)):
+                rand[i].append((r, g))
+    out = []
+    for i, (ex, a) in enumerate(zip(exs, analyses)):
+        d, err = _safe_trigger(a.inputs, cfg.detector)
+        located = list(d.accumulation.top_indices[:k]) if d is not None else []
+        out.append(_Pending(ex, prompts[i], a, d, err, located, base_gen[i] if base_gen else None, rand[i],
+                            {"pt_generate_s": t_gen / n, "saliency_s": t_sal / n, "regenerate_s": 0.0}))
+    return out
+
+
+def _regenerate(adapter, soft, group: Sequence[_Pending], cfg: DPCConfig) -> None:
+    """One corrupted generation per pending question (its located rows), batched."""
+    t0 = time.perf_counter()
+    softs = [corrupt_soft_prompt(soft, p.located, cfg.corruption) for p in group]
+    gens = generate(adapter, [p.prompt for p in group], softs, cfg.generation, progress=False)
+    dt = (time.perf_counter() - t0) / max(len(group), 1)
+    for p, g in zip(group, gens):
+        p.regen = g
+        p.timings["regenerate_s"] = dt
+
+
+def _finish(task, cfg: DPCConfig, p: _Pending) -> dict[str, Any]:
+    ex, a, d = p.ex, p.analysis, p.decision
+    pt = _answer_record(task, a.generation, ex)
+    fired = bool(d is not None and d.fired)
+    dpc = dict(_answer_record(task, p.regen, ex)) if fired else dict(pt)
+    dpc.update(fired=fired, corrupted_rows=p.located if fired else [])
+    rec: dict[str, Any] = {
+        "id": ex.id,
+        "question": ex.question,
+        "gold": ex.answer,
+        "pt": pt,
+        "dpc": dpc,
+        "final_answer": dpc["answer"],
+        "final_correct": dpc["correct"],
+        "trigger": d.to_dict() if d is not None else None,
+        "located_rows": p.located,
+        "flows": a.flows,
+        "loss": a.loss,
+        "timings": dict(p.timings),
+    }
+    if p.error is not None:
+        rec["trigger_error"] = p.error
+    if p.base is not None:
+        rec["base"] = _answer_record(task, p.base, ex)
+    if "always" in cfg.baselines:
+        rec["always"] = _answer_record(task, p.regen, ex) if p.regen is not None else dict(pt)
+        rec["always"]["corrupted_rows"] = p.located
+    if p.rand:
+        draws = []
+        for rows, g in p.rand:
+            r = _answer_record(task, g, ex)
+            r["corrupted_rows"] = rows
+            draws.append(r)
+        rec["random"] = draws[0]
+        if len(draws) > 1:
+            rec["random_draws"] = draws
+    return rec
+
+
+def _skipped_record(ex: Example, why: str) -> dict[str, Any]:
+    return {"id": ex.id, "question": ex.question, "gold": ex.answer, "skipped": why,
+            "final_answer": None, "final_correct": False}
 
 
 def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Records of a (possibly interrupted) ``records.jsonl``; a torn last line is dropped."""
+    """Records of a (possibly interrupted) ``records.jsonl``; a torn last line is dropped, and a
+    record whose id appeared earlier in the file (two runs that wrote into one directory) is
+    kept once, so nothing is counted twice.
+
+    Raises:
+        DataError: a line in the middle is not JSON (the message names it and the repair:
+            ``--resume`` moves bad lines aside to ``records.jsonl.rejected`` and redoes them).
+    """
+    from .runs import corrupt_line_error, unique_by_id
+
     out = []
     if not os.path.exists(path):
         return out
@@ -343,8 +428,8 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             if n == len(lines):  # a write cut by a kill: redo that record
                 break
-            raise DataError(f"{os.fspath(path)}: line {n} is not valid JSON; the records file is corrupt.") from None
-    return out
+            raise corrupt_line_error(os.fspath(path), n) from None
+    return unique_by_id(out)[0]
 
 
 def _rewrite_clean(path: str, records: list[dict]) -> None:
@@ -370,28 +455,63 @@ def run_dpc(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Run DPC and its baselines over ``examples``; return ``(records, summary)``.
 
-    With ``out_dir``, records are appended to ``out_dir/records.jsonl`` as each chunk finishes,
-    ``config.json`` and ``summary.json`` are written; ``resume=True`` skips the ids already in
-    the file (no record lost or duplicated). Without ``resume`` an existing file is an error.
-    ``chunk_size`` questions are processed (and appended) together; default four generation
-    batches.
+    With ``out_dir``: the directory is locked for the whole run (``.dpc_lens.lock``, see
+    :class:`dpc_lens.runs.RunLock`); each question's record is appended to
+    ``out_dir/records.jsonl`` as soon as it is final (a killed run loses only the questions in
+    flight); at the end the file is rewritten in input order and ``config.json`` and
+    ``summary.json`` are written. ``resume=True`` skips the ids already in the file (a corrupt
+    line is moved aside to ``records.jsonl.rejected`` and its question redone); without
+    ``resume`` an existing file is an error.
+
+    Model work stays batched: ``chunk_size`` questions (default: the generation batch size) are
+    generated and measured together; the questions whose trigger fires wait until a whole
+    generation batch of them can be regenerated together.
+
+    A question too long for the model's context (prompt + soft prompt + ``max_new_tokens``) is
+    skipped with a record saying why (``"skipped"``), counted in the summary.
+
+    Raises:
+        DataError: no examples. ConfigError: a config the soft prompt cannot satisfy.
+        InputError / RunError: repeated ids, an existing run without ``resume``, a run with
+            another config, an output directory that is locked or not writable.
     """
+    from contextlib import nullcontext
+
+    from .runs import RunLock, check_out_dir, ids_preview, repair_jsonl
+
     cfg = config or DPCConfig()
     adapter = as_adapter(model)
     if not isinstance(soft_prompt, SoftPrompt):
         raise InputError(f"soft_prompt must be a SoftPrompt, got {type(soft_prompt).__name__}.")
     soft_prompt.for_model(adapter)  # width check before any work
+    examples = list(examples)
+    if not examples:
+        raise DataError("No examples to run: the data set is empty (or --limit left none). Pass a "
+                        "data file with at least one question.")
     ids = [e.id for e in examples]
     if len(set(ids)) != len(ids):
-        raise InputError("Example ids must be unique (resume relies on them).")
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        raise InputError(f"Example ids must be unique (resume relies on them); repeated: {ids_preview(dup)}. "
+                         "Give each line of the data file its own id.")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise InputError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}.")
-    done: list[dict] = []
+    check_config_fits(cfg, soft_prompt)
     rec_path = None
     if out_dir is not None:
-        out_dir = os.fspath(out_dir)
-        os.makedirs(out_dir, exist_ok=True)
+        out_dir = check_out_dir(out_dir)
         rec_path = os.path.join(out_dir, "records.jsonl")
+    with RunLock(out_dir, "dpc") if out_dir is not None else nullcontext():
+        return _run_dpc_locked(adapter, soft_prompt, examples, ids, task, cfg, out_dir, rec_path,
+                               resume, chunk_size, progress, on_record, repair_jsonl)
+
+
+def _run_dpc_locked(adapter, soft_prompt, examples, ids, task, cfg, out_dir, rec_path, resume,
+                    chunk_size, progress, on_record, repair_jsonl):
+    import sys
+
+    done: list[dict] = []
+    others: list[dict] = []
+    if rec_path is not None:
         if os.path.exists(rec_path) and not resume:
             raise InputError(
                 f"{rec_path} already exists. Pass resume=True (--resume) to continue that run, or "
@@ -413,36 +533,72 @@ def run_dpc(
                 )
         cfg.save(cfg_path)
         if resume:
-            done = [r for r in read_records(rec_path) if r.get("id") in set(ids)]
-            _rewrite_clean(rec_path, read_records(rec_path))
+            on_disk, bad = repair_jsonl(rec_path)
+            if bad:
+                print(f"dpc-lens: {rec_path}: moved {len(bad)} corrupt line(s) (line "
+                      f"{', '.join(map(str, bad))}) to {rec_path}.rejected; their questions are "
+                      "redone.", file=sys.stderr)
+            wanted = set(ids)
+            done = [r for r in on_disk if r.get("id") in wanted]
+            others = [r for r in on_disk if r.get("id") not in wanted]
     done_ids = {r["id"] for r in done}
     todo = [e for e in examples if e.id not in done_ids]
-    # chunks of several generation batches: the triggered questions of a chunk are regenerated
-    # together, so their regeneration fills batches instead of paying a whole decode loop for a
-    # few rows (measured: DPC/vanilla time 2.17 with one-batch chunks on the shipped reasoner)
-    step = chunk_size or 4 * max(cfg.generation.batch_size, 1)
+    step = chunk_size or cfg.generation.batch_size
+    regen_batch = cfg.generation.batch_size
+    n_soft = soft_prompt.n_tokens
     new: list[dict] = []
     bar = tqdm(total=len(todo), desc="DPC", disable=not progress)
+    fh = open(rec_path, "a", encoding="utf-8") if rec_path is not None else None
+
+    def emit(rec: dict) -> None:
+        if fh is not None:
+            fh.write(json.dumps(rec) + "\n")
+            fh.flush()
+        new.append(rec)
+        bar.update(1)
+        if on_record is not None:
+            on_record(rec)
+
+    def flush(queue: list[_Pending], final: bool) -> list[_Pending]:
+        while queue and (final or len(queue) >= regen_batch):
+            group, queue = queue[:regen_batch], queue[regen_batch:]
+            _regenerate(adapter, soft_prompt, group, cfg)
+            for p in group:
+                emit(_finish(task, cfg, p))
+        return queue
+
+    queue: list[_Pending] = []
     try:
         for s in range(0, len(todo), step):
-            recs = _process_chunk(adapter, soft_prompt, todo[s:s + step], task, cfg, progress)
-            if rec_path is not None:
-                with open(rec_path, "a", encoding="utf-8") as fh:
-                    for r in recs:
-                        fh.write(json.dumps(r) + "\n")
-            for r in recs:
-                if on_record is not None:
-                    on_record(r)
-            new.extend(recs)
-            bar.update(len(recs))
+            batch = todo[s:s + step]
+            prompts = _prompt_ids(adapter, [e.question for e in batch], cfg)
+            fit_ex, fit_p = [], []
+            for ex, p in zip(batch, prompts):
+                why = _too_long(adapter, p, n_soft, cfg)
+                if why is not None:
+                    emit(_skipped_record(ex, why))
+                else:
+                    fit_ex.append(ex)
+                    fit_p.append(p)
+            if fit_ex:
+                for p in _analyse_batch(adapter, soft_prompt, fit_ex, fit_p, cfg):
+                    if p.needs_regen(cfg):
+                        queue.append(p)
+                    else:
+                        emit(_finish(task, cfg, p))
+            queue = flush(queue, final=False)
+        flush(queue, final=True)
     finally:
         bar.close()
+        if fh is not None:
+            fh.close()
     by_id = {r["id"]: r for r in done + new}
     records = [by_id[i] for i in ids if i in by_id]
     summary = summarize(records)
     if out_dir is not None:
-        with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as fh:
-            json.dump(summary, fh, indent=2)
+        _rewrite_clean(rec_path, records + others)  # input order, as an uninterrupted run
+        with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as fh2:
+            json.dump(summary, fh2, indent=2)
     return records, summary
 
 
@@ -452,15 +608,38 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     * ``ceiling``: instances right without the soft prompt and wrong with it (what any trigger
       could at most recover); ``pt_only``: the other way round.
     * ``oracle``: accuracy of the best of the base and PT answers per instance.
+    * ``random``: with several draws per question, the mean accuracy over the draws;
+      ``random_draws`` holds each draw's accuracy, their standard deviation, min and max.
+    * ``skipped``: questions not run (too long for the model), left out of every accuracy;
+      ``trigger_errors``: questions whose trigger could not be computed (DPC answered with PT).
+    * A record whose id appears twice is counted once (``duplicates_dropped``).
     """
+    from .runs import unique_by_id
+
+    records, dups = unique_by_id(records)
+    skipped = [r for r in records if r.get("skipped")]
+    records = [r for r in records if not r.get("skipped")]
     n = len(records)
+    extra: dict[str, Any] = {}
+    if skipped:
+        extra["skipped"] = {"n": len(skipped), "ids": [r["id"] for r in skipped],
+                            "reason": skipped[0]["skipped"]}
+    if dups:
+        extra["duplicates_dropped"] = dups
     if n == 0:
-        return {"n": 0}
+        return {"n": 0, **extra}
     acc = lambda key: sum(bool(r[key]["correct"]) for r in records if key in r) / n  # noqa: E731
     out: dict[str, Any] = {"n": n, "accuracy": {"pt": acc("pt"), "dpc": acc("dpc")}}
     for b in BASELINES:
         if all(b in r for r in records):
             out["accuracy"][b] = acc(b)
+    if all("random_draws" in r for r in records):
+        n_draws = min(len(r["random_draws"]) for r in records)
+        per = [sum(bool(r["random_draws"][j]["correct"]) for r in records) / n for j in range(n_draws)]
+        mean = sum(per) / n_draws
+        std = (sum((x - mean) ** 2 for x in per) / (n_draws - 1)) ** 0.5 if n_draws > 1 else 0.0
+        out["accuracy"]["random"] = mean
+        out["random_draws"] = {"n": n_draws, "accuracy": per, "std": std, "min": min(per), "max": max(per)}
     fired = [r for r in records if r["dpc"]["fired"]]
     out["trigger_rate"] = len(fired) / n
     out["flips"] = {
@@ -468,10 +647,15 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "right_to_wrong": sum(1 for r in fired if r["pt"]["correct"] and not r["dpc"]["correct"]),
     }
     located = [r for r in records if r.get("located_rows")]
-    out["sink_rate"] = (sum(1 for r in located if r["located_rows"][0] == 0) / len(located)) if located else None
+    n_sink = sum(1 for r in located if r["located_rows"][0] == 0)
+    out["sink_rate"] = (n_sink / len(located)) if located else None
     if all("base" in r for r in records):
         out["ceiling"] = sum(1 for r in records if r["base"]["correct"] and not r["pt"]["correct"])
         out["pt_only"] = sum(1 for r in records if r["pt"]["correct"] and not r["base"]["correct"])
         out["accuracy"]["oracle"] = sum(1 for r in records if r["base"]["correct"] or r["pt"]["correct"]) / n
+    errors = [r for r in records if r.get("trigger_error")]
+    if errors:
+        out["trigger_errors"] = {"n": len(errors), "ids": [r["id"] for r in errors][:20],
+                                 "first": errors[0]["trigger_error"]}
+    out.update(extra)
     return out
-

@@ -15,6 +15,7 @@ __all__ = [
     "ModelError",
     "HookError",
     "SaliencyError",
+    "RunError",
 ]
 
 
@@ -44,3 +45,8 @@ class HookError(DpcLensError):
 
 class SaliencyError(DpcLensError):
     """The saliency pass could not produce a result (a layer delivered no gradient, bad loss)."""
+
+
+class RunError(InputError):
+    """An output directory cannot take this run: it is locked by another run, not writable, or
+    holds another command's results (the message names the holder or the path and the fix)."""
