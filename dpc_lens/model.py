@@ -413,6 +413,16 @@ def load_model(
 
     Raises :class:`ModelError` when the weights are neither a local directory nor reachable.
     """
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise InputError(
+            f"load_model needs a model directory or hub id (a string), got "
+            f"{type(name_or_path).__name__} {name_or_path!r}. Pass e.g. load_model('path/to/model') "
+            "or load_model('gpt2')."
+        )
+    name_or_path = os.fspath(name_or_path)
+    from .validate import check_device
+
+    device = check_device(device)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if isinstance(dtype, str):

@@ -242,8 +242,9 @@ class SaliencyResult:
         """Write ``saliency.safetensors`` and ``saliency.json`` (config, layers, layouts)."""
         from safetensors.torch import save_file
 
-        path = os.fspath(path)
-        os.makedirs(path, exist_ok=True)
+        from .runs import check_out_dir
+
+        path = check_out_dir(path, "SaliencyResult.save path")
         tensors = {"flow_sums": self.flow_sums, "pair_counts": self.pair_counts, "loss": self.loss}
         for name in ("column_sums", "column_shares", "row_sums", "row_totals", "full"):
             v = getattr(self, name)
@@ -314,6 +315,13 @@ def compute_saliency(
         SaliencyError: a requested layer delivered no gradient, or the loss is not a finite
             scalar / per-example vector.
     """
+    if not isinstance(batch, PromptBatch):
+        raise InputError(
+            f"compute_saliency needs a PromptBatch as its batch, got {type(batch).__name__}"
+            f"{' ' + repr(batch)[:60] if isinstance(batch, (str, dict)) else ''}. Build one first, "
+            "e.g. PromptBatch.from_pieces(model, [[('bos', [tok.bos_token_id]), ('question', text)]], "
+            "soft_prompt)."
+        )
     config = config or SaliencyConfig()
     adapter = as_adapter(model)
     layers = config.resolved_layers(adapter.n_layers)

@@ -109,7 +109,19 @@ def encode_pieces(tokenizer: Any, pieces: Iterable[Piece]) -> tuple[list[int], S
     """
     ids: list[int] = []
     spans: dict[str, tuple[int, int]] = {}
-    for name, piece in pieces:
+    if isinstance(pieces, (str, bytes)) or not isinstance(pieces, Iterable):
+        raise InputError(
+            f"pieces must be a list of (name, text or token ids) pairs, got {type(pieces).__name__}. "
+            "Example: [('bos', [tok.bos_token_id]), ('question', 'how many ...')]."
+        )
+    for item in pieces:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
+            raise InputError(
+                f"Each piece must be a (name, text or token ids) pair, got {item!r}. If you passed "
+                "one example's pieces to PromptBatch.from_pieces, wrap them in an outer list (one "
+                "list of pieces per example): [[('bos', [1]), ('question', '...')]]."
+            )
+        name, piece = item
         if name in spans or name == SOFT:
             raise InputError(
                 f"Segment name {name!r} is used twice (or is the reserved soft-prompt name "
@@ -119,8 +131,17 @@ def encode_pieces(tokenizer: Any, pieces: Iterable[Piece]) -> tuple[list[int], S
             if tokenizer is None:
                 raise InputError("Text pieces need a tokenizer; pass token ids instead.")
             toks = list(tokenizer(piece, add_special_tokens=False)["input_ids"])
-        else:
+        elif isinstance(piece, (list, tuple)) or (isinstance(piece, torch.Tensor) and piece.dim() == 1):
             toks = [int(t) for t in piece]
+            if isinstance(piece, (list, tuple)) and not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in piece
+            ):
+                raise InputError(f"Piece {name!r}: token ids must be ints, got {list(piece)[:8]!r}.")
+        else:
+            raise InputError(
+                f"Piece {name!r} is a {type(piece).__name__} ({piece!r:.40}); expected text (str) or a "
+                f"list of token ids. For one token write [{piece!r:.20}], e.g. ('bos', [tok.bos_token_id])."
+            )
         spans[name] = (len(ids), len(ids) + len(toks))
         ids.extend(toks)
     return ids, SegmentLayout(spans, len(ids))
@@ -203,7 +224,15 @@ class PromptBatch:
             soft_rows = [one] * len(sequences) if one is not None else None
         n_soft = 0 if soft_rows is None else int(soft_rows[0].shape[0])
         lengths = [len(s) + n_soft for s in sequences]
+        vocab = _vocab_size(adapter)
         for i, (seq, lay) in enumerate(zip(sequences, layouts)):
+            bad = [int(t) for t in seq if not 0 <= int(t) < vocab] if vocab else []
+            if bad:
+                raise InputError(
+                    f"Example {i} holds token id(s) {bad[:5]} outside the model's vocabulary "
+                    f"(0..{vocab - 1}). Encode the text with this model's tokenizer, or check the "
+                    "ids came from the same tokenizer."
+                )
             if len(seq) == 0 and n_soft == 0:
                 raise InputError(f"Example {i} has no tokens; give each example some text.")
             if lay.length != len(seq):
@@ -266,6 +295,13 @@ class PromptBatch:
             seqs.append(ids)
             lays.append(SegmentLayout(lay.spans, lay.length, tuple(required)))
         return cls.build(adapter, seqs, lays, soft)
+
+
+def _vocab_size(adapter: Any) -> int | None:
+    try:
+        return int(adapter.embedding_weight.shape[0])
+    except Exception:  # an adapter without an embedding matrix: nothing to check against
+        return None
 
 
 def _soft_tensor(adapter: Any, soft: Any) -> Tensor:

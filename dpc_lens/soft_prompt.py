@@ -156,11 +156,24 @@ class SoftPrompt:
         if os.path.isfile(st):
             from safetensors.torch import load_file
 
-            tensors = load_file(st)
+            try:
+                tensors = load_file(st)
+            except Exception as exc:  # safetensors raises its own SafetensorError / OSError
+                raise DataError(
+                    f"{st} is not a readable safetensors file ({type(exc).__name__}: {exc}); it is "
+                    "truncated or not safetensors at all. Copy the adapter again from where it was "
+                    "trained, or save it anew with SoftPrompt.save_peft(dir)."
+                ) from None
         elif os.path.isfile(bn):
-            tensors = torch.load(bn, map_location="cpu", weights_only=True)
+            tensors = _load_bin(bn)
         else:
             raise DataError(f"{path!r} has neither {_SAFETENSORS} nor {_BIN}.")
+        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            raise DataError(
+                f"The adapter weights in {path!r} are a {type(tensors).__name__}, not a mapping of "
+                f"names to tensors; expected {{{_KEY!r}: tensor [num_virtual_tokens, token_dim]}}. "
+                "Save the adapter with SoftPrompt.save_peft(dir) or PEFT's save_pretrained."
+            )
         if _KEY not in tensors:
             raise DataError(
                 f"The adapter weights in {path!r} have no {_KEY!r} tensor (found {sorted(tensors)})."
@@ -226,3 +239,26 @@ class SoftPrompt:
             json.dump(config, fh, indent=2)
         save_file({_KEY: self.embeddings.detach().to("cpu").contiguous()}, os.path.join(path, _SAFETENSORS))
         return path
+
+
+def _load_bin(path: str) -> Any:
+    """``torch.load(weights_only=True)`` of an ``adapter_model.bin``, with errors that say what
+    the file holds and how to convert it -- never to switch the protection off."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        text = str(exc)
+        if "weights_only" in text or "Unsupported global" in text or "WeightsUnpickler" in text:
+            raise DataError(
+                f"{path} holds non-tensor Python objects, which dpc_lens refuses to unpickle (a "
+                "pickle can run arbitrary code). If you trust the file, convert it once to "
+                "safetensors in a separate step, e.g. load it in the program that wrote it and call "
+                "safetensors.torch.save_file({'prompt_embeddings': tensor}, "
+                "'adapter_model.safetensors'), then delete the .bin."
+            ) from None
+        raise DataError(
+            f"{path} is not a readable PyTorch file ({type(exc).__name__}: {exc}); it is truncated "
+            "or not a checkpoint. Copy the adapter again, or save it anew with "
+            "SoftPrompt.save_peft(dir)."
+        ) from None
+

@@ -23,7 +23,7 @@ from typing import Any
 
 from dpc_lens.errors import DataError
 from dpc_lens.tasks.base import Example, accuracy
-from dpc_lens.tasks.gsm8k import extract_number_answer, numbers_equal
+from dpc_lens.tasks.gsm8k import _NUMBER, extract_number_answer, numbers_equal
 from dpc_lens.tasks.io import _read_jsonl_numbered, _record_id, _require_str
 
 __all__ = ["AquaTask", "format_aqua_question", "parse_aqua_option"]
@@ -185,12 +185,16 @@ def _letter_after_markers(text: str, valid: set[str] | None = None) -> str | Non
 
 
 def _match_number(text: str, options: Mapping[str, str]) -> str | None:
-    """The letter of the first option whose leading number equals the generation's numeric
-    answer (as :func:`~dpc_lens.tasks.gsm8k.extract_number_answer` reads it)."""
+    """The letter of the one option that is exactly the generation's numeric answer (as
+    :func:`~dpc_lens.tasks.gsm8k.extract_number_answer` reads it), or ``None``.
+
+    An option matches when it holds exactly one number and that number equals the answer (units
+    and currency around it are fine: "12 km/hr", "Rs. 500"); "5 and 1" holds two numbers and is
+    never matched by "5". An answer matching no option, or more than one (ambiguous), is ``None``
+    -- scored wrong, never guessed."""
     number = extract_number_answer(text)
     if number is None:
         return None
-    for letter, value in options.items():
-        if numbers_equal(value, number):
-            return letter.upper()
-    return None
+    hits = [letter.upper() for letter, value in options.items()
+            if len(_NUMBER.findall(str(value))) == 1 and numbers_equal(value, number)]
+    return hits[0] if len(hits) == 1 else None

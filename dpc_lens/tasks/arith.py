@@ -37,6 +37,7 @@ from typing import Iterable, Literal, Sequence
 
 from dpc_lens.errors import ConfigError, DataError
 from dpc_lens.tasks.base import Example
+from dpc_lens.tasks.io import _PLAIN_NUMBER, task_hint
 
 __all__ = [
     "ArithTask",
@@ -520,7 +521,12 @@ class ArithTask:
                 for key in ("question", "answer"):
                     if key not in record:
                         raise DataError(f"{p}:{lineno}: missing field {key!r}; each record "
-                                        "needs 'question' and 'answer'")
+                                        "needs 'question' and 'answer'." + task_hint(record, "arith"))
+                if not _PLAIN_NUMBER.fullmatch(str(record["answer"])):
+                    raise DataError(
+                        f"{p}:{lineno}: field 'answer' is {str(record['answer'])[:60]!r}, not a plain "
+                        "number; the arith task expects the final answer alone (e.g. \"12\"), so it "
+                        "would be scored against the wrong number." + task_hint(record, "arith"))
                 record.setdefault("id", str(lineno))
                 out.append(Example.from_dict(record))
         return out

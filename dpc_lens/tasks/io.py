@@ -9,13 +9,47 @@ from local paths the user gives (see SPEC section 7).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from dpc_lens.errors import DataError
 
-__all__ = ["read_jsonl", "write_jsonl"]
+__all__ = ["read_jsonl", "write_jsonl", "guess_task", "task_hint"]
+
+_PLAIN_NUMBER = re.compile(r"\s*-?\d[\d,]*(?:\.\d+)?\s*")
+
+
+def guess_task(record: Mapping[str, Any]) -> str | None:
+    """The task whose file format ``record`` fits, from its fields alone (``None``: no idea).
+
+    GSM8K: ``question`` + an ``answer`` holding ``#### n``; MATH: ``problem`` + ``solution``;
+    AQuA: ``question`` + ``options`` + ``correct``; arith: ``question`` + a plain-number ``answer``.
+    """
+    if not isinstance(record, Mapping):
+        return None
+    answer = record.get("answer")
+    if "problem" in record and "solution" in record:
+        return "math"
+    if "question" in record and "options" in record and "correct" in record:
+        return "aqua"
+    if "question" in record and isinstance(answer, str) and "####" in answer:
+        return "gsm8k"
+    if "question" in record and isinstance(answer, (str, int, float)) and not isinstance(answer, bool) \
+            and _PLAIN_NUMBER.fullmatch(str(answer)):
+        return "arith"
+    return None
+
+
+def task_hint(record: Mapping[str, Any], task: str) -> str:
+    """`` Fields present: ...; they look like a 'gsm8k' file (pass --task gsm8k).`` or less."""
+    fields = ", ".join(sorted(map(str, record))) or "none"
+    guess = guess_task(record)
+    looks = (f" They look like a {guess!r} file: if it is one, pass --task {guess}."
+             if guess is not None and guess != task else "")
+    return f" Fields present: {fields}.{looks}"
+
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -118,9 +152,12 @@ def _require_str(
     """``record[key]`` when it is a non-empty string, else a DataError naming place and field."""
     if key not in record:
         present = ", ".join(sorted(map(str, record))) or "none"
+        guess = guess_task(record)
+        looks = (f" These fields look like a {guess!r} data file: if it is one, pass --task {guess}."
+                 if guess is not None else "")
         raise DataError(
             f"{where}: field {key!r} is missing; expected {expected}. "
-            f"Fields present: {present}."
+            f"Fields present: {present}.{looks}"
         )
     value = record[key]
     if not isinstance(value, str) or not value.strip():
