@@ -61,12 +61,12 @@ from .detector import (
     resolve_layers,
 )
 from .dpc import DPCConfig, analyse
-from .tasks import answer_of as _extract
 from .errors import ConfigError, DataError, InputError
 from .generation import encode_prompts, generate
 from .model import as_adapter
 from .patching import corrupt_soft_prompt
 from .soft_prompt import SoftPrompt
+from .tasks import answer_of as _extract
 
 __all__ = [
     "KNOBS",
@@ -597,6 +597,32 @@ class DPCCalibration:
         """``best_accuracy - pt_accuracy`` on the dev split."""
         return self.best_accuracy - self.pt_accuracy
 
+    @property
+    def remarks(self) -> list[str]:
+        """What a user must know before trusting the chosen point: it never fires (DPC with it
+        is vanilla PT), or the dev split is too small to tell the grid points apart."""
+        out = []
+        if self.best_trigger_rate == 0:
+            out.append(
+                "The chosen point never fires on the dev split: DPC with this config answers exactly "
+                "like vanilla prompt tuning (no grid point beat PT here). Use a larger or different "
+                "dev split, or a wider grid, before relying on it."
+            )
+        step = 1.0 / self.n_examples if self.n_examples else 1.0
+        tied = sum(1 for a in self.accuracy if round(a, 12) == round(self.best_accuracy, 12))
+        if self.n_examples < 50:
+            out.append(
+                f"Only {self.n_examples} dev examples: one question moves accuracy by "
+                f"{100 * step:.1f} points, so the grid points are not separable. Calibrate on 100 "
+                "or more examples."
+            )
+        elif tied > 1 and len(self.accuracy) > 1:
+            out.append(
+                f"{tied} of {len(self.accuracy)} grid points tie at the best accuracy; the dev "
+                "split cannot separate them (the one firing least was chosen)."
+            )
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "config": self.config.to_dict(),
@@ -617,6 +643,7 @@ class DPCCalibration:
             ],
             "grid": self.grid.to_dict(),
             "notes": list(self.notes),
+            "remarks": self.remarks,
             "timings": dict(self.timings),
         }
 
@@ -761,6 +788,8 @@ def calibrate_dpc(
     grid: CalibrationGrid | None = None,
     *,
     progress: bool = True,
+    out_dir: str | os.PathLike | None = None,
+    resume: bool = False,
 ) -> DPCCalibration:
     """Grid-search DPC's detector knobs on labelled dev ``examples``, maximising accuracy.
 
@@ -774,9 +803,16 @@ def calibrate_dpc(
     comes from ``base_config`` and is kept in the chosen config. The caller's soft prompt and
     model are not modified.
 
+    With ``out_dir`` the directory is locked for the run and every finished generation batch
+    is kept in ``out_dir/calibration_progress/`` (``pt.jsonl``: PT correctness and detector
+    inputs per example; ``corrupted.jsonl``: correctness per corrupted pair), so a killed
+    calibration continues with ``resume=True`` (``--resume``) instead of starting over; the
+    result is saved there (:meth:`DPCCalibration.save`) at the end.
+
     Raises:
         InputError: no examples, repeated ids, a soft prompt that does not fit the model, or a
-            grid that does not fit the model (see :func:`sweep_triggers`).
+            grid that does not fit the model (see :func:`sweep_triggers`); RunError: the output
+            directory is locked, not writable, or holds another calibration without ``resume``.
     """
     cfg = base_config or DPCConfig()
     grid = grid or CalibrationGrid()
@@ -790,44 +826,138 @@ def calibrate_dpc(
     ids = [e.id for e in examples]
     if len(set(ids)) != len(ids):
         raise InputError("Example ids must be unique in the dev split.")
+    from contextlib import nullcontext
+
+    from .dpc import check_config_fits
+    from .runs import RunLock, check_out_dir
+
+    check_config_fits(cfg, soft_prompt)
+    if out_dir is not None:
+        out_dir = check_out_dir(out_dir)
+    with RunLock(out_dir, "calibrate") if out_dir is not None else nullcontext():
+        cal = _calibrate_locked(adapter, soft_prompt, examples, ids, task, cfg, grid, progress,
+                                out_dir, resume)
+        if out_dir is not None:
+            cal.save(out_dir)
+        return cal
+
+
+def _inputs_json(x: DetectorInputs | None) -> dict[str, Any] | None:
+    if x is None:
+        return None
+    return {k: getattr(x, k).tolist() for k in
+            ("soft_columns", "soft_columns_norm", "rationale_rows", "rationale_rows_norm")}
+
+
+def _inputs_from_json(d: Mapping[str, Any] | None) -> DetectorInputs | None:
+    if d is None:
+        return None
+    return DetectorInputs(**{k: torch.tensor(v, dtype=torch.float64) for k, v in d.items()})
+
+
+def _calibrate_locked(adapter, soft_prompt, examples, ids, task, cfg, grid, progress, out_dir,
+                      resume) -> DPCCalibration:
+    from .runs import repair_jsonl
+
     timings: dict[str, float] = {}
+    prog = os.path.join(out_dir, "calibration_progress") if out_dir is not None else None
+    pt_path = os.path.join(prog, "pt.jsonl") if prog else None
+    cor_path = os.path.join(prog, "corrupted.jsonl") if prog else None
+    cached_pt: dict[str, dict] = {}
+    cached_cor: dict[tuple[str, tuple[int, ...]], bool] = {}
+    if prog is not None:
+        settings = {"config": cfg.to_dict(), "grid": grid.to_dict()}
+        settings["config"].pop("saliency_batch_size", None)
+        settings["config"]["generation"].pop("batch_size", None)
+        settings_path = os.path.join(prog, "settings.json")
+        if os.path.exists(pt_path) and not resume:
+            raise InputError(
+                f"{out_dir} holds a calibration already ({pt_path}). Pass --resume (resume=True) to "
+                "continue it, or choose another --out."
+            )
+        if resume and os.path.exists(settings_path):
+            with open(settings_path, encoding="utf-8") as fh:
+                old = json.load(fh)
+            if old != settings:
+                raise InputError(
+                    f"Cannot resume the calibration in {out_dir}: it was started with another "
+                    "config or grid. Resume with the same --config, or choose another --out."
+                )
+        os.makedirs(prog, exist_ok=True)
+        with open(settings_path, "w", encoding="utf-8") as fh:
+            json.dump(settings, fh, indent=2)
+        if resume:
+            cached_pt = {r["id"]: r for r in repair_jsonl(pt_path)[0]}
+            for r in repair_jsonl(cor_path, key=lambda r: (r.get("id"), tuple(r.get("rows", ()))))[0]:
+                cached_cor[(r["id"], tuple(r["rows"]))] = bool(r["correct"])
 
     t0 = time.perf_counter()
     prompts = encode_prompts(adapter, [cfg.template.format(question=e.question) for e in examples],
                              add_bos=cfg.add_bos)
-    pt_gens = generate(adapter, prompts, soft_prompt, cfg.generation, progress=progress,
-                       desc="PT generate")
-    timings["pt_generate_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    analyses = analyse(adapter, soft_prompt, [e.question for e in examples], cfg,
-                       generations=pt_gens, progress=progress)
-    timings["saliency_s"] = time.perf_counter() - t0
-    pt_correct = [bool(task.is_correct(_extract(task, g.text, ex), ex.answer))
-                  for g, ex in zip(pt_gens, examples)]
+    inputs: list[DetectorInputs | None] = [None] * len(examples)
+    pt_correct: list[bool] = [False] * len(examples)
+    todo = []
+    for i, ex in enumerate(examples):
+        if ex.id in cached_pt:
+            inputs[i] = _inputs_from_json(cached_pt[ex.id]["inputs"])
+            pt_correct[i] = bool(cached_pt[ex.id]["pt_correct"])
+        else:
+            todo.append(i)
+    step = cfg.generation.batch_size
+    for s in tqdm(range(0, len(todo), step), desc="PT generate + saliency", disable=not progress,
+                  leave=False):
+        idx = todo[s:s + step]
+        gens = generate(adapter, [prompts[i] for i in idx], soft_prompt, cfg.generation,
+                        progress=False)
+        ans = analyse(adapter, soft_prompt, [examples[i].question for i in idx], cfg,
+                      generations=gens, progress=False)
+        rows = []
+        for i, g, a in zip(idx, gens, ans):
+            ex = examples[i]
+            inputs[i] = a.inputs
+            pt_correct[i] = bool(task.is_correct(_extract(task, g.text, ex), ex.answer))
+            rows.append({"id": ex.id, "pt_correct": pt_correct[i], "inputs": _inputs_json(a.inputs)})
+        if pt_path is not None:
+            with open(pt_path, "a", encoding="utf-8") as fh:
+                fh.write("".join(json.dumps(r) + "\n" for r in rows))
+    timings["pt_generate_and_saliency_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    sweep = sweep_triggers([a.inputs for a in analyses], grid, cfg.detector)
+    sweep = sweep_triggers(inputs, grid, cfg.detector)
     pairs = needed_pairs(sweep)
     timings["sweep_s"] = time.perf_counter() - t0
 
     # shortest prompts together, so batches carry little padding (results do not depend on it)
     order = sorted(pairs, key=lambda pr: (len(prompts[pr[0]]), pr))
     table: dict[Pair, bool] = {}
+    for i, rows in order:
+        key = (examples[i].id, tuple(rows))
+        if key in cached_cor:
+            table[(i, rows)] = cached_cor[key]
+    order_todo = [pr for pr in order if pr not in table]
     t0 = time.perf_counter()
     step = cfg.generation.batch_size
-    for s in tqdm(range(0, len(order), step), desc="corrupted generate", disable=not progress,
+    for s in tqdm(range(0, len(order_todo), step), desc="corrupted generate", disable=not progress,
                   leave=False):
-        chunk = order[s:s + step]
+        chunk = order_todo[s:s + step]
         softs = [corrupt_soft_prompt(soft_prompt, rows, cfg.corruption) for _, rows in chunk]
         gens = generate(adapter, [prompts[i] for i, _ in chunk], softs, cfg.generation,
                         progress=False)
+        done_rows = []
         for (i, rows), g in zip(chunk, gens):
             ex = examples[i]
             table[(i, rows)] = bool(task.is_correct(_extract(task, g.text, ex), ex.answer))
+            done_rows.append({"id": ex.id, "rows": list(rows), "correct": table[(i, rows)]})
+        if cor_path is not None:
+            with open(cor_path, "a", encoding="utf-8") as fh:
+                fh.write("".join(json.dumps(r) + "\n" for r in done_rows))
     timings["corrupted_generate_s"] = time.perf_counter() - t0
 
-    n_gen = {"pt": len(pt_gens), "corrupted": len(order), "total": len(pt_gens) + len(order)}
+    n_gen = {"pt": len(todo), "corrupted": len(order_todo), "total": len(todo) + len(order_todo)}
+    reused = len(examples) - len(todo) + len(order) - len(order_todo)
+    if reused:
+        n_gen["reused"] = reused
     return calibrate_from_cache(
-        [a.inputs for a in analyses], pt_correct, table, grid, cfg,
+        inputs, pt_correct, table, grid, cfg,
         sweep=sweep, n_generations=n_gen, timings=timings,
     )
