@@ -18,7 +18,7 @@ Shapes use TransformerLens's axis words. A leading ``...`` axis is either nothin
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 

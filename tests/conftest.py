@@ -1,53 +1,106 @@
-"""Shared fixtures: tiny offline models, and the autouse check that no test leaks a hook."""
+"""Shared fixtures: tiny offline models, and the autouse check that no test leaks a hook.
+
+The whole run is offline (set here, before anything imports ``huggingface_hub``, which reads the
+variables once at import): no test waits on the network. Export ``HF_HUB_OFFLINE=0`` to override.
+"""
 
 from __future__ import annotations
 
-import gc
-import warnings
+import os
 
-import pytest
-import torch
-from jaxtyping import install_import_hook
+for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
 
-warnings.filterwarnings("ignore")
+import functools  # noqa: E402
+import weakref  # noqa: E402
+
+import pytest  # noqa: E402
+from jaxtyping import install_import_hook  # noqa: E402
 
 # Shapes in signatures are checked at run time for the pure-maths modules (STYLE item 8):
 # jaxtyping + beartype wrap every annotated function of these modules when they are imported.
 with install_import_hook(["dpc_lens.flows"], "beartype.beartype"):
     import dpc_lens.flows  # noqa: F401
 
-
-def _live_models():
-    from dpc_lens.model import ModelAdapter  # noqa: F401  (import check)
-
-    out = []
-    for obj in gc.get_objects():
-        try:
-            if isinstance(obj, torch.nn.Module) and hasattr(obj, "hook_dict") and hasattr(obj, "cfg"):
-                out.append(obj)
-        except ReferenceError:
-            continue
-    return out
+# ------------------------------------------------------------------ models the tests create
+# Every TransformerLens model constructed during the run (by a fixture, a dpc_lens.testing
+# builder, load_model or a test's own boot_*) is registered here at construction, weakly: the
+# leak check walks these models only, not every live Python object (gc.get_objects() after each
+# test cost ~200 s of a ~290 s run).
+_MODELS: weakref.WeakSet = weakref.WeakSet()
 
 
-def _hook_counts(model) -> int:
-    """Non-permanent hooks on the model's hook points (TransformerLens keeps a few permanent
-    hooks of its own on some bridge architectures, e.g. OPT's MLP hook points)."""
+def _track_instances(cls: type) -> None:
+    if getattr(cls.__init__, "_dpc_lens_tracked", False):
+        return
+    original = cls.__init__
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        _MODELS.add(self)
+
+    __init__._dpc_lens_tracked = True
+    cls.__init__ = __init__
+
+
+def _model_classes() -> list[type]:
+    from dpc_lens.model import _bridge_class, hooked_transformer_class
+
+    return [c for c in (_bridge_class(), hooked_transformer_class()) if c is not None]
+
+
+for _cls in _model_classes():
+    _track_instances(_cls)
+
+
+def _is_library_internal(fn) -> bool:
+    """Hooks TransformerLens / transformers / torch wire into a model themselves (e.g. TL 4.3's
+    lazily added layer-norm capture pre-hooks) are not a test's leak."""
+    mod = getattr(fn, "__module__", None) or ""
+    return mod.split(".")[0] in ("transformer_lens", "transformers", "torch", "accelerate", "peft")
+
+
+def hooks_left(model) -> int:
+    """Hooks a test or dpc_lens left on ``model``: TransformerLens hooks on hook points (except
+    the permanent ones TL installs itself, e.g. 6 on OPT's MLP hook points), plus raw torch
+    forward / pre / backward hooks on any of its modules that are not library internals."""
     n = 0
+    lens_ids = set()
     for hp in model.hook_dict.values():
         for handles in (getattr(hp, "fwd_hooks", []), getattr(hp, "bwd_hooks", [])):
-            n += sum(1 for h in handles if not getattr(h, "is_permanent", False))
+            for h in handles:
+                lens_ids.add(getattr(getattr(h, "hook", None), "id", None))
+                if not getattr(h, "is_permanent", False):
+                    n += 1
+    for module in model.modules():
+        for table in (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
+                      getattr(module, "_backward_pre_hooks", {})):
+            for hid, fn in table.items():
+                if hid in lens_ids or _is_library_internal(fn):
+                    continue
+                n += 1
     return n
+
+
+def leaked_hooks() -> dict[str, int]:
+    """``{model class: hooks left}`` over every tracked model still alive."""
+    out: dict[str, int] = {}
+    for m in list(_MODELS):
+        k = hooks_left(m)
+        if k:
+            out[type(m).__name__] = out.get(type(m).__name__, 0) + k
+    return out
 
 
 @pytest.fixture(autouse=True)
 def no_leaked_hooks(request):
-    """After every test, every TransformerLens model alive has no hook left on any hook point
-    (besides the ones a test registered on purpose and marked with ``keeps_hooks``)."""
+    """After every test, no model the run created has a hook left on it (besides the ones a
+    test registered on purpose and marked with ``keeps_hooks``)."""
     yield
     if request.node.get_closest_marker("keeps_hooks"):
         return
-    leaked = {type(m).__name__: _hook_counts(m) for m in _live_models() if _hook_counts(m)}
+    leaked = leaked_hooks()
     assert not leaked, f"hooks left on models after the test: {leaked}"
 
 

@@ -21,35 +21,6 @@ from dpc_lens.testing import save_tiny_hf_model
 ARCHS = ["gpt2", "llama", "opt"]
 
 
-def _user_hook_count(model) -> int:
-    """Hooks on the model's hook points minus TransformerLens's own permanent ones.
-
-    The OPT bridge wires six permanent hooks at boot (``is_permanent=True`` LensHandles);
-    conftest's ``no_leaked_hooks`` counts every torch hook, so any test holding an OPT bridge
-    fails there although nothing leaked. This module overrides the fixture with the same check
-    minus the permanent hooks.
-    """
-    n = 0
-    for hp in model.hook_dict.values():
-        n += len(hp._forward_hooks) + len(hp._backward_hooks) + len(hp._forward_pre_hooks)
-        n -= sum(
-            1
-            for h in list(getattr(hp, "fwd_hooks", [])) + list(getattr(hp, "bwd_hooks", []))
-            if getattr(h, "is_permanent", False)
-        )
-    return n
-
-
-@pytest.fixture(autouse=True)
-def no_leaked_hooks():
-    """conftest's leak check, not counting TransformerLens's permanent hooks (see above)."""
-    from conftest import _live_models
-
-    yield
-    leaked = {type(m).__name__: _user_hook_count(m) for m in _live_models() if _user_hook_count(m)}
-    assert not leaked, f"hooks left on models after the test: {leaked}"
-
-
 PROMPTS = ["how many apples", "the cat has 3 pens and 2 books", "bob"]
 
 
@@ -285,8 +256,8 @@ def _positions_fed(model, **gen_kwargs):
         seen.append(int(x.shape[1]))
 
     with model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", record)]):
-        out = generate(model, [[5, 6, 7, 8, 9]], None, GenerationConfig(max_new_tokens=6, stop_at_eos=False, **gen_kwargs),
-                       progress=False)
+        cfg = GenerationConfig(max_new_tokens=6, stop_at_eos=False, **gen_kwargs)
+        out = generate(model, [[5, 6, 7, 8, 9]], None, cfg, progress=False)
     return seen, out
 
 
