@@ -410,6 +410,9 @@ def load_model(
     The bridge (``TransformerBridge.boot_transformers``) forces eager attention. The model is put
     in eval mode with every weight frozen. ``device`` defaults to CUDA when present.
     ``family="hooked"`` uses ``HookedTransformer.from_pretrained`` (TransformerLens < 4 only).
+    ``name_or_path`` may also be a GGUF file, a directory holding one, or ``"smollm2"`` (the
+    embedded SmolLM2-135M-Instruct): converted once into a cached Hugging Face directory, see
+    :mod:`dpc_lens.checkpoints`.
 
     Raises :class:`ModelError` when the weights are neither a local directory nor reachable.
     """
@@ -433,7 +436,13 @@ def load_model(
             raise InputError(
                 f"Unknown dtype {dtype!r}; expected one of float32, bfloat16, float16."
             ) from None
-    is_local = os.path.isdir(name_or_path)
+    from .checkpoints import boot_in_memory, resolve_source
+
+    # "smollm2" or a GGUF file/directory -> a converted HF directory (or an in-memory model)
+    source = resolve_source(name_or_path)
+    in_memory = not isinstance(source, str)
+    name_or_path = name_or_path if in_memory else source
+    is_local = in_memory or os.path.isdir(name_or_path)
     if not is_local and (os.sep in name_or_path and name_or_path.startswith((".", os.sep))):
         raise ModelError(f"Model directory {name_or_path!r} does not exist. Pass an existing "
                          "local directory with config.json and weights, or a hub id.")
@@ -455,7 +464,8 @@ def load_model(
             kwargs = {"device": device}
             if dtype is not None:
                 kwargs["dtype"] = dtype
-            model = TransformerBridge.boot_transformers(name_or_path, **kwargs)
+            model = (TransformerBridge.boot_transformers(name_or_path, **kwargs)
+                     if not in_memory else boot_in_memory(*source, **kwargs))
     except ModelError:
         raise
     except (OSError, ValueError) as exc:

@@ -138,11 +138,13 @@ def _close(got, ref, msg=""):
 
 
 # --------------------------------------------------------------------------- references
-def hf_reference(model_dir, tokenizer, pieces, soft: torch.Tensor | None):
-    """Run the HF checkpoint directly; return (per-layer A, per-layer G, spans, loss)."""
+def hf_reference(model_dir, tokenizer, pieces, soft: torch.Tensor | None, **load_kwargs):
+    """Run the HF checkpoint directly; return (per-layer A, per-layer G, spans, loss).
+    ``load_kwargs`` go to ``from_pretrained`` (e.g. ``gguf_file=`` for a GGUF checkpoint)."""
     import transformers
 
-    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager",
+                                                           **load_kwargs)
     hf.eval()
     ids, spans = [], {}
     P = 0 if soft is None else soft.shape[0]
