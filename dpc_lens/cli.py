@@ -2,6 +2,7 @@
 
 Commands:
 
+* ``paths`` — where the shipped test bed's files are (each also reachable as ``testbed``).
 * ``demo`` — the whole method on the shipped reasoner, soft prompt and test set (offline).
 * ``dpc`` — DPC and its baselines over a data file; resumable JSONL + summary + config.
 * ``calibrate`` — fit the trigger's knobs on a labelled dev split.
@@ -18,92 +19,218 @@ import argparse
 import json
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from .errors import DpcLensError
 
 __all__ = ["main", "build_parser"]
 
 
+DESCRIPTION = """\
+dpc-lens: Dynamic Prompt Corruption (DPC) and Instance-adaptive Prompting (IAP) on
+TransformerLens models, from the command line.
+
+Commands:
+  demo          the whole method on the shipped test bed (offline, about a minute)
+  dpc           DPC and its baselines over a data file (resumable)
+  calibrate     fit the DPC trigger's knobs on a labelled dev split (resumable)
+  train-prompt  vanilla prompt tuning, saved as a PEFT adapter
+  iap           Instance-adaptive Prompting over a data file (resumable)
+  paths         where the shipped test bed's model, soft prompt, config and data are
+
+Every run directory (--out) is locked while a run writes into it. Errors exit with code 2
+and say what was wrong and how to fix it.
+"""
+
+_FORMATTER = argparse.RawDescriptionHelpFormatter
+
+
+def _writes(*files: str) -> str:
+    return "files written into --out:\n" + "\n".join(f"  {f}" for f in files)
+
+
 def _add_common(p: argparse.ArgumentParser, *, data: bool = True) -> None:
-    p.add_argument("--model", required=True, help="Hugging Face model directory or hub id")
+    p.add_argument("--model", required=True,
+                   help="Hugging Face model directory or hub id; 'testbed' = the shipped reasoner")
     if data:
-        p.add_argument("--data", required=True, help="local data file (JSONL, or as the task reads)")
+        p.add_argument("--data", required=True,
+                       help="local data file (JSONL, or as the task reads); 'testbed' = the shipped "
+                            "test set (dev set for calibrate)")
         p.add_argument("--task", required=True, help="gsm8k, math, aqua or arith")
-        p.add_argument("--limit", type=int, default=None, help="use only the first N examples")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        p.add_argument("--limit", type=int, default=None,
+                       help="use only the first N examples (default: all)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:N or mps (default: cuda when present, else cpu)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (default: shown)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dpc-lens", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    from .generation import GenerationConfig
+    from .prompt_tuning import PromptTuningConfig
 
-    p = sub.add_parser("demo", help="run base / prompt tuning / DPC on the shipped test bed")
-    p.add_argument("--out", default="runs/demo", help="output directory")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N test examples")
-    p.add_argument("--plots", action="store_true", help="also write the standard figures")
-    p.add_argument("--no-progress", action="store_true")
+    gen, ptc = GenerationConfig(), PromptTuningConfig()
+    parser = argparse.ArgumentParser(prog="dpc-lens", description=DESCRIPTION, formatter_class=_FORMATTER)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("dpc", help="Dynamic Prompt Corruption over a data set")
+    p = sub.add_parser("demo", help="run base / prompt tuning / DPC on the shipped test bed",
+                       formatter_class=_FORMATTER,
+                       description="Base model, vanilla prompt tuning and DPC on the shipped test bed "
+                                   "(reasoner, soft prompt, calibrated config, 600 test questions).",
+                       epilog=_writes("records.jsonl  one JSON record per question",
+                                      "summary.json   accuracies, trigger rate, flips, random spread",
+                                      "config.json    the DPC config used",
+                                      "figures/       with --plots"))
+    p.add_argument("--out", default="runs/demo",
+                   help="output directory; refused if it holds a run other than a demo (default: runs/demo)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="use only the first N test questions (default: all 600)")
+    p.add_argument("--plots", action="store_true", help="also write the standard figures (default: off)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (default: shown)")
+
+    p = sub.add_parser("dpc", help="Dynamic Prompt Corruption over a data set", formatter_class=_FORMATTER,
+                       description="DPC and its baselines over a data file: one record per question, "
+                                   "appended as soon as it is final; --resume continues a killed run.",
+                       epilog=_writes("records.jsonl           one JSON record per question",
+                                      "records.jsonl.rejected  corrupt lines moved aside by --resume",
+                                      "summary.json            accuracies, trigger rate, flips, skipped",
+                                      "config.json             the DPC config used",
+                                      ".dpc_lens.lock          while the run is going",
+                                      "figures/                with --plots"))
     _add_common(p)
-    p.add_argument("--soft-prompt", required=True, help="PEFT prompt-tuning adapter directory")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--config", default=None, help="a dpc_config.json (e.g. from calibrate)")
-    p.add_argument("--resume", action="store_true", help="continue a killed run in --out")
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--baselines", default=None, help="comma list of base,always,random ('' for none)")
-    p.add_argument("--plots", action="store_true", help="also write the standard figures")
+    p.add_argument("--soft-prompt", required=True,
+                   help="PEFT prompt-tuning adapter directory; 'testbed' = the shipped one")
+    p.add_argument("--out", required=True, help="output directory (new, or the run to --resume)")
+    p.add_argument("--config", default=None,
+                   help="a dpc_config.json, e.g. from calibrate; 'testbed' = the shipped calibrated one "
+                        "(default: the built-in DPCConfig defaults, said on the first line)")
+    p.add_argument("--resume", action="store_true", help="continue a killed run in --out (default: off)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"tokens generated per answer (default: the config's, built-in {gen.max_new_tokens})")
+    p.add_argument("--baselines", default=None,
+                   help="comma list of base,always,random ('' for none) (default: the config's, "
+                        "built-in base,always,random)")
+    p.add_argument("--random-draws", type=int, default=None,
+                   help="random corruptions per question; the random row is their mean with its "
+                        "spread (default: the config's, built-in 1)")
+    p.add_argument("--plots", action="store_true", help="also write the standard figures (default: off)")
 
-    p = sub.add_parser("calibrate", help="fit the DPC trigger on a labelled dev split")
+    p = sub.add_parser("calibrate",
+                   help="fit the DPC trigger on a labelled dev split", formatter_class=_FORMATTER,
+                       description="Grid-search the DPC trigger's knobs on a labelled dev split and "
+                                   "write the chosen config.",
+                       epilog=_writes("dpc_config.json          the chosen config (dpc --config accepts it)",
+                                      "calibration.json         every grid point, sensitivity, remarks",
+                                      "calibration_progress/    finished batches, for --resume",
+                                      ".dpc_lens.lock           while the run is going"))
     _add_common(p)
-    p.add_argument("--soft-prompt", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--config", default=None, help="base dpc_config.json")
-    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--soft-prompt", required=True,
+                   help="PEFT prompt-tuning adapter directory; 'testbed' = the shipped one")
+    p.add_argument("--out", required=True,
+                   help="output directory for the chosen config (checked before any work)")
+    p.add_argument("--config", default=None,
+                   help="base dpc_config.json whose non-detector fields are kept "
+                        "(default: built-in DPCConfig)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed calibration in --out (default: off)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"tokens generated per answer (default: the config's, built-in {gen.max_new_tokens})")
 
-    p = sub.add_parser("train-prompt", help="vanilla prompt tuning, saved as a PEFT adapter")
+    p = sub.add_parser("train-prompt", help="vanilla prompt tuning, saved as a PEFT adapter",
+                       formatter_class=_FORMATTER,
+                       description="Train a soft prompt (vanilla prompt tuning) on a data file.",
+                       epilog=_writes("adapter_config.json, adapter_model.safetensors  the PEFT adapter",
+                                      "training_history.json                         loss and dev accuracy"))
     _add_common(p)
-    p.add_argument("--dev", default=None, help="dev data file for early stopping")
+    p.add_argument("--dev", default=None, help="dev data file for early stopping (default: none)")
     p.add_argument("--out", required=True, help="adapter directory to write")
-    p.add_argument("--n-tokens", type=int, default=16)
-    p.add_argument("--steps", type=int, default=800)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-tokens", type=int, default=16, help="soft-prompt length in tokens (default: 16)")
+    p.add_argument("--steps", type=int, default=800, help="optimisation steps (default: 800)")
+    p.add_argument("--lr", type=float, default=None, help=f"learning rate (default: {ptc.lr})")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"training batch size (default: {ptc.batch_size})")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
 
-    p = sub.add_parser("iap", help="Instance-adaptive Prompting over a data set")
+    p = sub.add_parser("iap", help="Instance-adaptive Prompting over a data set", formatter_class=_FORMATTER,
+                       description="IAP-ss, IAP-mv, single prompts and majority vote over a data file.",
+                       epilog=_writes("pairs.jsonl         one record per (question, prompt)",
+                                      "questions.jsonl     per-question decisions",
+                                      "summary.json, config.json, standardizer.json, pair_settings.json",
+                                      "dev/                with --dev: the dev calibration's pairs",
+                                      ".dpc_lens.lock      while the run is going"))
     _add_common(p)
     p.add_argument("--prompts", default=None,
                    help="prompt pool: .json list or one prompt per line (default: the built-in nine)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--dev", default=None,
                    help="labelled dev file: fit the standardiser and calibrate lam, tau, m on it first "
-                        "(without it the standardiser is fitted on the run's own flows)")
-    p.add_argument("--dev-limit", type=int, default=None, help="use only the first N dev examples")
-    p.add_argument("--config", default=None, help="an IAP config.json to start from")
-    p.add_argument("--resume", action="store_true", help="continue a killed run in --out")
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None, help="generation batch size")
-    p.add_argument("--per-head", action="store_true", help="also keep layer x head flow maps")
-    p.add_argument("--chat-template", choices=("auto", "never", "always"), default=None)
+                        "(default: none; the standardiser is then fitted on the run's own flows)")
+    p.add_argument("--dev-limit", type=int, default=None,
+                   help="use only the first N dev examples (default: all)")
+    p.add_argument("--config", default=None,
+                   help="an IAP config.json to start from (default: built-in IAPRunConfig)")
+    p.add_argument("--resume", action="store_true", help="continue a killed run in --out (default: off)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"tokens generated per answer (default: the config's, built-in {gen.max_new_tokens})")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"generation batch size (default: the config's, built-in {gen.batch_size})")
+    p.add_argument("--per-head", action="store_true", help="also keep layer x head flow maps (default: off)")
+    p.add_argument("--chat-template", choices=("auto", "never", "always"), default=None,
+                   help="wrap prompts in the tokenizer's chat template "
+                        "(default: the config's, built-in auto)")
+
+    p = sub.add_parser("paths", help="print where the shipped test bed's files are",
+                       description="The shipped test bed's model, soft prompt, calibrated config and "
+                                   "data sets; every one can also be named 'testbed' on the command line.")
     return parser
+
+
+_COUNTS = ("limit", "max_new_tokens", "batch_size", "dev_limit", "n_tokens", "steps", "random_draws")
+
+
+def _check_counts(args) -> None:
+    from .validate import check_count
+
+    for name in _COUNTS:
+        if getattr(args, name, None) is not None:
+            check_count(getattr(args, name), "--" + name.replace("_", "-"))
+
+
+def _testbed(value: str | None, key: str) -> str | None:
+    """``'testbed'`` -> the shipped file for ``key``; anything else unchanged."""
+    if value != "testbed":
+        return value
+    from .demo import shipped_artefacts
+
+    art = shipped_artefacts()
+    if art is None or not os.path.exists(art[key]):
+        from .errors import DataError
+
+        raise DataError(f"'testbed' names the shipped {key}, but it is not in this install "
+                        "(dpc_lens/data). Reinstall dpc_lens, or pass a path.")
+    return art[key]
 
 
 def _load(args):
     from .model import load_model
 
-    return load_model(args.model, device=args.device, dtype=args.dtype)
+    return load_model(_testbed(args.model, "model"), device=args.device, dtype=args.dtype)
 
 
-def _examples(args, path=None):
+def _examples(args, path=None, limit=None):
+    from .errors import DataError
     from .tasks import get_task, load_examples
 
     task = get_task(args.task)
-    exs = load_examples(path or args.data, task)
-    if getattr(args, "limit", None):
-        exs = exs[: args.limit]
+    which = "dev" if getattr(args, "command", "") == "calibrate" else "test"
+    src = path or _testbed(args.data, which)
+    exs = load_examples(src, task)
+    lim = limit if path else getattr(args, "limit", None)
+    if lim is not None:
+        exs = exs[:lim]
+    if not exs:
+        raise DataError(f"{src} holds no examples (an empty data set). Pass a data file with at "
+                        "least one question.")
     return task, exs
 
 
@@ -112,11 +239,17 @@ def _dpc_config(args):
 
     from .dpc import DPCConfig
 
-    cfg = DPCConfig.load(args.config) if args.config else DPCConfig()
-    if getattr(args, "max_new_tokens", None):
+    path = _testbed(args.config, "config") if args.config else None
+    cfg = DPCConfig.load(path) if path else DPCConfig()
+    if getattr(args, "max_new_tokens", None) is not None:
         cfg = replace(cfg, generation=replace(cfg.generation, max_new_tokens=args.max_new_tokens))
     if getattr(args, "baselines", None) is not None:
-        cfg = replace(cfg, baselines=tuple(b for b in args.baselines.split(",") if b))
+        cfg = replace(cfg, baselines=tuple(b.strip() for b in args.baselines.split(",") if b.strip()))
+    if getattr(args, "random_draws", None) is not None:
+        cfg = replace(cfg, random_draws=args.random_draws)
+    where = path if path else ("built-in DPCConfig defaults (no --config; the shipped calibrated "
+                               "config is --config testbed)")
+    print(f"detector config: {where}", file=sys.stderr)
     return cfg
 
 
@@ -126,9 +259,14 @@ def print_summary(summary: dict, file=None) -> None:
     acc = summary.get("accuracy", {})
     print(f"n = {summary.get('n', 0)}", file=file)
     print(f"{'method':<10} {'accuracy':>9}", file=file)
+    rd = summary.get("random_draws")
     for name in ("base", "pt", "dpc", "always", "random", "oracle"):
         if name in acc:
-            print(f"{name:<10} {100 * acc[name]:>8.1f}%", file=file)
+            extra = ""
+            if name == "random" and rd:
+                extra = (f"  mean of {rd['n']} draws, sd {100 * rd['std']:.1f}, "
+                         f"range {100 * rd['min']:.1f}-{100 * rd['max']:.1f}")
+            print(f"{name:<10} {100 * acc[name]:>8.1f}%{extra}", file=file)
     if "trigger_rate" in summary:
         f = summary.get("flips", {})
         print(f"trigger rate {100 * summary['trigger_rate']:.1f}%  flips wrong->right "
@@ -136,16 +274,30 @@ def print_summary(summary: dict, file=None) -> None:
     if "ceiling" in summary:
         print(f"right without prompt & wrong with it (ceiling): {summary['ceiling']}   "
               f"the other way: {summary['pt_only']}", file=file)
+    if summary.get("skipped"):
+        s = summary["skipped"]
+        print(f"skipped {s['n']} question(s), left out of every accuracy: {s['reason']} "
+              f"(ids {', '.join(map(str, s['ids'][:5]))}{', ...' if s['n'] > 5 else ''})", file=file)
+    if summary.get("trigger_errors"):
+        t = summary["trigger_errors"]
+        print(f"warning: the trigger could not be computed on {t['n']} question(s) (DPC kept the PT "
+              f"answer there): {t['first']}", file=file)
+    if summary.get("duplicates_dropped"):
+        print(f"warning: {summary['duplicates_dropped']} duplicated record(s) counted once", file=file)
 
 
 def _cmd_dpc(args) -> int:
-    from .dpc import run_dpc
+    from .dpc import check_config_fits, run_dpc
+    from .runs import check_out_dir
     from .soft_prompt import SoftPrompt
 
-    model = _load(args)
-    soft = SoftPrompt.from_peft(args.soft_prompt)
+    check_out_dir(args.out)
     task, exs = _examples(args)
-    _, summary = run_dpc(model, soft, exs, task, _dpc_config(args), out_dir=args.out,
+    cfg = _dpc_config(args)
+    soft = SoftPrompt.from_peft(_testbed(args.soft_prompt, "soft_prompt"))
+    check_config_fits(cfg, soft)
+    model = _load(args)
+    _, summary = run_dpc(model, soft, exs, task, cfg, out_dir=args.out,
                          resume=args.resume, progress=not args.no_progress)
     print_summary(summary)
     if args.plots:
@@ -165,16 +317,23 @@ def _plots(out_dir: str) -> None:
 
 def _cmd_calibrate(args) -> int:
     from .calibration import calibrate_dpc
+    from .dpc import check_config_fits
+    from .runs import check_out_dir
     from .soft_prompt import SoftPrompt
 
-    model = _load(args)
-    soft = SoftPrompt.from_peft(args.soft_prompt)
+    check_out_dir(args.out)
     task, exs = _examples(args)
-    cal = calibrate_dpc(model, soft, exs, task, _dpc_config(args), progress=not args.no_progress)
-    cal.save(args.out)
+    cfg = _dpc_config(args)
+    soft = SoftPrompt.from_peft(_testbed(args.soft_prompt, "soft_prompt"))
+    check_config_fits(cfg, soft)
+    model = _load(args)
+    cal = calibrate_dpc(model, soft, exs, task, cfg, progress=not args.no_progress,
+                        out_dir=args.out, resume=args.resume)
     d = cal.to_dict()
     keep = ("best_point", "best_accuracy", "pt_accuracy", "gain", "oracle_accuracy", "n_generations")
     print(json.dumps({k: d[k] for k in keep if k in d}, indent=2))
+    for r in cal.remarks:
+        print(f"remark: {r}")
     print(f"chosen config: {os.path.join(args.out, 'dpc_config.json')}")
     return 0
 
@@ -183,8 +342,9 @@ def _cmd_train_prompt(args) -> int:
     from dataclasses import replace
 
     from .prompt_tuning import PromptTuningConfig, train_soft_prompt
+    from .runs import check_out_dir
 
-    model = _load(args)
+    check_out_dir(args.out)
     task, exs = _examples(args)
     dev = _examples(args, args.dev)[1] if args.dev else None
     cfg = PromptTuningConfig(n_tokens=args.n_tokens, steps=args.steps, seed=args.seed)
@@ -192,6 +352,7 @@ def _cmd_train_prompt(args) -> int:
         cfg = replace(cfg, lr=args.lr)
     if args.batch_size is not None:
         cfg = replace(cfg, batch_size=args.batch_size)
+    model = _load(args)
     res = train_soft_prompt(model, exs, cfg, dev_examples=dev, progress=not args.no_progress)
     res.soft_prompt.save_peft(args.out, base_model_name_or_path=args.model)
     res.save(os.path.join(args.out, "training_history.json"))
@@ -205,48 +366,78 @@ def _cmd_demo(args) -> int:
     return run_demo(out_dir=args.out, limit=args.limit, progress=not args.no_progress, plots=args.plots)
 
 
+def _cmd_paths(args) -> int:
+    from .demo import shipped_artefacts
+
+    art = shipped_artefacts()
+    if art is None:
+        print("The shipped test bed is not in this install (dpc_lens/data).")
+        return 1
+    for k in ("model", "soft_prompt", "config", "test", "dev"):
+        print(f"{k:<12} {art[k]}")
+    print("Each can be named 'testbed' instead: --model testbed --soft-prompt testbed "
+          "--config testbed --data testbed (test set; dev set for calibrate) --task arith")
+    return 0
+
+
 def _cmd_iap(args) -> int:
     from dataclasses import replace
 
     from .iap import IAPRunConfig, PromptPool, calibrate_iap, format_summary, run_iap
+    from .runs import RunLock, check_out_dir
 
+    check_out_dir(args.out)
     cfg = IAPRunConfig.load(args.config) if args.config else IAPRunConfig()
     gen = cfg.generation
-    if args.max_new_tokens:
+    if args.max_new_tokens is not None:
         gen = replace(gen, max_new_tokens=args.max_new_tokens)
-    if args.batch_size:
+    if args.batch_size is not None:
         gen = replace(gen, batch_size=args.batch_size)
     cfg = replace(cfg, generation=gen, per_head=args.per_head or cfg.per_head,
                   chat_template=args.chat_template or cfg.chat_template)
     pool = PromptPool.from_file(args.prompts) if args.prompts else PromptPool.default()
     task, exs = _examples(args)
-    model = _load(args)
-    progress = not args.no_progress
-    std = None
-    if args.dev:
-        from .tasks import load_examples
-
-        dev = load_examples(args.dev, task)[: args.dev_limit or None]
-        fit = calibrate_iap(model, dev, task, pool, cfg, out_dir=os.path.join(args.out, "dev"),
-                            resume=args.resume, progress=progress)
-        cfg, std = fit.config, fit.standardizer
-        print(f"dev calibration: IAP-ss {fit.calibration.best_ss}  IAP-mv {fit.calibration.best_mv}")
-    _, summary = run_iap(model, exs, task, pool, cfg, standardizer=std, out_dir=args.out,
-                         resume=args.resume, progress=progress)
+    dev = _examples(args, args.dev, args.dev_limit)[1] if args.dev else None
+    with RunLock(args.out, "iap"):
+        model = _load(args)
+        progress = not args.no_progress
+        std = None
+        if dev is not None:
+            fit = calibrate_iap(model, dev, task, pool, cfg, out_dir=os.path.join(args.out, "dev"),
+                                resume=args.resume, progress=progress)
+            cfg, std = fit.config, fit.standardizer
+            print(f"dev calibration: IAP-ss {fit.calibration.best_ss}  IAP-mv {fit.calibration.best_mv}")
+        _, summary = run_iap(model, exs, task, pool, cfg, standardizer=std, out_dir=args.out,
+                             resume=args.resume, progress=progress)
     print(format_summary(summary))
     print(f"pairs: {os.path.join(args.out, 'pairs.jsonl')}")
     return 0
 
 
 _COMMANDS = {"dpc": _cmd_dpc, "calibrate": _cmd_calibrate, "train-prompt": _cmd_train_prompt,
-             "demo": _cmd_demo, "iap": _cmd_iap}
+             "demo": _cmd_demo, "iap": _cmd_iap, "paths": _cmd_paths}
+
+# how the library spells an option -> how the command line does
+_CLI_WORDS = (("resume=True (--resume)", "--resume"), ("Pass --resume (resume=True)", "Pass --resume"),
+              ("--resume (resume=True)", "--resume"), ("resume=True", "--resume"))
+
+
+def _cli_message(msg: str) -> str:
+    for api, cli in _CLI_WORDS:
+        msg = msg.replace(api, cli)
+    return msg
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``dpc-lens`` and ``python -m dpc_lens``; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    """Entry point of ``dpc-lens`` and ``python -m dpc_lens``; returns the exit code (2 for a
+    usage or input error, whose message says what was wrong and how to fix it)."""
     try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or an argparse usage error (already printed)
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    try:
+        _check_counts(args)
         return _COMMANDS[args.command](args)
     except DpcLensError as exc:
-        print(f"dpc-lens {args.command}: error: {exc}", file=sys.stderr)
+        print(f"dpc-lens {args.command}: {type(exc).__name__}: {_cli_message(str(exc))}", file=sys.stderr)
         return 2

@@ -404,10 +404,11 @@ def _skipped_record(ex: Example, why: str) -> dict[str, Any]:
             "final_answer": None, "final_correct": False}
 
 
-def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+def read_records(path: str | os.PathLike, key: Callable[[dict], Any] | None = None) -> list[dict[str, Any]]:
     """Records of a (possibly interrupted) ``records.jsonl``; a torn last line is dropped, and a
     record whose id appeared earlier in the file (two runs that wrote into one directory) is
-    kept once, so nothing is counted twice.
+    kept once, so nothing is counted twice (``key``: what makes a record unique, default its
+    ``id``; IAP's ``pairs.jsonl`` uses ``(id, prompt)``).
 
     Raises:
         DataError: a line in the middle is not JSON (the message names it and the repair:
@@ -429,7 +430,7 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
             if n == len(lines):  # a write cut by a kill: redo that record
                 break
             raise corrupt_line_error(os.fspath(path), n) from None
-    return unique_by_id(out)[0]
+    return unique_by_id(out, key)[0] if key is not None else unique_by_id(out)[0]
 
 
 def _rewrite_clean(path: str, records: list[dict]) -> None:
@@ -595,6 +596,8 @@ def _run_dpc_locked(adapter, soft_prompt, examples, ids, task, cfg, out_dir, rec
     by_id = {r["id"]: r for r in done + new}
     records = [by_id[i] for i in ids if i in by_id]
     summary = summarize(records)
+    # decided by behaviour (ModelAdapter.supports_kv_cache): a silent fallback shows here
+    summary["kv_cache_used"] = bool(cfg.generation.use_kv_cache and adapter.supports_kv_cache)
     if out_dir is not None:
         _rewrite_clean(rec_path, records + others)  # input order, as an uninterrupted run
         with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as fh2:

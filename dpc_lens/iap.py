@@ -1767,8 +1767,6 @@ def _collect_pairs(
     """
     from tqdm.auto import tqdm
 
-    from dpc_lens.dpc import _rewrite_clean, read_records
-
     examples = list(examples)
     if not examples:
         raise InputError(f"{desc}: no examples; give at least one question.")
@@ -1798,8 +1796,15 @@ def _collect_pairs(
                         f"run's ({settings}); resume with the same generation/layout/layer settings "
                         "or use another output directory."
                     )
-            records = read_records(path)
-            _rewrite_clean(str(path), records)
+            from dpc_lens.runs import repair_jsonl
+
+            records, bad = repair_jsonl(path, key=_pair_key)
+            if bad:
+                import sys
+
+                print(f"dpc-lens: {path}: moved {len(bad)} corrupt line(s) (line "
+                      f"{', '.join(map(str, bad))}) to {path}.rejected; those pairs are redone.",
+                      file=sys.stderr)
             for r in records:
                 done.setdefault(_pair_key(r), r)
         settings_path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
@@ -2020,12 +2025,18 @@ def calibrate_iap(
     ``config.ss.mu``). The best accuracy is in-sample: judge it on a held-out split with
     :func:`run_iap`.
     """
+    from contextlib import nullcontext
+
     from dpc_lens.model import as_adapter
+    from dpc_lens.runs import RunLock, check_out_dir
 
     cfg = _as_run_config(config)
     pool = _as_pool(pool)
-    pairs, cost = _collect_pairs(as_adapter(model), examples, task, pool, cfg, out_dir=out_dir,
-                                 resume=resume, progress=progress, desc="IAP dev")
+    if out_dir is not None:
+        out_dir = check_out_dir(out_dir)
+    with RunLock(out_dir, "iap dev") if out_dir is not None else nullcontext():
+        pairs, cost = _collect_pairs(as_adapter(model), examples, task, pool, cfg, out_dir=out_dir,
+                                     resume=resume, progress=progress, desc="IAP dev")
     std = fit_standardizer(pairs)
     qrecs = question_records(pairs, len(pool), std)
     golds = [g[0]["gold"] for g in _question_groups(pairs, len(pool))]
@@ -2061,9 +2072,9 @@ def run_iap(
     3. :func:`evaluate`: per-question decisions (``questions.jsonl``) and the summary
        (``summary.json``), with the standardiser (``standardizer.json``) and the run config
        (``config.json``) beside them.
-    """
-    from dpc_lens.model import as_adapter
 
+    With ``out_dir`` the directory is locked for the run (:class:`dpc_lens.runs.RunLock`).
+    """
     cfg = _as_run_config(config)
     pool = _as_pool(pool)
     if standardizer is not None and not isinstance(standardizer, FlowStandardizer):
@@ -2071,6 +2082,18 @@ def run_iap(
             f"standardizer must be a FlowStandardizer (e.g. FlowStandardizer.load(path)), got "
             f"{type(standardizer).__name__}."
         )
+    if out_dir is None:
+        return _run_iap(model, examples, task, pool, cfg, standardizer, out_dir, resume, progress)
+    from dpc_lens.runs import RunLock, check_out_dir
+
+    out_dir = check_out_dir(out_dir)
+    with RunLock(out_dir, "iap"):
+        return _run_iap(model, examples, task, pool, cfg, standardizer, out_dir, resume, progress)
+
+
+def _run_iap(model, examples, task, pool, cfg, standardizer, out_dir, resume, progress):
+    from dpc_lens.model import as_adapter
+
     if out_dir is not None:
         if (Path(out_dir) / "pairs.jsonl").exists() and not resume:
             raise InputError(
@@ -2094,6 +2117,8 @@ def run_iap(
     summary["standardizer"] = {**std_note, **std.to_dict()}
     summary["this_run"] = {**cost, "pairs": len(pairs)}
     summary["config"] = cfg.to_dict()
+    # decided by behaviour (ModelAdapter.supports_kv_cache): a silent fallback shows here
+    summary["kv_cache_used"] = bool(cfg.generation.use_kv_cache and as_adapter(model).supports_kv_cache)
     if out_dir is not None:
         out = Path(out_dir)
         std.save(out / "standardizer.json")

@@ -1091,6 +1091,7 @@ def save_standard_figures(
         records = read_records(path)
         if not records:
             raise DataError(f"{path} holds no records (or does not exist); run DPC into {out_dir!r} first.")
+    records = [r for r in records if not (isinstance(r, dict) and r.get("skipped"))]  # not run
     records = _records(records, "save_standard_figures")
     fig_dir = os.path.join(out_dir, "figures")
     written: list[str] = []
