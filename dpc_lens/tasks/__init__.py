@@ -1,6 +1,7 @@
 """The task registry: data sets by name, and the loaders behind them.
 
-``get_task("gsm8k" | "math" | "aqua" | "arith")`` returns a :class:`Task` object (loader,
+``get_task("gsm8k" | "math" | "aqua" | "arith" | "gym:<reasoning-gym data set>")`` returns a
+:class:`Task` object (loader,
 answer extraction, comparison, accuracy); :func:`load_examples` reads a local data file for a
 task. The synthetic arithmetic task lives in :mod:`dpc_lens.tasks.arith` and is imported only
 when asked for. Task objects are stateless; each call returns a fresh one.
@@ -50,10 +51,15 @@ def get_task(name: str) -> Task:
         from dpc_lens.tasks.arith import ArithTask  # lazy: the module is optional here
 
         return ArithTask()
+    if isinstance(key, str) and key.startswith("gym:"):
+        from dpc_lens.tasks.gym import GymTask  # lazy: needs the reasoning-gym package
+
+        return GymTask(name.strip()[len("gym:"):].strip())
     close = difflib.get_close_matches(str(key), TASKS, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise ConfigError(
-        f"unknown task {name!r}; valid names are {', '.join(TASKS)}.{hint}"
+        f"unknown task {name!r}; valid names are {', '.join(TASKS)}, or gym:<name> for a "
+        f"reasoning-gym data set.{hint}"
     )
 
 
