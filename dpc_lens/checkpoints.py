@@ -166,18 +166,30 @@ def _progress_on(progress: bool | None) -> bool:
 
 @contextlib.contextmanager
 def _hf_progress(enabled: bool) -> Iterator[None]:
-    """Turn transformers' own progress bars (the per-tensor dequantisation bar) on or off for the
+    """Turn transformers' own progress bars (loading, saving, and the per-tensor GGUF
+    dequantisation bar, which uses plain tqdm and ignores transformers' switch) on or off for the
     block, then restore the previous setting."""
+    import functools
+
     from transformers.utils import logging as hf_logging
 
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # pragma: no cover - older transformers
+        gguf_utils = None
+    plain_tqdm = getattr(gguf_utils, "tqdm", None)
     was_disabled = hf_logging.is_progress_bar_enabled() is False
     if enabled:
         hf_logging.enable_progress_bar()
     else:
         hf_logging.disable_progress_bar()
+        if plain_tqdm is not None:
+            gguf_utils.tqdm = functools.partial(plain_tqdm, disable=True)
     try:
         yield
     finally:
+        if plain_tqdm is not None:
+            gguf_utils.tqdm = plain_tqdm
         if was_disabled:
             hf_logging.disable_progress_bar()
         else:
@@ -338,8 +350,9 @@ def convert_gguf(
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+            with _hf_progress(show):
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
             steps.update()
             import transformers
 
