@@ -19,6 +19,7 @@ _EXPORTS = {
     "SaliencyError": "errors",
     # models
     "ModelAdapter": "model", "as_adapter": "model", "load_model": "model",
+    "smollm2_path": "checkpoints", "convert_gguf": "checkpoints",
     # soft prompts and inputs
     "SoftPrompt": "soft_prompt",
     "SegmentLayout": "segments", "PromptBatch": "segments", "encode_pieces": "segments",
