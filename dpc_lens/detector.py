@@ -15,8 +15,9 @@ which is invariant to that overall scale; ``"raw"`` stays available so calibrati
 
 Pieces, bottom to top:
 
-* :func:`resolve_layers` turns a layer-set spec (indices, a fraction pair, ``"shallow"`` or
-  ``"deep"``) into sorted layer indices for a model with ``n_layers`` layers.
+* :func:`~dpc_lens.layers.resolve_layers` (re-exported here) turns a layer-set spec (indices, a
+  fraction pair, ``"shallow"`` or ``"deep"``) into sorted layer indices; the grammar is shared
+  with IAP and lives in :mod:`dpc_lens.layers`.
 * :func:`accumulation` (shallow layers) - how concentrated the soft-prompt column scores are,
   and which soft tokens to corrupt.
 * :func:`deep_flow` (deep layers) - how many second-half rationale tokens lean on the soft
@@ -46,6 +47,9 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from dpc_lens.errors import ConfigError, InputError
+from dpc_lens.layers import LayerSpec, normalize_layer_spec, resolve_layers
+from dpc_lens.validate import is_int as _is_int
+from dpc_lens.validate import is_real as _is_real
 
 __all__ = [
     "LayerSpec",
@@ -72,168 +76,11 @@ Statistic = Literal["raw", "normalized"]
 BetaMode = Literal["first_half_mean", "fixed"]
 SinkMode = Literal["keep", "exclude", "normalize"]
 AccumulationMeasure = Literal["max_share", "max_over_mean", "concentration"]
-LayerName = Literal["shallow", "deep"]
-#: A layer set: a sequence of layer indices (negative counts from the end), a
-#: ``(start_frac, end_frac)`` pair of floats, or one of the names ``"shallow"`` / ``"deep"``.
-LayerSpec = LayerName | Sequence[int] | tuple[float, float]
 
 _STATISTICS: tuple[str, ...] = get_args(Statistic)
 _BETA_MODES: tuple[str, ...] = get_args(BetaMode)
 _SINK_MODES: tuple[str, ...] = get_args(SinkMode)
 _MEASURES: tuple[str, ...] = get_args(AccumulationMeasure)
-_LAYER_NAMES: tuple[str, ...] = get_args(LayerName)
-
-# Fraction boundaries like 0.28 * 25 come out as 7.000000000000001 in floating point; the
-# boundary must still count as 7, so ceil() is taken after subtracting this tolerance.
-_FRACTION_EPS = 1e-9
-
-
-# --------------------------------------------------------------------------------------------
-# Layer sets
-# --------------------------------------------------------------------------------------------
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_real(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _normalize_layer_spec(spec: Any, what: str) -> str | tuple[int, ...] | tuple[float, float]:
-    """Check a layer spec's form (not its range, which needs n_layers) and make it hashable.
-
-    Returns the name, a tuple of ints (index list) or a tuple of two floats (fraction pair).
-    The rule that tells the two sequence forms apart: a sequence holding any ``float`` is a
-    fraction pair and must have exactly two entries; a sequence of ``int`` only is an index
-    list. So ``(0, 0.5)`` is a fraction pair and ``(0, 1)`` is the index list [0, 1].
-    """
-    if isinstance(spec, str):
-        if spec not in _LAYER_NAMES:
-            raise ConfigError(
-                f"{what}={spec!r} is not a layer-set name; expected one of {_LAYER_NAMES}, "
-                "a list of layer indices such as [1, 2, 3], or a fraction pair such as (0.0, 0.33)."
-            )
-        return spec
-    if isinstance(spec, torch.Tensor):
-        spec = spec.tolist()
-    if not isinstance(spec, Sequence):
-        raise ConfigError(
-            f"{what}={spec!r} (type {type(spec).__name__}) is not a layer set; expected 'shallow', "
-            "'deep', a list of layer indices such as [1, 2, 3], or a fraction pair such as "
-            "(0.0, 0.33)."
-        )
-    items = list(spec)
-    if not items:
-        raise ConfigError(
-            f"{what} is an empty list; give at least one layer index, a fraction pair, "
-            "or 'shallow' / 'deep'."
-        )
-    if any(isinstance(x, float) for x in items):
-        if len(items) != 2 or not all(_is_real(x) for x in items):
-            raise ConfigError(
-                f"{what}={spec!r} mixes floats into a layer list; a fraction pair is exactly two "
-                "numbers (start_frac, end_frac) such as (0.0, 0.33), and an index list holds "
-                "ints only."
-            )
-        start, end = float(items[0]), float(items[1])
-        if not (0.0 <= start < end <= 1.0):
-            raise ConfigError(
-                f"{what}={spec!r} is not a valid fraction pair; expected 0.0 <= start_frac < "
-                "end_frac <= 1.0, e.g. (0.0, 0.33) for the first third or (0.67, 1.0) for the last."
-            )
-        return (start, end)
-    bad = [x for x in items if not _is_int(x)]
-    if bad:
-        raise ConfigError(
-            f"{what}={spec!r} holds non-integer entries {bad!r}; layer indices are ints "
-            "(negative ones count from the last layer)."
-        )
-    return tuple(int(x) for x in items)
-
-
-def _fraction_layers(start: float, end: float, n_layers: int) -> list[int]:
-    lo = math.ceil(start * n_layers - _FRACTION_EPS)
-    hi = math.ceil(end * n_layers - _FRACTION_EPS)
-    return list(range(max(lo, 0), min(hi, n_layers)))
-
-
-def resolve_layers(spec: LayerSpec, n_layers: int) -> list[int]:
-    """Turn a layer-set spec into a sorted list of distinct layer indices in ``[0, n_layers)``.
-
-    Forms of ``spec``:
-
-    * **index list** (ints): negative indices count from the end (``-1`` is the last layer).
-      Every index must lie in ``[-n_layers, n_layers)`` and no layer may appear twice (two
-      spellings of one layer, such as ``[3, -1]`` in a 4-layer model, count as a repeat: a
-      repeated layer would be weighted twice in the sums).
-    * **fraction pair** ``(start_frac, end_frac)`` (floats, ``0 <= start < end <= 1``): the
-      layers l with ``start_frac <= l / n_layers < end_frac``, i.e.
-      ``range(ceil(start_frac * n), ceil(end_frac * n))``.
-    * ``"shallow"``: the first third of the layers without layer 0 -- the fraction pair
-      ``(0, 1/3)`` minus layer 0, i.e. layers ``1 .. ceil(n/3) - 1``. When that is empty
-      (n_layers = 2 or 3) it falls back to ``[1]``.
-    * ``"deep"``: the last third -- the fraction pair ``(2/3, 1)``, i.e. layers
-      ``ceil(2n/3) .. n-1`` (that is the last ``floor(n/3)`` layers). When that is empty
-      (n_layers <= 2) it falls back to ``[n - 1]``.
-
-    Defaults by model size (SPEC section 3 step 6; the paper gives none, and reports the
-    strongest soft-prompt flow around layers 2-10 of 32-40-layer models)::
-
-        n_layers   shallow        deep
-        2          [1]            [1]      (the same layer: a 2-layer model has no better split)
-        3          [1]            [2]
-        4          [1]            [3]
-        12         [1, 2, 3]      [8, 9, 10, 11]
-        32         [1 .. 10]      [22 .. 31]
-        40         [1 .. 13]      [27 .. 39]
-
-    Raises:
-        ConfigError: the spec is malformed, an index is out of range or repeated, a fraction
-            pair selects no layer of this model, or ``"shallow"`` is asked of a 1-layer model.
-    """
-    if not _is_int(n_layers) or n_layers < 1:
-        raise ConfigError(
-            f"n_layers={n_layers!r} must be a positive int (the model's cfg.n_layers)."
-        )
-    norm = _normalize_layer_spec(spec, "layer spec")
-    if norm == "shallow":
-        if n_layers < 2:
-            raise ConfigError(
-                "the layer set 'shallow' excludes layer 0, and a 1-layer model has no other "
-                "layer; pass [0] explicitly (e.g. shallow_layers=[0]) to use layer 0."
-            )
-        layers = [layer for layer in _fraction_layers(0.0, 1.0 / 3.0, n_layers) if layer != 0]
-        return layers or [1]
-    if norm == "deep":
-        return _fraction_layers(2.0 / 3.0, 1.0, n_layers) or [n_layers - 1]
-    if isinstance(norm, tuple) and norm and isinstance(norm[0], float):
-        start, end = norm
-        layers = _fraction_layers(start, end, n_layers)
-        if not layers:
-            raise ConfigError(
-                f"fraction pair ({start}, {end}) selects no layer of a {n_layers}-layer model "
-                f"(it takes layers l with {start} <= l/{n_layers} < {end}); widen the range or "
-                "pass layer indices explicitly."
-            )
-        return layers
-    out: list[int] = []
-    for idx in norm:  # type: ignore[union-attr]
-        if not -n_layers <= idx < n_layers:
-            raise ConfigError(
-                f"layer index {idx} is out of range for a {n_layers}-layer model; valid indices "
-                f"are 0..{n_layers - 1} or -{n_layers}..-1."
-            )
-        pos = idx % n_layers
-        if pos in out:
-            raise ConfigError(
-                f"layer {pos} appears twice in {list(norm)!r} (for a {n_layers}-layer model); "
-                "each layer may be listed once."
-            )
-        out.append(pos)
-    return sorted(out)
-
 
 # --------------------------------------------------------------------------------------------
 # Inputs and config
@@ -431,10 +278,10 @@ class DetectorConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(
-            self, "shallow_layers", _normalize_layer_spec(self.shallow_layers, "shallow_layers")
+            self, "shallow_layers", normalize_layer_spec(self.shallow_layers, "shallow_layers")
         )
         object.__setattr__(
-            self, "deep_layers", _normalize_layer_spec(self.deep_layers, "deep_layers")
+            self, "deep_layers", normalize_layer_spec(self.deep_layers, "deep_layers")
         )
         _check_choice(self.statistic, "statistic", _STATISTICS)
         _check_choice(self.beta_mode, "beta_mode", _BETA_MODES)

@@ -40,13 +40,15 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Union, no_type_check
+from typing import TYPE_CHECKING, Any, Literal, no_type_check
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from dpc_lens.errors import ConfigError, DataError, InputError
+from dpc_lens.layers import LayerSpec, layer_spec_json, normalize_layer_spec, resolve_layers
+from dpc_lens.validate import is_int as _is_int
 
 if TYPE_CHECKING:  # pandas is imported lazily, only by to_dataframe()
     import pandas as pd
@@ -397,7 +399,7 @@ def _json_array_item_lines(text: str) -> list[int]:
 # Flow standardisation
 # ---------------------------------------------------------------------------------------------
 
-FlowValues = Union[Float[Tensor, "*pairs"], Sequence[float], float]
+FlowValues = Float[Tensor, "*pairs"] | Sequence[float] | float
 
 
 def _as_float64(values: FlowValues, what: str) -> Tensor:
@@ -570,74 +572,7 @@ class FlowStandardizer:
 # Layer sets and config
 # ---------------------------------------------------------------------------------------------
 
-#: A layer set: either explicit layer indices (a tuple of ints, e.g. ``(1, 2, 3)``), or a
-#: fraction pair ``(start, stop)`` of floats with ``0 <= start < stop <= 1``.
-LayerSpec = Union[tuple[int, ...], tuple[float, float]]
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_fraction_pair(spec: Sequence[object]) -> bool:
-    return (
-        len(spec) == 2
-        and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in spec)
-        and any(isinstance(x, float) for x in spec)
-    )
-
-
-def _check_layer_spec(spec: object, field_name: str) -> LayerSpec:
-    how = (
-        "give layer indices as ints, e.g. (0, 1, 2), or a fraction pair as floats, "
-        "e.g. (0.0, 0.3333) for the first third"
-    )
-    if isinstance(spec, (str, bytes)) or not isinstance(spec, Sequence) or len(spec) == 0:
-        raise ConfigError(f"IAPConfig.{field_name} must be a non-empty tuple, got {spec!r}; {how}.")
-    spec = tuple(spec)
-    if _is_fraction_pair(spec):
-        a, b = float(spec[0]), float(spec[1])
-        if not (0.0 <= a < b <= 1.0):
-            raise ConfigError(
-                f"IAPConfig.{field_name} = {spec!r} is read as a fraction pair (it has floats) and "
-                f"needs 0 <= start < stop <= 1; {how}."
-            )
-        return (a, b)
-    if not all(_is_int(x) for x in spec):
-        raise ConfigError(
-            f"IAPConfig.{field_name} = {spec!r} mixes types; {how} (ints = indices, floats = fractions)."
-        )
-    if any(x < 0 for x in spec) or len(set(spec)) != len(spec):
-        raise ConfigError(
-            f"IAPConfig.{field_name} = {spec!r}: layer indices must be distinct and >= 0 "
-            "(negative indices are not supported; write the layer number)."
-        )
-    return tuple(sorted(spec))
-
-
-def resolve_layers(spec: LayerSpec, n_layers: int) -> tuple[int, ...]:
-    """The layer indices a spec selects in a model with ``n_layers`` layers.
-
-    * index tuple: returned sorted; every index must be < ``n_layers``.
-    * fraction pair ``(a, b)``: layers ``round(a * n) .. round(b * n) - 1`` (round half up), and
-      at least one layer. With 32 layers: ``(0, 1/3)`` -> 0..10, ``(2/3, 1)`` -> 21..31; with 12:
-      0..3 and 8..11.
-    """
-    if not _is_int(n_layers) or n_layers < 1:
-        raise InputError(f"resolve_layers: n_layers must be an int >= 1, got {n_layers!r}.")
-    spec = _check_layer_spec(spec, "layers (resolve_layers)")
-    if _is_fraction_pair(spec):
-        a, b = spec
-        start = min(int(math.floor(a * n_layers + 0.5)), n_layers - 1)
-        stop = max(int(math.floor(b * n_layers + 0.5)), start + 1)
-        return tuple(range(start, stop))
-    bad = [i for i in spec if i >= n_layers]
-    if bad:
-        raise InputError(
-            f"resolve_layers: layer(s) {bad} do not exist in a model with {n_layers} layers "
-            f"(valid 0..{n_layers - 1})."
-        )
-    return tuple(spec)  # type: ignore[arg-type]
+# The layer grammar is dpc_lens.layers (shared with DPC): names, fraction pairs, index lists.
 
 
 def _check_lam(lam: object, where: str) -> float:
@@ -689,15 +624,16 @@ class IAPConfig:
             the pool is clamped to the pool size (see :func:`iap_mv`).
         qp_layers: layers averaged for question->prompt (shallow). Default ``(0.0, 1/3)``: the
             first third of layers, layer 0 included (the IAP paper finds question->prompt flow
-            in the shallowest layers; DPC's default drops layer 0 for its own reasons).
+            in the shallowest layers; DPC's ``"shallow"`` drops layer 0 for its own reasons).
         qr_layers, pr_layers: layers for question->rationale and prompt->rationale (deep).
-            Default ``(2/3, 1.0)``: the last third.
+            Default ``"deep"``: the last third, as in DPC (at least the last layer).
         aggregate: how per-layer flows become one number per flow; only ``"mean"`` (mean over
             the layer set of the per-layer segment-mean flow) for now.
 
-    Layer specs are either explicit indices (ints, e.g. ``(1, 2, 3)``) or a fraction pair of
-    floats ``(start, stop)``; see :func:`resolve_layers`. Note ``(0, 1)`` (ints) means layers 0
-    and 1, while ``(0.0, 1.0)`` means all layers.
+    Layer specs follow the one grammar of :mod:`dpc_lens.layers` (shared with DPC): index lists
+    (ints, negative from the end), fraction pairs of floats ``(start, stop)`` or the names
+    ``"shallow"`` / ``"deep"``. Note ``(0, 1)`` (ints) means layers 0 and 1, while
+    ``(0.0, 1.0)`` means all layers.
     """
 
     lam: float = 0.5
@@ -705,8 +641,8 @@ class IAPConfig:
     tau: float = 0.0
     m: int = 3
     qp_layers: LayerSpec = (0.0, 1.0 / 3.0)
-    qr_layers: LayerSpec = (2.0 / 3.0, 1.0)
-    pr_layers: LayerSpec = (2.0 / 3.0, 1.0)
+    qr_layers: LayerSpec = "deep"
+    pr_layers: LayerSpec = "deep"
     aggregate: Literal["mean"] = "mean"
 
     def __post_init__(self) -> None:
@@ -715,7 +651,7 @@ class IAPConfig:
         object.__setattr__(self, "tau", _check_tau(self.tau, "IAPConfig"))
         object.__setattr__(self, "m", _check_m(self.m, "IAPConfig"))
         for name in ("qp_layers", "qr_layers", "pr_layers"):
-            object.__setattr__(self, name, _check_layer_spec(getattr(self, name), name))
+            object.__setattr__(self, name, normalize_layer_spec(getattr(self, name), f"IAPConfig.{name}"))
         if self.aggregate != "mean":
             raise ConfigError(
                 f"IAPConfig.aggregate must be 'mean', got {self.aggregate!r}; other reductions are "
@@ -725,9 +661,9 @@ class IAPConfig:
     def layers(self, n_layers: int) -> dict[str, tuple[int, ...]]:
         """Resolved layer indices per flow for a model with ``n_layers`` layers."""
         return {
-            FLOW_QP: resolve_layers(self.qp_layers, n_layers),
-            FLOW_QR: resolve_layers(self.qr_layers, n_layers),
-            FLOW_PR: resolve_layers(self.pr_layers, n_layers),
+            FLOW_QP: tuple(resolve_layers(self.qp_layers, n_layers)),
+            FLOW_QR: tuple(resolve_layers(self.qr_layers, n_layers)),
+            FLOW_PR: tuple(resolve_layers(self.pr_layers, n_layers)),
         }
 
     def score(
@@ -745,9 +681,9 @@ class IAPConfig:
             "mu": self.mu,
             "tau": self.tau,
             "m": self.m,
-            "qp_layers": list(self.qp_layers),
-            "qr_layers": list(self.qr_layers),
-            "pr_layers": list(self.pr_layers),
+            "qp_layers": layer_spec_json(self.qp_layers),
+            "qr_layers": layer_spec_json(self.qr_layers),
+            "pr_layers": layer_spec_json(self.pr_layers),
             "aggregate": self.aggregate,
         }
 
@@ -759,11 +695,7 @@ class IAPConfig:
                 f"IAPConfig.from_dict: unknown field(s) {sorted(unknown)}; known fields are "
                 f"{sorted(cls.__dataclass_fields__)}."
             )
-        kw = dict(d)
-        for name in ("qp_layers", "qr_layers", "pr_layers"):
-            if name in kw and isinstance(kw[name], list):
-                kw[name] = tuple(kw[name])
-        return cls(**kw)
+        return cls(**dict(d))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -807,8 +739,8 @@ def synthesized_score(
 # Strategies
 # ---------------------------------------------------------------------------------------------
 
-Answer = Union[str, None]
-Scores = Union[Float[Tensor, " n_prompts"], Sequence[float]]
+Answer = str | None
+Scores = Float[Tensor, " n_prompts"] | Sequence[float]
 
 
 @dataclass(frozen=True)
@@ -1378,7 +1310,8 @@ class IAPRunConfig:
             "separator": self.separator,
             "per_head": self.per_head,
             "fp32": self.fp32,
-            "layer_sets": {n: list(getattr(self.ss, n)) for n in ("qp_layers", "qr_layers", "pr_layers")},
+            "layer_sets": {n: layer_spec_json(getattr(self.ss, n))
+                           for n in ("qp_layers", "qr_layers", "pr_layers")},
         }
 
     def to_dict(self) -> dict[str, Any]:

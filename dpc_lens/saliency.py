@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -40,6 +41,7 @@ from . import flows as F
 from . import hook_names
 from ._typing import Float, Tensor
 from .errors import ConfigError, InputError, SaliencyError
+from .layers import LayerSpec, normalize_layer_spec, resolve_layers
 from .model import as_adapter, frozen_for_saliency
 from .segments import PromptBatch, SegmentLayout
 
@@ -53,7 +55,9 @@ class SaliencyConfig:
     """What the saliency pass computes.
 
     Attributes:
-        layers: layer indices (negative allowed), or ``None`` for all layers.
+        layers: which layers to measure, in the one layer grammar of :mod:`dpc_lens.layers`
+            (indices, negative allowed; a fraction pair; ``"shallow"`` / ``"deep"``), or ``None``
+            for all layers.
         per_head: keep the head axis (IAP's layer x head maps).
         signed: no absolute value.
         include_diagonal: keep ``I[i, i]`` (default: zeroed, as Wang et al.).
@@ -68,7 +72,7 @@ class SaliencyConfig:
         keep_full: also keep the full ``[q, k]`` map of every layer (memory ``L x B x T^2``).
     """
 
-    layers: tuple[int, ...] | None = None
+    layers: LayerSpec | None = None
     per_head: bool = False
     signed: bool = False
     include_diagonal: bool = False
@@ -80,32 +84,29 @@ class SaliencyConfig:
     keep_full: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("layers", "loss_segments", "flow_segments", "column_targets", "row_sources"):
+        for name in ("loss_segments", "flow_segments", "column_targets", "row_sources"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, tuple):
                 if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__"):
                     raise ConfigError(f"SaliencyConfig.{name} must be a sequence, got {v!r}.")
                 object.__setattr__(self, name, tuple(v))
         if self.layers is not None:
-            if len(self.layers) == 0:
-                raise ConfigError("SaliencyConfig.layers is empty; give at least one layer or None for all.")
-            if any(not isinstance(x, int) for x in self.layers):
-                raise ConfigError(f"SaliencyConfig.layers must hold ints, got {self.layers!r}.")
+            spec = normalize_layer_spec(self.layers, "SaliencyConfig.layers")
+            object.__setattr__(self, "layers", spec)
         if not self.loss_segments:
-            raise ConfigError("SaliencyConfig.loss_segments is empty; name the segments the loss is taken over.")
+            raise ConfigError(
+                "SaliencyConfig.loss_segments is empty; name the segments the loss is taken over."
+            )
 
     def resolved_layers(self, n_layers: int) -> list[int]:
+        """The layers this config measures in an ``n_layers``-layer model (sorted; the one layer
+        grammar of :mod:`dpc_lens.layers`)."""
         if self.layers is None:
             return list(range(n_layers))
-        out = []
-        for x in self.layers:
-            y = x + n_layers if x < 0 else x
-            if not 0 <= y < n_layers:
-                raise ConfigError(f"Layer {x} is out of range for a model with {n_layers} layers.")
-            out.append(y)
-        if len(set(out)) != len(out):
-            raise ConfigError(f"SaliencyConfig.layers repeats a layer: {self.layers!r}.")
-        return sorted(out)
+        try:
+            return resolve_layers(self.layers, n_layers)
+        except ConfigError as err:
+            raise ConfigError(f"SaliencyConfig.layers: {err}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -120,7 +121,7 @@ def target_nll(
     logits: Float[Tensor, "batch pos d_vocab"],
     batch: PromptBatch,
     segments: Sequence[str] = ("rationale", "answer"),
-) -> Float[Tensor, "batch"]:
+) -> Float[Tensor, " batch"]:
     """Teacher-forced mean NLL per example of the tokens in ``segments``.
 
     Token at position ``t`` is scored by the logits at ``t - 1``. Positions of segments an
@@ -395,7 +396,9 @@ def compute_saliency(
                 per_example = raw.detach().reshape(-1) if raw.dim() == 1 else raw.detach().reshape(1)
                 loss = raw.sum()
             if not torch.isfinite(loss):
-                raise SaliencyError(f"The loss is not finite ({loss.item()}); check the inputs and loss function.")
+                raise SaliencyError(
+                    f"The loss is not finite ({loss.item()}); check the inputs and loss function."
+                )
             if not loss.requires_grad:
                 raise SaliencyError(
                     "The loss does not depend on the model's output (no gradient); a custom loss "

@@ -12,7 +12,17 @@ import torch
 
 from .errors import InputError
 
-__all__ = ["check_device", "check_count"]
+__all__ = ["check_device", "check_count", "is_int", "is_real"]
+
+
+def is_int(x: Any) -> bool:
+    """An ``int`` that is not a ``bool`` (``True`` is not a layer index or a count)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_real(x: Any) -> bool:
+    """An ``int`` or ``float`` that is not a ``bool``."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def check_device(device: Any) -> Any:

@@ -160,13 +160,14 @@ def test_bad_layer_raises_before_anything_is_registered(model, batch):
     name = hook_names.resid_pre(0)
     model.add_hook(name, lambda x, hook: fired.append(1))
     try:
-        with pytest.raises(ConfigError, match=r"Layer 99 is out of range for a model with 2 layers"):
+        msg = r"SaliencyConfig\.layers: layer index 99 is out of range for a 2-layer model"
+        with pytest.raises(ConfigError, match=msg):
             compute_saliency(model, batch, SaliencyConfig(layers=(0, 99)))
         assert fired == []  # no forward pass ran
         assert hook_count(model) == 1  # only the user's
     finally:
         model.hook_dict[name].remove_hooks("fwd")
-    with pytest.raises(ConfigError, match="repeats a layer"):
+    with pytest.raises(ConfigError, match="layer 1 appears twice"):
         compute_saliency(model, batch, SaliencyConfig(layers=(1, -1)))
     assert hook_count(model) == 0
 

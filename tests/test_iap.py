@@ -210,10 +210,11 @@ def test_synthesized_score_by_hand():
         ({"tau": float("nan")}, r"tau must be a finite number"),
         ({"m": 0}, r"m must be an int >= 1.*got 0"),
         ({"m": 2.0}, r"m must be an int >= 1.*got 2\.0"),
-        ({"qp_layers": (0, 0.5, 1)}, r"qp_layers = \(0, 0\.5, 1\) mixes types"),
-        ({"qr_layers": (0.8, 0.2)}, r"read as a fraction pair.*0 <= start < stop <= 1"),
-        ({"pr_layers": (3, -1)}, r"distinct and >= 0"),
-        ({"pr_layers": ()}, r"must be a non-empty tuple"),
+        ({"qp_layers": (0, 0.5, 1)}, r"IAPConfig\.qp_layers=\(0, 0\.5, 1\) mixes floats"),
+        ({"qr_layers": (0.8, 0.2)}, r"not a valid fraction pair; expected 0\.0 <= start_frac < end_frac"),
+        ({"pr_layers": (1.5, 2.0)}, r"not a valid fraction pair"),
+        ({"pr_layers": ()}, r"IAPConfig\.pr_layers is an empty list"),
+        ({"pr_layers": "last"}, r"'last' is not a layer-set name"),
         ({"aggregate": "sum"}, r"aggregate must be 'mean', got 'sum'"),
     ],
 )
@@ -224,8 +225,8 @@ def test_config_validation_messages(kwargs, message):
 
 def test_config_layers_and_json_round_trip():
     cfg = IAPConfig(lam=0.3, tau=-0.5, m=5, qp_layers=[2, 1], qr_layers=(0.5, 1.0))
-    assert cfg.qp_layers == (1, 2)  # list -> sorted tuple
-    # 12 layers: qp (1, 2); qr round(6)..round(12)-1 = 6..11; pr default round(8)..11 = 8..11
+    assert cfg.qp_layers == (2, 1)  # list -> tuple (hashable); resolving sorts
+    # 12 layers: qp (1, 2); qr l/12 in [0.5, 1) = 6..11; pr default "deep" = 8..11
     assert cfg.layers(12) == {FLOW_QP: (1, 2), FLOW_QR: (6, 7, 8, 9, 10, 11),
                               FLOW_PR: (8, 9, 10, 11)}
     back = IAPConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
@@ -235,20 +236,24 @@ def test_config_layers_and_json_round_trip():
 
 
 def test_resolve_layers_by_hand():
-    # 32 layers: first third round(0)..round(10.67)-1 = 0..10; last third round(21.33)=21..31
-    assert resolve_layers((0.0, 1 / 3), 32) == tuple(range(0, 11))
-    assert resolve_layers((2 / 3, 1.0), 32) == tuple(range(21, 32))
-    # 4 layers: last third starts at round(2.67) = 3, first third stops at round(1.33) = 1
-    assert resolve_layers((2 / 3, 1.0), 4) == (3,)
-    assert resolve_layers((0.0, 1 / 3), 4) == (0,)
-    # halves round up: 5 layers, (0.5, 1.0) -> round(2.5) = 3 .. 4
-    assert resolve_layers((0.5, 1.0), 5) == (3, 4)
-    # (0, 1) are ints: layers 0 and 1, not "all layers"
-    assert resolve_layers((0, 1), 32) == (0, 1)
-    # a tiny model still gets one layer
-    assert resolve_layers((0.0, 0.1), 2) == (0,)
-    with pytest.raises(InputError, match=r"layer\(s\) \[4\] do not exist in a model with 4 layers"):
+    # the one grammar (dpc_lens.layers): a fraction pair (a, b) takes the layers l with
+    # a <= l / n < b. 32 layers: first third 0..10 (10/32 < 1/3 <= 11/32), last third 22..31
+    assert resolve_layers((0.0, 1 / 3), 32) == list(range(0, 11))
+    assert resolve_layers((2 / 3, 1.0), 32) == list(range(22, 32))
+    # 4 layers: last third is [3] (2/3 <= 3/4), first third [0, 1] (1/4 < 1/3)
+    assert resolve_layers((2 / 3, 1.0), 4) == [3]
+    assert resolve_layers((0.0, 1 / 3), 4) == [0, 1]
+    # a boundary exactly on a layer includes it: 5 layers, (0.5, 1.0) -> 3, 4 (2/5 < 0.5 <= 3/5)
+    assert resolve_layers((0.5, 1.0), 5) == [3, 4]
+    # (0, 1) are ints: layers 0 and 1, not "all layers"; negative indices count from the end
+    assert resolve_layers((0, 1), 32) == [0, 1]
+    assert resolve_layers((-1, 0), 4) == [0, 3]
+    # the IAP defaults on a 2-layer model: qp (0, 1/3) -> [0], "deep" -> [1]
+    assert IAPConfig().layers(2) == {FLOW_QP: (0,), FLOW_QR: (1,), FLOW_PR: (1,)}
+    with pytest.raises(ConfigError, match=r"layer index 4 is out of range for a 4-layer model"):
         resolve_layers((1, 4), 4)
+    with pytest.raises(ConfigError, match=r"selects no layer of a 4-layer model"):
+        resolve_layers((0.3, 0.45), 4)
 
 
 # ---------------------------------------------------------------------------------------------
