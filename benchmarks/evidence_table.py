@@ -30,7 +30,8 @@ import torch
 
 from dpc_lens.demo import DEMO_RANDOM_DRAWS, shipped_artefacts
 from dpc_lens.detector import accumulation_deepflow_contingency, dynamic_trigger, resolve_layers
-from dpc_lens.dpc import DPCConfig, _extract, _prompt_ids, analyse, random_rows_for
+from dpc_lens.dpc import DPCConfig, analyse, encode_questions, random_rows_for
+from dpc_lens.evaluation import grade
 from dpc_lens.generation import generate
 from dpc_lens.model import as_adapter, load_model
 from dpc_lens.patching import corrupt_soft_prompt
@@ -38,7 +39,8 @@ from dpc_lens.soft_prompt import SoftPrompt
 from dpc_lens.tasks import get_task, load_examples
 
 
-def paired_bootstrap(a: list[bool], b: list[bool], n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+def paired_bootstrap(a: list[bool], b: list[bool], n: int = 2000,
+                     seed: int = 0) -> tuple[float, float, float]:
     """Mean of ``a - b`` and its 95% percentile interval over questions resampled with replacement."""
     x = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
     g = torch.Generator().manual_seed(seed)
@@ -50,7 +52,8 @@ def paired_bootstrap(a: list[bool], b: list[bool], n: int = 2000, seed: int = 0)
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--limit", type=int, default=None)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "evidence_arith.json"))
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
+                                                  "evidence_arith.json"))
     args = ap.parse_args(argv)
     art = shipped_artefacts()
     if art is None:
@@ -62,10 +65,10 @@ def main(argv=None) -> int:
     task = get_task("arith")
     exs = load_examples(art["test"], task)[: args.limit]
     cfg = DPCConfig.load(art["config"]) if os.path.exists(art["config"]) else DPCConfig()
-    prompts = _prompt_ids(adapter, [e.question for e in exs], cfg)
+    prompts = encode_questions(adapter, [e.question for e in exs], cfg)
 
     def correct(gens):
-        return [bool(task.is_correct(_extract(task, g.text, e), e.answer)) for g, e in zip(gens, exs)]
+        return [grade(task, g.text, e)[1] for g, e in zip(gens, exs)]
 
     pt_gen = generate(adapter, prompts, soft, cfg.generation, desc="PT")
     base_gen = generate(adapter, prompts, None, cfg.generation, desc="base")
@@ -80,7 +83,7 @@ def main(argv=None) -> int:
                             [corrupt_soft_prompt(soft, list(r), cfg.corruption) for _, r in need],
                             cfg.generation, desc="corrupted")
             for (i, r), g in zip(need, gens):
-                memo[(i, r)] = bool(task.is_correct(_extract(task, g.text, exs[i]), exs[i].answer))
+                memo[(i, r)] = grade(task, g.text, exs[i])[1]
         return [memo[(i, tuple(r))] if r else pt[i] for i, r in enumerate(rows_per_ex)]
 
     def dpc_row(det):
@@ -124,7 +127,8 @@ def main(argv=None) -> int:
     decs = [d for d in main_decs if d is not None]
     n_layers = adapter.n_layers
     deep = resolve_layers(cfg.detector.deep_layers, n_layers)
-    deep_flow = [statistics.fmean(a.flows["soft->rationale"][l] for l in deep) if a.flows else None for a in analyses]
+    deep_flow = [statistics.fmean(a.flows["soft->rationale"][layer] for layer in deep) if a.flows else None
+                 for a in analyses]
     right = [f for f, c in zip(deep_flow, pt) if f is not None and c]
     wrong = [f for f, c in zip(deep_flow, pt) if f is not None and not c]
     result = {

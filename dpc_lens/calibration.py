@@ -62,11 +62,12 @@ from .detector import (
 )
 from .dpc import DPCConfig, analyse
 from .errors import ConfigError, DataError, InputError
+from .evaluation import any_right_oracle, grade, prompt_text
 from .generation import encode_prompts, generate
 from .model import as_adapter
 from .patching import corrupt_soft_prompt
+from .runs import append_jsonl, read_json, repair_jsonl, resume_run, write_json
 from .soft_prompt import SoftPrompt
-from .tasks import answer_of as _extract
 
 __all__ = [
     "KNOBS",
@@ -561,8 +562,9 @@ class DPCCalibration:
         best_point: the knob values of the best grid point.
         best_accuracy: its accuracy on the dev split (optimistic: chosen on that split).
         pt_accuracy: vanilla prompt-tuning accuracy on the same split.
-        oracle_accuracy: share of instances right with the PT answer or with at least one
-            corrupted answer generated (what a perfect chooser among them could reach).
+        corruption_oracle_accuracy: share of instances right with the PT answer or with at least
+            one corrupted answer generated (what a perfect chooser among them could reach; not
+            the DPC run's ``oracle``, which is base or PT, see :mod:`dpc_lens.evaluation`).
         best_trigger_rate: share of instances the best point fires on.
         n_examples: dev examples; ``n_no_rationale``: those with an empty rationale (never fire).
         points, accuracy, trigger_rate, wrong_to_right, right_to_wrong: one entry per grid point.
@@ -577,7 +579,7 @@ class DPCCalibration:
     best_point: dict[str, Any]
     best_accuracy: float
     pt_accuracy: float
-    oracle_accuracy: float
+    corruption_oracle_accuracy: float
     best_trigger_rate: float
     n_examples: int
     n_no_rationale: int
@@ -629,7 +631,7 @@ class DPCCalibration:
             "best_point": dict(self.best_point),
             "best_accuracy": self.best_accuracy,
             "pt_accuracy": self.pt_accuracy,
-            "oracle_accuracy": self.oracle_accuracy,
+            "corruption_oracle_accuracy": self.corruption_oracle_accuracy,
             "best_trigger_rate": self.best_trigger_rate,
             "n_examples": self.n_examples,
             "n_no_rationale": self.n_no_rationale,
@@ -656,7 +658,8 @@ class DPCCalibration:
             best_point=dict(d["best_point"]),
             best_accuracy=float(d["best_accuracy"]),
             pt_accuracy=float(d["pt_accuracy"]),
-            oracle_accuracy=float(d["oracle_accuracy"]),
+            corruption_oracle_accuracy=float(  # files written before 0.2 say "oracle_accuracy"
+                d.get("corruption_oracle_accuracy", d.get("oracle_accuracy"))),
             best_trigger_rate=float(d["best_trigger_rate"]),
             n_examples=int(d["n_examples"]),
             n_no_rationale=int(d["n_no_rationale"]),
@@ -677,8 +680,7 @@ class DPCCalibration:
         loadable by :meth:`DPCConfig.load`) into ``out_dir``; return the directory."""
         out_dir = os.fspath(out_dir)
         os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "calibration.json"), "w", encoding="utf-8") as fh:
-            json.dump(self.to_dict(), fh, indent=2)
+        write_json(os.path.join(out_dir, "calibration.json"), self.to_dict())
         self.config.save(os.path.join(out_dir, "dpc_config.json"))
         return out_dir
 
@@ -686,12 +688,10 @@ class DPCCalibration:
     def load(cls, out_dir: str | os.PathLike) -> "DPCCalibration":
         """Read back what :meth:`save` wrote."""
         path = os.path.join(os.fspath(out_dir), "calibration.json")
+        d = read_json(path, "DPC calibration")
         try:
-            with open(path, encoding="utf-8") as fh:
-                return cls.from_dict(json.load(fh))
-        except FileNotFoundError:
-            raise DataError(f"{path!r} does not exist; save a calibration there first.") from None
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            return cls.from_dict(d)
+        except (KeyError, TypeError) as exc:
             raise DataError(f"{path!r} is not a calibration file: {exc}") from exc
 
     def to_dataframe(self) -> Any:
@@ -746,10 +746,9 @@ def calibrate_from_cache(
     n = sweep.n_instances
     acc = tuple(float(a) for a in scores.accuracy)
     rate = tuple(int(x) / n for x in scores.n_fired)
-    oracle = sum(
-        1 for i in range(n)
-        if pt_correct[i] or any(v for (j, _), v in corrupted_correct.items() if j == i)
-    ) / n
+    oracle = any_right_oracle(
+        [pt_correct[i], *(v for (j, _), v in corrupted_correct.items() if j == i)] for i in range(n)
+    )
     gens = dict(n_generations or {})
     gens.setdefault("naive", int(sum(int(x) for x in scores.n_fired)) + n)
     return DPCCalibration(
@@ -757,7 +756,7 @@ def calibrate_from_cache(
         best_point=dict(sweep.points[best]),
         best_accuracy=acc[best],
         pt_accuracy=sum(bool(x) for x in pt_correct) / n,
-        oracle_accuracy=oracle,
+        corruption_oracle_accuracy=oracle,
         best_trigger_rate=rate[best],
         n_examples=n,
         n_no_rationale=sum(1 for x in inputs if x is None),
@@ -857,8 +856,6 @@ def _inputs_from_json(d: Mapping[str, Any] | None) -> DetectorInputs | None:
 
 def _calibrate_locked(adapter, soft_prompt, examples, ids, task, cfg, grid, progress, out_dir,
                       resume) -> DPCCalibration:
-    from .runs import repair_jsonl
-
     timings: dict[str, float] = {}
     prog = os.path.join(out_dir, "calibration_progress") if out_dir is not None else None
     pt_path = os.path.join(prog, "pt.jsonl") if prog else None
@@ -870,29 +867,21 @@ def _calibrate_locked(adapter, soft_prompt, examples, ids, task, cfg, grid, prog
         settings["config"].pop("saliency_batch_size", None)
         settings["config"]["generation"].pop("batch_size", None)
         settings_path = os.path.join(prog, "settings.json")
-        if os.path.exists(pt_path) and not resume:
-            raise InputError(
-                f"{out_dir} holds a calibration already ({pt_path}). Pass --resume (resume=True) to "
-                "continue it, or choose another --out."
-            )
-        if resume and os.path.exists(settings_path):
-            with open(settings_path, encoding="utf-8") as fh:
-                old = json.load(fh)
-            if old != settings:
-                raise InputError(
-                    f"Cannot resume the calibration in {out_dir}: it was started with another "
-                    "config or grid. Resume with the same --config, or choose another --out."
-                )
-        os.makedirs(prog, exist_ok=True)
-        with open(settings_path, "w", encoding="utf-8") as fh:
-            json.dump(settings, fh, indent=2)
+        on_disk = resume_run(
+            pt_path, resume=resume, settings_path=settings_path, settings=settings,
+            exists_message=(f"{out_dir} holds a calibration already ({pt_path}). Pass --resume "
+                            "(resume=True) to continue it, or choose another --out."),
+            mismatch_message=lambda old, new: (
+                f"Cannot resume the calibration in {out_dir}: it was started with another "
+                "config or grid. Resume with the same --config, or choose another --out."),
+        )
         if resume:
-            cached_pt = {r["id"]: r for r in repair_jsonl(pt_path)[0]}
+            cached_pt = {r["id"]: r for r in on_disk}
             for r in repair_jsonl(cor_path, key=lambda r: (r.get("id"), tuple(r.get("rows", ()))))[0]:
                 cached_cor[(r["id"], tuple(r["rows"]))] = bool(r["correct"])
 
     t0 = time.perf_counter()
-    prompts = encode_prompts(adapter, [cfg.template.format(question=e.question) for e in examples],
+    prompts = encode_prompts(adapter, [prompt_text(cfg.template, e.question) for e in examples],
                              add_bos=cfg.add_bos)
     inputs: list[DetectorInputs | None] = [None] * len(examples)
     pt_correct: list[bool] = [False] * len(examples)
@@ -915,11 +904,10 @@ def _calibrate_locked(adapter, soft_prompt, examples, ids, task, cfg, grid, prog
         for i, g, a in zip(idx, gens, ans):
             ex = examples[i]
             inputs[i] = a.inputs
-            pt_correct[i] = bool(task.is_correct(_extract(task, g.text, ex), ex.answer))
+            pt_correct[i] = grade(task, g.text, ex)[1]
             rows.append({"id": ex.id, "pt_correct": pt_correct[i], "inputs": _inputs_json(a.inputs)})
         if pt_path is not None:
-            with open(pt_path, "a", encoding="utf-8") as fh:
-                fh.write("".join(json.dumps(r) + "\n" for r in rows))
+            append_jsonl(pt_path, rows)
     timings["pt_generate_and_saliency_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -946,11 +934,10 @@ def _calibrate_locked(adapter, soft_prompt, examples, ids, task, cfg, grid, prog
         done_rows = []
         for (i, rows), g in zip(chunk, gens):
             ex = examples[i]
-            table[(i, rows)] = bool(task.is_correct(_extract(task, g.text, ex), ex.answer))
+            table[(i, rows)] = grade(task, g.text, ex)[1]
             done_rows.append({"id": ex.id, "rows": list(rows), "correct": table[(i, rows)]})
         if cor_path is not None:
-            with open(cor_path, "a", encoding="utf-8") as fh:
-                fh.write("".join(json.dumps(r) + "\n" for r in done_rows))
+            append_jsonl(cor_path, done_rows)
     timings["corrupted_generate_s"] = time.perf_counter() - t0
 
     n_gen = {"pt": len(todo), "corrupted": len(order_todo), "total": len(todo) + len(order_todo)}

@@ -21,7 +21,6 @@ run can be resumed (:func:`run_dpc` with ``out_dir`` and ``resume=True``).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import zlib
@@ -34,13 +33,23 @@ from tqdm.auto import tqdm
 
 from .detector import DetectorConfig, DetectorInputs, TriggerDecision, dynamic_trigger
 from .errors import ConfigError, DataError, InputError
+from .evaluation import answer_record, base_or_pt_oracle, prompt_text
 from .generation import Generation, GenerationConfig, encode_prompts, generate
 from .model import as_adapter
 from .patching import CorruptionConfig, corrupt_soft_prompt, random_rows
+from .runs import (
+    append_jsonl,
+    check_unique_ids,
+    read_json,
+    read_records,
+    resume_run,
+    rewrite_jsonl,
+    unique_by_id,
+    write_json,
+)
 from .saliency import SaliencyConfig, compute_saliency
 from .segments import PromptBatch, SegmentLayout
 from .soft_prompt import SoftPrompt
-from .tasks import answer_of
 from .tasks.base import Example
 
 __all__ = [
@@ -131,17 +140,14 @@ class DPCConfig:
         )
 
     def save(self, path: str | os.PathLike) -> None:
-        with open(path, "w", encoding="utf-8") as fh:
-            json.dump(self.to_dict(), fh, indent=2)
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "DPCConfig":
+        d = read_json(path, "DPC config")
         try:
-            with open(path, encoding="utf-8") as fh:
-                return cls.from_dict(json.load(fh))
-        except FileNotFoundError:
-            raise DataError(f"DPC config {os.fspath(path)!r} does not exist.") from None
-        except (json.JSONDecodeError, TypeError) as exc:
+            return cls.from_dict(d)
+        except TypeError as exc:
             raise DataError(f"DPC config {os.fspath(path)!r} is malformed: {exc}") from exc
 
 
@@ -160,8 +166,8 @@ class Analysis:
     loss: float | None
 
 
-def _prompt_ids(adapter: Any, questions: Sequence[str], cfg: DPCConfig) -> list[list[int]]:
-    return encode_prompts(adapter, [cfg.template.format(question=q) for q in questions], add_bos=cfg.add_bos)
+def encode_questions(adapter: Any, questions: Sequence[str], cfg: DPCConfig) -> list[list[int]]:
+    return encode_prompts(adapter, [prompt_text(cfg.template, q) for q in questions], add_bos=cfg.add_bos)
 
 
 def _detector_inputs(res: Any, b: int, n_soft: int) -> DetectorInputs:
@@ -196,7 +202,7 @@ def analyse(
     """
     cfg = config or DPCConfig()
     adapter = as_adapter(model)
-    prompts = _prompt_ids(adapter, questions, cfg)
+    prompts = encode_questions(adapter, questions, cfg)
     if generations is None:
         generations = generate(adapter, prompts, soft_prompt, cfg.generation, progress=progress,
                                desc="PT generate")
@@ -236,16 +242,6 @@ def analyse(
             out[i] = Analysis(tuple(prompts[i]), generations[i], _detector_inputs(res, b, batch.n_soft),
                               flows, float(res.loss[b]))
     return [a for a in out if a is not None]
-
-
-def _answer_record(task: Any, gen: Generation, ex: Example) -> dict[str, Any]:
-    pred = _extract(task, gen.text, ex)
-    return {"rationale": gen.text, "answer": pred, "correct": bool(task.is_correct(pred, ex.answer)),
-            "stop_reason": gen.stop_reason}
-
-
-def _extract(task: Any, text: str, ex: Example) -> str | None:
-    return answer_of(task, text, ex)
 
 
 def _safe_trigger(inputs: DetectorInputs | None,
@@ -362,9 +358,9 @@ def _regenerate(adapter, soft, group: Sequence[_Pending], cfg: DPCConfig) -> Non
 
 def _finish(task, cfg: DPCConfig, p: _Pending) -> dict[str, Any]:
     ex, a, d = p.ex, p.analysis, p.decision
-    pt = _answer_record(task, a.generation, ex)
+    pt = answer_record(task, a.generation, ex)
     fired = bool(d is not None and d.fired)
-    dpc = dict(_answer_record(task, p.regen, ex)) if fired else dict(pt)
+    dpc = dict(answer_record(task, p.regen, ex)) if fired else dict(pt)
     dpc.update(fired=fired, corrupted_rows=p.located if fired else [])
     rec: dict[str, Any] = {
         "id": ex.id,
@@ -383,14 +379,14 @@ def _finish(task, cfg: DPCConfig, p: _Pending) -> dict[str, Any]:
     if p.error is not None:
         rec["trigger_error"] = p.error
     if p.base is not None:
-        rec["base"] = _answer_record(task, p.base, ex)
+        rec["base"] = answer_record(task, p.base, ex)
     if "always" in cfg.baselines:
-        rec["always"] = _answer_record(task, p.regen, ex) if p.regen is not None else dict(pt)
+        rec["always"] = answer_record(task, p.regen, ex) if p.regen is not None else dict(pt)
         rec["always"]["corrupted_rows"] = p.located
     if p.rand:
         draws = []
         for rows, g in p.rand:
-            r = _answer_record(task, g, ex)
+            r = answer_record(task, g, ex)
             r["corrupted_rows"] = rows
             draws.append(r)
         rec["random"] = draws[0]
@@ -402,43 +398,6 @@ def _finish(task, cfg: DPCConfig, p: _Pending) -> dict[str, Any]:
 def _skipped_record(ex: Example, why: str) -> dict[str, Any]:
     return {"id": ex.id, "question": ex.question, "gold": ex.answer, "skipped": why,
             "final_answer": None, "final_correct": False}
-
-
-def read_records(path: str | os.PathLike, key: Callable[[dict], Any] | None = None) -> list[dict[str, Any]]:
-    """Records of a (possibly interrupted) ``records.jsonl``; a torn last line is dropped, and a
-    record whose id appeared earlier in the file (two runs that wrote into one directory) is
-    kept once, so nothing is counted twice (``key``: what makes a record unique, default its
-    ``id``; IAP's ``pairs.jsonl`` uses ``(id, prompt)``).
-
-    Raises:
-        DataError: a line in the middle is not JSON (the message names it and the repair:
-            ``--resume`` moves bad lines aside to ``records.jsonl.rejected`` and redoes them).
-    """
-    from .runs import corrupt_line_error, unique_by_id
-
-    out = []
-    if not os.path.exists(path):
-        return out
-    with open(path, encoding="utf-8") as fh:
-        lines = fh.readlines()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            if n == len(lines):  # a write cut by a kill: redo that record
-                break
-            raise corrupt_line_error(os.fspath(path), n) from None
-    return unique_by_id(out, key)[0] if key is not None else unique_by_id(out)[0]
-
-
-def _rewrite_clean(path: str, records: list[dict]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for r in records:
-            fh.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
 
 
 def run_dpc(
@@ -478,7 +437,7 @@ def run_dpc(
     """
     from contextlib import nullcontext
 
-    from .runs import RunLock, check_out_dir, ids_preview, repair_jsonl
+    from .runs import RunLock, check_out_dir
 
     cfg = config or DPCConfig()
     adapter = as_adapter(model)
@@ -490,10 +449,7 @@ def run_dpc(
         raise DataError("No examples to run: the data set is empty (or --limit left none). Pass a "
                         "data file with at least one question.")
     ids = [e.id for e in examples]
-    if len(set(ids)) != len(ids):
-        dup = sorted({i for i in ids if ids.count(i) > 1})
-        raise InputError(f"Example ids must be unique (resume relies on them); repeated: {ids_preview(dup)}. "
-                         "Give each line of the data file its own id.")
+    check_unique_ids(ids)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise InputError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}.")
     check_config_fits(cfg, soft_prompt)
@@ -503,45 +459,36 @@ def run_dpc(
         rec_path = os.path.join(out_dir, "records.jsonl")
     with RunLock(out_dir, "dpc") if out_dir is not None else nullcontext():
         return _run_dpc_locked(adapter, soft_prompt, examples, ids, task, cfg, out_dir, rec_path,
-                               resume, chunk_size, progress, on_record, repair_jsonl)
+                               resume, chunk_size, progress, on_record)
+
+
+def _record_settings(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """What a DPC record depends on: the config without batch sizes (they change no record)."""
+    d = DPCConfig.from_dict(config_dict).to_dict()
+    d.pop("saliency_batch_size", None)
+    d["generation"].pop("batch_size", None)
+    return d
 
 
 def _run_dpc_locked(adapter, soft_prompt, examples, ids, task, cfg, out_dir, rec_path, resume,
-                    chunk_size, progress, on_record, repair_jsonl):
-    import sys
-
+                    chunk_size, progress, on_record):
     done: list[dict] = []
     others: list[dict] = []
     if rec_path is not None:
-        if os.path.exists(rec_path) and not resume:
-            raise InputError(
-                f"{rec_path} already exists. Pass resume=True (--resume) to continue that run, or "
-                "choose another output directory."
-            )
         cfg_path = os.path.join(out_dir, "config.json")
-        if resume and os.path.exists(rec_path) and os.path.exists(cfg_path):
-            old_cfg = DPCConfig.load(cfg_path).to_dict()
-            new_cfg = cfg.to_dict()
-            for d in (old_cfg, new_cfg):  # batch sizes do not change any record
-                d.pop("saliency_batch_size", None)
-                d["generation"].pop("batch_size", None)
-            if old_cfg != new_cfg:
-                changed = sorted(k for k in new_cfg if old_cfg.get(k) != new_cfg.get(k))
-                raise InputError(
-                    f"Cannot resume {out_dir}: its records were made with another config (differs "
-                    f"in {changed}). Resume with the same config (--config {cfg_path}) or start a "
-                    "new output directory."
-                )
-        cfg.save(cfg_path)
-        if resume:
-            on_disk, bad = repair_jsonl(rec_path)
-            if bad:
-                print(f"dpc-lens: {rec_path}: moved {len(bad)} corrupt line(s) (line "
-                      f"{', '.join(map(str, bad))}) to {rec_path}.rejected; their questions are "
-                      "redone.", file=sys.stderr)
-            wanted = set(ids)
-            done = [r for r in on_disk if r.get("id") in wanted]
-            others = [r for r in on_disk if r.get("id") not in wanted]
+        on_disk = resume_run(
+            rec_path, resume=resume, settings_path=cfg_path, settings=cfg.to_dict(),
+            exists_message=(f"{rec_path} already exists. Pass resume=True (--resume) to continue "
+                            "that run, or choose another output directory."),
+            mismatch_message=lambda old, new: (
+                f"Cannot resume {out_dir}: its records were made with another config (differs "
+                f"in {sorted(k for k in new if old.get(k) != new.get(k))}). Resume with the same "
+                f"config (--config {cfg_path}) or start a new output directory."),
+            comparable=_record_settings,
+        )
+        wanted = set(ids)
+        done = [r for r in on_disk if r.get("id") in wanted]
+        others = [r for r in on_disk if r.get("id") not in wanted]
     done_ids = {r["id"] for r in done}
     todo = [e for e in examples if e.id not in done_ids]
     step = chunk_size or cfg.generation.batch_size
@@ -549,12 +496,10 @@ def _run_dpc_locked(adapter, soft_prompt, examples, ids, task, cfg, out_dir, rec
     n_soft = soft_prompt.n_tokens
     new: list[dict] = []
     bar = tqdm(total=len(todo), desc="DPC", disable=not progress)
-    fh = open(rec_path, "a", encoding="utf-8") if rec_path is not None else None
 
     def emit(rec: dict) -> None:
-        if fh is not None:
-            fh.write(json.dumps(rec) + "\n")
-            fh.flush()
+        if rec_path is not None:
+            append_jsonl(rec_path, [rec])
         new.append(rec)
         bar.update(1)
         if on_record is not None:
@@ -572,7 +517,7 @@ def _run_dpc_locked(adapter, soft_prompt, examples, ids, task, cfg, out_dir, rec
     try:
         for s in range(0, len(todo), step):
             batch = todo[s:s + step]
-            prompts = _prompt_ids(adapter, [e.question for e in batch], cfg)
+            prompts = encode_questions(adapter, [e.question for e in batch], cfg)
             fit_ex, fit_p = [], []
             for ex, p in zip(batch, prompts):
                 why = _too_long(adapter, p, n_soft, cfg)
@@ -591,17 +536,14 @@ def _run_dpc_locked(adapter, soft_prompt, examples, ids, task, cfg, out_dir, rec
         flush(queue, final=True)
     finally:
         bar.close()
-        if fh is not None:
-            fh.close()
     by_id = {r["id"]: r for r in done + new}
     records = [by_id[i] for i in ids if i in by_id]
     summary = summarize(records)
     # decided by behaviour (ModelAdapter.supports_kv_cache): a silent fallback shows here
     summary["kv_cache_used"] = bool(cfg.generation.use_kv_cache and adapter.supports_kv_cache)
     if out_dir is not None:
-        _rewrite_clean(rec_path, records + others)  # input order, as an uninterrupted run
-        with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as fh2:
-            json.dump(summary, fh2, indent=2)
+        rewrite_jsonl(rec_path, records + others)  # input order, as an uninterrupted run
+        write_json(os.path.join(out_dir, "summary.json"), summary)
     return records, summary
 
 
@@ -617,8 +559,6 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
       ``trigger_errors``: questions whose trigger could not be computed (DPC answered with PT).
     * A record whose id appears twice is counted once (``duplicates_dropped``).
     """
-    from .runs import unique_by_id
-
     records, dups = unique_by_id(records)
     skipped = [r for r in records if r.get("skipped")]
     records = [r for r in records if not r.get("skipped")]
@@ -655,7 +595,7 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     if all("base" in r for r in records):
         out["ceiling"] = sum(1 for r in records if r["base"]["correct"] and not r["pt"]["correct"])
         out["pt_only"] = sum(1 for r in records if r["pt"]["correct"] and not r["base"]["correct"])
-        out["accuracy"]["oracle"] = sum(1 for r in records if r["base"]["correct"] or r["pt"]["correct"]) / n
+        out["accuracy"]["oracle"] = base_or_pt_oracle(records)
     errors = [r for r in records if r.get("trigger_error")]
     if errors:
         out["trigger_errors"] = {"n": len(errors), "ids": [r["id"] for r in errors][:20],

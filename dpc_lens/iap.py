@@ -48,6 +48,7 @@ from torch import Tensor
 
 from dpc_lens.errors import ConfigError, DataError, InputError
 from dpc_lens.layers import LayerSpec, layer_spec_json, normalize_layer_spec, resolve_layers
+from dpc_lens.runs import append_jsonl, read_json, resume_run, rewrite_jsonl, write_json
 from dpc_lens.validate import is_int as _is_int
 
 if TYPE_CHECKING:  # pandas is imported lazily, only by to_dataframe()
@@ -132,17 +133,6 @@ def _check_flow_name(name: object, where: str) -> str:
 
 
 @no_type_check  # validated in __post_init__; see the note at the top of the module
-
-def _read_json(path: str | Path, what: str) -> Any:
-    """A JSON file's content; DataError naming the file (and line) when missing or malformed."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such {what} file.") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}, line {e.lineno}: invalid JSON ({e.msg}).") from None
-
 @dataclass(frozen=True)
 class CandidatePrompt:
     """One hard prompt of the pool.
@@ -557,11 +547,11 @@ class FlowStandardizer:
 
     def save(self, path: str | Path) -> None:
         """Write as JSON (never pickle)."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> FlowStandardizer:
-        d = _read_json(path, "standardizer")
+        d = read_json(path, "standardizer")
         try:
             return cls.from_dict(d)
         except DataError as e:
@@ -1074,11 +1064,11 @@ class CalibrationResult:
             raise DataError(f"CalibrationResult.from_dict: malformed data ({e!r}).") from None
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> CalibrationResult:
-        d = _read_json(path, "calibration")
+        d = read_json(path, "calibration")
         return cls.from_dict(d)
 
     def to_dataframe(self, which: Literal["sensitivity", "grid"] = "sensitivity") -> pd.DataFrame:
@@ -1341,11 +1331,11 @@ class IAPRunConfig:
         return cls(**d)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> IAPRunConfig:
-        d = _read_json(path, "IAP config")
+        d = read_json(path, "IAP config")
         return cls.from_dict(d)
 
 
@@ -1665,9 +1655,9 @@ def _pair_key(rec: Mapping[str, Any]) -> tuple[str, str]:
 
 
 def _pair_json(rec: PairRecord, ex: Any, task: Any) -> dict[str, Any]:
-    from dpc_lens.tasks import answer_of as _extract
+    from dpc_lens.evaluation import grade
 
-    ans = _extract(task, rec.rationale, ex)
+    ans, correct = grade(task, rec.rationale, ex)
     d = rec.to_dict()
     d.pop("question_index")
     return {
@@ -1676,7 +1666,7 @@ def _pair_json(rec: PairRecord, ex: Any, task: Any) -> dict[str, Any]:
         "gold": ex.answer,
         **d,
         "answer": ans,
-        "correct": bool(task.is_correct(ans, ex.answer)),
+        "correct": correct,
         "scored": rec.scored,
     }
 
@@ -1713,34 +1703,18 @@ def _collect_pairs(
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         path = out / "pairs.jsonl"
-        settings_path = out / "pair_settings.json"
-        settings = cfg.pair_settings()
-        if path.exists() and not resume:
-            raise InputError(
-                f"{path} already exists. Pass resume=True (--resume) to continue that run, or choose "
-                "another output directory."
-            )
-        if resume and path.exists():
-            if settings_path.exists():
-                old = json.loads(settings_path.read_text(encoding="utf-8"))
-                if old != settings:
-                    raise InputError(
-                        f"{out}: the pairs on disk were made with other settings ({old}) than this "
-                        f"run's ({settings}); resume with the same generation/layout/layer settings "
-                        "or use another output directory."
-                    )
-            from dpc_lens.runs import repair_jsonl
-
-            records, bad = repair_jsonl(path, key=_pair_key)
-            if bad:
-                import sys
-
-                print(f"dpc-lens: {path}: moved {len(bad)} corrupt line(s) (line "
-                      f"{', '.join(map(str, bad))}) to {path}.rejected; those pairs are redone.",
-                      file=sys.stderr)
-            for r in records:
-                done.setdefault(_pair_key(r), r)
-        settings_path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+        records = resume_run(
+            path, resume=resume, settings_path=out / "pair_settings.json", settings=cfg.pair_settings(),
+            exists_message=(f"{path} already exists. Pass resume=True (--resume) to continue that "
+                            "run, or choose another output directory."),
+            mismatch_message=lambda old, new: (
+                f"{out}: the pairs on disk were made with other settings ({old}) than this run's "
+                f"({new}); resume with the same generation/layout/layer settings or use another "
+                "output directory."),
+            key=_pair_key, redone="those pairs are redone",
+        )
+        for r in records:
+            done.setdefault(_pair_key(r), r)
     items = []
     for qi, ex in enumerate(examples):
         for pi, p in enumerate(pool):
@@ -1756,9 +1730,7 @@ def _collect_pairs(
             recs = _score_items(adapter, chunk, cfg, progress=False, desc=desc)
             rows = [_pair_json(r, examples[r.question_index], task) for r in recs]
             if path is not None:
-                with open(path, "a", encoding="utf-8") as fh:
-                    for row in rows:
-                        fh.write(json.dumps(row) + "\n")
+                append_jsonl(path, rows)
             for row in rows:
                 done[_pair_key(row)] = row
             n_scored = sum(1 for r in recs if r.scored)
@@ -2027,13 +1999,6 @@ def run_iap(
 def _run_iap(model, examples, task, pool, cfg, standardizer, out_dir, resume, progress):
     from dpc_lens.model import as_adapter
 
-    if out_dir is not None:
-        if (Path(out_dir) / "pairs.jsonl").exists() and not resume:
-            raise InputError(
-                f"{Path(out_dir) / 'pairs.jsonl'} already exists. Pass resume=True (--resume) to "
-                "continue that run, or choose another output directory."
-            )
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
     pairs, cost = _collect_pairs(as_adapter(model), examples, task, pool, cfg, out_dir=out_dir,
                                  resume=resume, progress=progress, desc="IAP")
     if out_dir is not None:  # only once the resume check in _collect_pairs has passed
@@ -2055,10 +2020,8 @@ def _run_iap(model, examples, task, pool, cfg, standardizer, out_dir, resume, pr
     if out_dir is not None:
         out = Path(out_dir)
         std.save(out / "standardizer.json")
-        with open(out / "questions.jsonl", "w", encoding="utf-8") as fh:
-            for r in rows:
-                fh.write(json.dumps(r) + "\n")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        rewrite_jsonl(out / "questions.jsonl", rows)
+        write_json(out / "summary.json", summary)
     return pairs, summary
 
 

@@ -677,11 +677,11 @@ def evaluate_accuracy(
     gens = generate(model, prompts, soft_prompt, generation_config or GenerationConfig(),
                     add_bos=add_bos, progress=progress, desc="evaluate")
     texts = tuple(g.text for g in gens)
-    from .tasks import answer_of
+    from .evaluation import grade
 
-    preds = tuple(answer_of(task, t, e) for t, e in zip(texts, examples))
-    correct = tuple(bool(task.is_correct(p, str(ex.answer))) for p, ex in zip(preds, examples,
-                                                                             strict=True))
+    graded = [grade(task, t, e) for t, e in zip(texts, examples, strict=True)]
+    preds = tuple(a for a, _ in graded)
+    correct = tuple(c for _, c in graded)
     return AccuracyResult(
         accuracy=sum(correct) / len(correct),
         predictions=preds,

@@ -1,6 +1,14 @@
-"""Run directories: checked before any work, locked for the whole run, repaired on resume.
+"""Run I/O: JSON and JSONL files, run directories checked, locked and resumed -- the one place.
 
-Every command that writes a run (``dpc``, ``calibrate``, ``iap``, ``demo``) goes through here:
+Every run that writes results (``run_dpc``, ``calibrate_dpc``, ``run_iap``, ``calibrate_iap``, the
+CLI's ``demo``) reads and writes its files through here:
+
+* :func:`read_json` / :func:`write_json` -- one JSON file, errors naming the file and line;
+  writes are atomic (a kill never leaves half a config).
+* :func:`read_records` / :func:`append_jsonl` / :func:`rewrite_jsonl` -- a run's JSONL records
+  (a torn last line dropped, duplicated ids kept once, a corrupt middle line named).
+* :func:`resume_run` -- THE resume guard: an existing run without ``resume`` is refused, a run
+  made with other settings is refused, the settings are written, corrupt lines are repaired.
 
 * :func:`check_out_dir` — the output path is a directory this process can write (not an existing
   file, not under a file, not read-only), checked before a model is loaded or a question run.
@@ -26,7 +34,9 @@ from typing import Any
 
 from .errors import DataError, RunError
 
-__all__ = ["LOCK_NAME", "RunLock", "check_out_dir", "repair_jsonl", "unique_by_id", "read_lock"]
+__all__ = ["LOCK_NAME", "RunLock", "check_out_dir", "repair_jsonl", "unique_by_id", "read_lock",
+           "read_json", "write_json", "read_records", "append_jsonl", "rewrite_jsonl", "resume_run",
+           "check_unique_ids"]
 
 LOCK_NAME = ".dpc_lens.lock"
 
@@ -262,3 +272,141 @@ def corrupt_line_error(path: str, line: int) -> DataError:
 def ids_preview(ids: Sequence[Any], n: int = 5) -> str:
     head = ", ".join(map(str, list(ids)[:n]))
     return head + (f", ... ({len(ids)} in all)" if len(ids) > n else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON and JSONL files
+# ---------------------------------------------------------------------------------------------
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """A JSON file's content; :class:`DataError` naming the file (and line) when missing or
+    malformed (``what`` says which file it should have been: "DPC config", "standardizer"...)."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise DataError(f"The {what} file {path!r} does not exist.") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}, line {e.lineno}: invalid JSON ({e.msg}).") from None
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically (a temporary file renamed over ``path``)."""
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def append_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> None:
+    """Append records, one JSON object a line, flushed (a kill loses at most the torn last line,
+    which :func:`read_records` drops and :func:`repair_jsonl` removes)."""
+    with open(os.fspath(path), "a", encoding="utf-8") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in records))
+
+
+def rewrite_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> None:
+    """Replace a JSONL file with ``records`` atomically."""
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for r in records:
+            fh.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+def read_records(path: str | os.PathLike,
+                 key: Callable[[dict], Hashable] | None = None) -> list[dict[str, Any]]:
+    """Records of a (possibly interrupted) ``records.jsonl``; a torn last line is dropped, and a
+    record whose id appeared earlier in the file (two runs that wrote into one directory) is
+    kept once, so nothing is counted twice (``key``: what makes a record unique, default its
+    ``id``; IAP's ``pairs.jsonl`` uses ``(id, prompt)``).
+
+    Raises:
+        DataError: a line in the middle is not JSON (the message names it and the repair:
+            ``--resume`` moves bad lines aside to ``records.jsonl.rejected`` and redoes them).
+    """
+    out = []
+    if not os.path.exists(path):
+        return out
+    with open(path, encoding="utf-8") as fh:
+        lines = fh.readlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n == len(lines):  # a write cut by a kill: redo that record
+                break
+            raise corrupt_line_error(os.fspath(path), n) from None
+    return unique_by_id(out, key)[0] if key is not None else unique_by_id(out)[0]
+
+
+def check_unique_ids(ids: Sequence[Any], what: str = "Example ids") -> None:
+    """Refuse repeated example ids before any work (resume and every reader key on them)."""
+    from .errors import InputError
+
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if list(ids).count(i) > 1})
+        raise InputError(f"{what} must be unique (resume relies on them); repeated: {ids_preview(dup)}. "
+                         "Give each line of the data file its own id.")
+
+
+# ---------------------------------------------------------------------------------------------
+# The resume guard
+# ---------------------------------------------------------------------------------------------
+
+
+def resume_run(
+    records_path: str | os.PathLike,
+    *,
+    resume: bool,
+    settings_path: str | os.PathLike,
+    settings: dict[str, Any],
+    exists_message: str,
+    mismatch_message: Callable[[dict[str, Any], dict[str, Any]], str],
+    comparable: Callable[[dict[str, Any]], dict[str, Any]] = lambda d: d,
+    key: Callable[[dict[str, Any]], Hashable] = lambda r: r.get("id"),
+    redone: str = "their questions are redone",
+) -> list[dict[str, Any]]:
+    """The one resume guard of every run; returns the records already on disk (``[]`` when
+    starting afresh).
+
+    1. ``records_path`` exists and ``resume`` is False: :class:`InputError` (``exists_message``):
+       a run is never silently overwritten or appended to.
+    2. ``resume`` with records and ``settings_path`` on disk: the settings they were made with
+       must equal ``settings`` (after ``comparable``, which drops what cannot change a record,
+       such as batch sizes); otherwise :class:`InputError` (``mismatch_message(old, new)``).
+    3. ``settings`` are written to ``settings_path`` (atomically).
+    4. With ``resume``: :func:`repair_jsonl` (corrupt lines moved aside to ``.rejected`` and said
+       on stderr, a duplicated ``key`` kept once) and the good records returned.
+    """
+    from .errors import InputError
+
+    records_path, settings_path = os.fspath(records_path), os.fspath(settings_path)
+    have = os.path.exists(records_path)
+    if have and not resume:
+        raise InputError(exists_message)
+    if resume and have and os.path.exists(settings_path):
+        old = read_json(settings_path, "run settings")
+        if comparable(copy_json(old)) != comparable(copy_json(settings)):
+            raise InputError(mismatch_message(old, settings))
+    os.makedirs(os.path.dirname(settings_path) or ".", exist_ok=True)
+    write_json(settings_path, settings)
+    if not resume:
+        return []
+    records, bad = repair_jsonl(records_path, key=key)
+    if bad:
+        print(f"dpc-lens: {records_path}: moved {len(bad)} corrupt line(s) (line "
+              f"{', '.join(map(str, bad))}) to {records_path}.rejected; {redone}.", file=sys.stderr)
+    return records
+
+
+def copy_json(obj: Any) -> Any:
+    """A deep copy of a JSON value (so ``comparable`` may pop keys freely)."""
+    return json.loads(json.dumps(obj))

@@ -61,7 +61,7 @@ def build_testbed(data_dir: str | None = None, *, steps: int = 600, progress: bo
     cal.save(d)
     out = {"prompt_tuning_s": t_pt, "total_s": time.perf_counter() - t0, "best_step": res.best_step,
            "best_dev_loss": res.best_dev_loss, "calibration": {k: cal.to_dict()[k] for k in
-           ("best_point", "best_accuracy", "pt_accuracy", "oracle_accuracy", "n_generations")}}
+           ("best_point", "best_accuracy", "pt_accuracy", "corruption_oracle_accuracy", "n_generations")}}
     with open(os.path.join(d, "testbed_build.json"), "w", encoding="utf-8") as fh:
         json.dump(out, fh, indent=2)
     return out

@@ -149,7 +149,7 @@ def test_grid_picks_the_known_best_point_and_accuracies_by_hand():
     assert cal.best_trigger_rate == pytest.approx(1 / 4)  # only A fires
     assert cal.n_no_rationale == 1
     # PT right: B, D; a corrupted answer right somewhere: A (0,), B (0,), C (2,) -> all 4
-    assert cal.oracle_accuracy == 1.0
+    assert cal.corruption_oracle_accuracy == 1.0
     det = cal.config.detector
     assert (det.statistic, det.R, det.top_k, det.shallow_layers, det.deep_layers) == (
         "raw",
