@@ -200,7 +200,8 @@ def _require_gguf() -> None:
     if importlib.util.find_spec("gguf") is None:
         raise ModelError(
             "Reading a GGUF checkpoint needs the 'gguf' package (transformers dequantises the file "
-            "with it), which is not installed. Install it with: pip install gguf"
+            "with it), which is not installed. Install it with: pip install gguf (or the extra: "
+            "pip install 'dpc_lens[gguf]')"
         )
 
 

@@ -19,6 +19,7 @@ import os
 import warnings
 from pathlib import Path
 
+import gguf  # a dev dependency: missing, these tests fail rather than skip
 import numpy as np
 import pytest
 import torch
@@ -30,8 +31,6 @@ from dpc_lens.model import as_adapter, load_model
 from dpc_lens.saliency import SaliencyConfig, compute_saliency
 from dpc_lens.segments import PromptBatch
 from dpc_lens.soft_prompt import SoftPrompt
-
-gguf = pytest.importorskip("gguf", reason="the gguf package is a test dependency of dpc_lens[dev]")
 
 D_MODEL, N_LAYERS, N_HEADS, N_KV, D_FF = 64, 2, 4, 2, 128
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import reasoning_gym as rg  # a dev dependency: missing, these tests fail rather than skip
 import torch
 
-rg = pytest.importorskip("reasoning_gym", reason="reasoning-gym is a test dependency of dpc_lens[dev]")
-
-from dpc_lens.errors import ConfigError, DataError  # noqa: E402
-from dpc_lens.tasks import answer_of, get_task, load_examples  # noqa: E402
-from dpc_lens.tasks.gym import (  # noqa: E402
+from dpc_lens.errors import ConfigError, DataError
+from dpc_lens.tasks import answer_of, get_task, load_examples
+from dpc_lens.tasks.gym import (
     ANSWER_INSTRUCTION,
     GymTask,
     chat_prompt_template,

@@ -67,7 +67,7 @@ ANSWER_INSTRUCTION = "Think step by step, then finish with a line of the form 'T
 
 _PLAIN_NUMBER = re.compile(r"\s*-?\d+(?:\.\d+)?\s*")
 _ANSWER_TAG = re.compile(r"<answer>\s?(.*?)\s?</answer>", re.DOTALL)
-_INSTALL = "pip install reasoning-gym"
+_INSTALL = "pip install reasoning-gym (or the extra: pip install 'dpc_lens[gym]')"
 
 
 def _rg() -> Any:
