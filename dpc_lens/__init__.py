@@ -25,7 +25,7 @@ _EXPORTS = {
     "SegmentLayout": "segments", "PromptBatch": "segments", "encode_pieces": "segments",
     # saliency
     "SaliencyConfig": "saliency", "SaliencyResult": "saliency", "compute_saliency": "saliency",
-    "target_nll": "saliency",
+    "target_nll": "saliency", "saliency_hooks": "saliency", "SaliencyStore": "saliency",
     "flow_proportions": "flows", "saliency_map": "flows",
     # generation and corruption
     "GenerationConfig": "generation", "Generation": "generation", "generate": "generation",
@@ -34,7 +34,7 @@ _EXPORTS = {
     "DetectorConfig": "detector", "DetectorInputs": "detector", "TriggerDecision": "detector",
     "dynamic_trigger": "detector", "accumulation": "detector", "deep_flow": "detector",
     "DPCConfig": "dpc", "analyse": "dpc", "run_dpc": "dpc", "summarize": "dpc",
-    "read_records": "dpc",
+    "read_records": "runs",
     "CalibrationGrid": "calibration", "calibrate_dpc": "calibration",
     "PromptTuningConfig": "prompt_tuning", "train_soft_prompt": "prompt_tuning",
     "evaluate_accuracy": "prompt_tuning",

@@ -45,7 +45,7 @@ from .layers import LayerSpec, normalize_layer_spec, resolve_layers
 from .model import as_adapter, frozen_for_saliency
 from .segments import PromptBatch, SegmentLayout
 
-__all__ = ["SaliencyConfig", "SaliencyResult", "compute_saliency", "target_nll"]
+__all__ = ["SaliencyConfig", "SaliencyResult", "SaliencyStore", "compute_saliency", "saliency_hooks", "target_nll"]
 
 LossFn = Callable[[Tensor, PromptBatch], Tensor]
 
@@ -296,25 +296,88 @@ def _split_flow_name(name: str) -> tuple[str, str]:
     return s.strip(), t.strip()
 
 
-def compute_saliency(
+class SaliencyStore:
+    """What :func:`saliency_hooks` collects during one forward + backward, layer by layer.
+
+    Each hooked layer's ``[batch, head, q, k]`` product is reduced inside the gradient hook to
+    what the config asked for (segment flow sums, column and row scores) and kept in
+    :attr:`per_layer`; nothing of size ``T^2`` survives unless ``keep_full``. Call
+    :meth:`result` after the backward pass.
+    """
+
+    def __init__(self, config: SaliencyConfig, layers: list[int], names: list[str],
+                 batch: PromptBatch) -> None:
+        self.config = config
+        self.layers = list(layers)
+        self.names = list(names)
+        self.batch = batch
+        self.per_layer: dict[int, dict[str, Tensor]] = {}
+
+    def result(self, loss: Tensor | None = None) -> SaliencyResult:
+        """The :class:`SaliencyResult` of the pass (``loss``: one value per example, kept in the
+        result; default NaN).
+
+        Raises:
+            SaliencyError: a hooked layer delivered no gradient (its pattern is not on the path
+                to the loss, or the backward pass did not run).
+        """
+        layers, store = self.layers, self.per_layer
+        missing = [l for l in layers if l not in store]
+        if missing:
+            raise SaliencyError(
+                f"Layers {missing} delivered no attention gradient. This model's attention pattern "
+                "hook is not on the path to the loss; dpc_lens cannot measure saliency there."
+            )
+
+        def stack(key: str) -> Tensor | None:
+            if key not in store[layers[0]]:
+                return None
+            return torch.stack([store[l][key] for l in layers]).detach()
+
+        if loss is None:
+            loss = torch.full((self.batch.batch_size,), float("nan"))
+        loss = loss.detach()
+        seg_masks = self.batch.segment_masks(self.names)
+        return SaliencyResult(
+            config=self.config,
+            layers=tuple(layers),
+            segment_names=tuple(self.names),
+            layouts=self.batch.layouts,
+            flow_sums=stack("flow_sums"),
+            pair_counts=F.segment_pair_counts(seg_masks, include_diagonal=self.config.include_diagonal),
+            loss=loss.to(torch.promote_types(loss.dtype, torch.float32)),
+            column_sums=stack("column_sums"),
+            column_shares=stack("column_shares"),
+            row_sums=stack("row_sums"),
+            row_totals=stack("row_totals"),
+            full=stack("full"),
+        )
+
+
+def saliency_hooks(
     model: Any,
     batch: PromptBatch,
     config: SaliencyConfig | None = None,
-    *,
-    loss_fn: LossFn | None = None,
-) -> SaliencyResult:
-    """One teacher-forced forward + backward over ``batch``; saliency reduced layer by layer.
+) -> tuple[SaliencyStore, list[tuple[str, Callable[..., Any]]]]:
+    """The saliency capture as plain hooks: ``(store, hooks)`` for one forward + backward.
 
-    Args:
-        model: a ``TransformerBridge`` or ``HookedTransformer`` (or a :class:`ModelAdapter`).
-        batch: the input, built with :class:`~dpc_lens.segments.PromptBatch`.
-        config: what to compute (default: all layers, segment flows between every segment).
-        loss_fn: ``fn(logits, batch)`` returning a scalar or one loss per example (summed);
-            default :func:`target_nll` over ``config.loss_segments``.
+    ``hooks`` are ``(hook_name, fn)`` forward hooks on ``blocks.{l}.attn.hook_pattern``; each
+    registers a tensor gradient hook on the pattern (backward hooks on ``hook_pattern`` do not
+    fire on some bridge architectures), and the gradient hook reduces
+    ``I_l = |sum_h A_{h,l} * dL/dA_{h,l}|`` at once into ``store``. Concatenate them with your
+    own hooks or with :func:`~dpc_lens.patching.soft_row_hooks` and run one pass::
 
-    Raises:
-        SaliencyError: a requested layer delivered no gradient, or the loss is not a finite
-            scalar / per-example vector.
+        store, hooks = saliency_hooks(model, batch, cfg)
+        with adapter.hooks(fwd_hooks=hooks + soft_row_hooks(batch, soft, [2])), torch.enable_grad():
+            embeds = batch.embeds.detach().requires_grad_(True)  # frozen weights: grad flows here
+            logits = adapter.forward_embeds(embeds, batch.attention_mask, batch.position_ids)
+            loss = target_nll(logits, batch, cfg.loss_segments)
+            loss.sum().backward()
+        res = store.result(loss)
+
+    Hook names are checked against the model before anything is returned. The backward pass
+    must run while the hooks are registered (inside the ``with`` block). :func:`compute_saliency`
+    is this plus the pass itself.
     """
     if not isinstance(batch, PromptBatch):
         raise InputError(
@@ -340,7 +403,7 @@ def compute_saliency(
     seg_masks = batch.segment_masks(names)
     tmask = batch.union_mask(config.column_targets) if config.column_targets else None
     smask = batch.union_mask(config.row_sources) if config.row_sources else None
-    store: dict[int, dict[str, Tensor]] = {}
+    store = SaliencyStore(config, layers, names, batch)
     layer_of = {hook_names.pattern(l): l for l in layers}
 
     def reduce(layer: int, pattern: Tensor, grad: Tensor) -> None:
@@ -358,7 +421,7 @@ def compute_saliency(
             out["column_shares"] = F.column_scores(I, tm, row_normalize=True, row_total=total)
         if config.keep_full:
             out["full"] = I
-        store[layer] = out
+        store.per_layer[layer] = out
 
     def capture(pattern: Tensor, hook: Any) -> None:
         layer = layer_of[hook.name]
@@ -375,10 +438,39 @@ def compute_saliency(
 
         pattern.register_hook(on_grad)
 
+    return store, [(n, capture) for n in hook_list]
+
+
+def compute_saliency(
+    model: Any,
+    batch: PromptBatch,
+    config: SaliencyConfig | None = None,
+    *,
+    loss_fn: LossFn | None = None,
+) -> SaliencyResult:
+    """One teacher-forced forward + backward over ``batch``; saliency reduced layer by layer.
+
+    The capture is :func:`saliency_hooks`; this runs the pass with them, every hook registered
+    inside one ``with`` block and the backward inside it.
+
+    Args:
+        model: a ``TransformerBridge`` or ``HookedTransformer`` (or a :class:`ModelAdapter`).
+        batch: the input, built with :class:`~dpc_lens.segments.PromptBatch`.
+        config: what to compute (default: all layers, segment flows between every segment).
+        loss_fn: ``fn(logits, batch)`` returning a scalar or one loss per example (summed);
+            default :func:`target_nll` over ``config.loss_segments``.
+
+    Raises:
+        SaliencyError: a requested layer delivered no gradient, or the loss is not a finite
+            scalar / per-example vector.
+    """
+    config = config or SaliencyConfig()
+    store, hooks = saliency_hooks(model, batch, config)
+    adapter = as_adapter(model)
     model_obj = adapter.model
     with frozen_for_saliency(model_obj), torch.enable_grad():
         embeds = batch.embeds.detach().requires_grad_(True)
-        with adapter.hooks(fwd_hooks=[(n, capture) for n in hook_list]):
+        with adapter.hooks(fwd_hooks=hooks):
             logits = adapter.forward_embeds(embeds, batch.attention_mask, batch.position_ids)
             if loss_fn is None:
                 per_example = target_nll(logits, batch, config.loss_segments)
@@ -405,32 +497,7 @@ def compute_saliency(
                     "must be computed from the logits it is given."
                 )
             torch.autograd.grad(loss, embeds)
-    missing = [l for l in layers if l not in store]
-    if missing:
-        raise SaliencyError(
-            f"Layers {missing} delivered no attention gradient. This model's attention pattern hook "
-            "is not on the path to the loss; dpc_lens cannot measure saliency there."
-        )
-
-    def stack(key: str) -> Tensor | None:
-        if key not in store[layers[0]]:
-            return None
-        return torch.stack([store[l][key] for l in layers]).detach()
-
-    return SaliencyResult(
-        config=config,
-        layers=tuple(layers),
-        segment_names=tuple(names),
-        layouts=batch.layouts,
-        flow_sums=stack("flow_sums"),
-        pair_counts=F.segment_pair_counts(seg_masks, include_diagonal=config.include_diagonal),
-        loss=per_example.detach().to(torch.promote_types(per_example.dtype, torch.float32)),
-        column_sums=stack("column_sums"),
-        column_shares=stack("column_shares"),
-        row_sums=stack("row_sums"),
-        row_totals=stack("row_totals"),
-        full=stack("full"),
-    )
+    return store.result(per_example)
 
 
 def _all_segment_names(batch: PromptBatch) -> list[str]:

@@ -19,8 +19,9 @@ is what batched saliency needs. Segment spans in a batch are in padded coordinat
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -202,11 +203,16 @@ class PromptBatch:
     ) -> "PromptBatch":
         """Build the padded input for ``sequences`` (token ids per example) with ``soft`` first.
 
+        ``adapter``: the model (bridge, HookedTransformer) or its ``ModelAdapter``.
+
         ``soft`` is a :class:`~dpc_lens.soft_prompt.SoftPrompt`, a ``[P, d_model]`` tensor (kept in
         the autograd graph, for prompt tuning), a list of either (one per example, same ``P``:
-        e.g. differently corrupted prompts regenerated together), or ``None``. Raises :class:`InputError` when a
-        row is empty or longer than the model's context.
+        e.g. differently corrupted prompts regenerated together), or ``None``. Raises
+        :class:`InputError` when a row is empty or longer than the model's context.
         """
+        from .model import as_adapter  # any model the user holds: bridge, HookedTransformer, adapter
+
+        adapter = as_adapter(adapter)
         if len(sequences) == 0:
             raise InputError("An empty batch: give at least one example.")
         if len(sequences) != len(layouts):
@@ -288,7 +294,13 @@ class PromptBatch:
         *,
         required: Sequence[str] = (),
     ) -> "PromptBatch":
-        """Tokenise each example's named pieces and build the batch (see :func:`encode_pieces`)."""
+        """Tokenise each example's named pieces and build the batch (see :func:`encode_pieces`).
+
+        ``adapter`` is the model as the user holds it (a ``TransformerBridge``, a
+        ``HookedTransformer``) or its :class:`~dpc_lens.model.ModelAdapter`."""
+        from .model import as_adapter
+
+        adapter = as_adapter(adapter)
         seqs, lays = [], []
         for pieces in examples:
             ids, lay = encode_pieces(adapter.tokenizer, pieces)
