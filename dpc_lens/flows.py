@@ -143,7 +143,11 @@ def flow_proportions(flows: Mapping[str, Tensor], names: Sequence[str] | None = 
     missing = [n for n in names if n not in flows]
     if missing:
         raise InputError(f"Unknown flows {missing}; available: {sorted(flows)}.")
-    stacked = torch.stack([flows[n].float() for n in names])
+    # float64 flows stay float64 (lower precisions are promoted to float32, never demoted)
+    dtype = torch.float32
+    for n in names:
+        dtype = torch.promote_types(dtype, flows[n].dtype)
+    stacked = torch.stack([flows[n].to(dtype) for n in names])
     total = stacked.sum(0, keepdim=True)
     props = stacked / total
     props = torch.where(total == 0, torch.full_like(props, float("nan")), props)

@@ -263,17 +263,23 @@ def flow_curve_data(
             its batch is an instance). Records without flows (empty rationale) are skipped.
         names: flows to draw (default: the DPC flows, or the IAP flows for a result whose
             segments are ``question / prompt / rationale``).
-        proportions: per layer and instance, ``p_k = flow_k / sum_k' flow_k'`` over ``names``
-            before averaging (:func:`dpc_lens.flows.flow_proportions`); False: raw values.
+        proportions: as Wang et al. plot them: the raw flows are averaged over instances first
+            (mean, or median with ``band="iqr"``), then normalised per layer,
+            ``p_k = avg flow_k / sum_k' avg flow_k'`` over ``names``, so the curves sum to 1 at
+            every layer. An instance enters a layer only when all of ``names`` are finite there.
+            The band is the spread of the per-instance proportions (:func:`dpc_lens.flows.
+            flow_proportions`) around that curve. False: raw values.
         band: ``"std"`` (mean and mean -/+ population std) or ``"iqr"`` (median and the 25th /
             75th percentiles).
     """
     if band not in _BANDS:
         raise InputError(f"band must be one of {_BANDS}, got {band!r}.")
     layers, names, flows = _instance_flows(source, names)
-    if proportions:
-        flows = _proportions(flows, names)
     center, lo, hi, count = {}, {}, {}, {}
+    if proportions:
+        ok = np.logical_and.reduce([np.isfinite(flows[n]) for n in names])  # [layer, instance]
+        flows = {n: np.where(ok, flows[n], np.nan) for n in names}
+        per_instance = _proportions(flows, names)
     with _quiet_nan():
         for n in names:
             v = flows[n]  # [layer, instance]
@@ -285,6 +291,17 @@ def flow_curve_data(
             else:
                 q25, q50, q75 = np.nanpercentile(v, [25, 50, 75], axis=1)
                 center[n], lo[n], hi[n] = q50, q25, q75
+        if proportions:
+            total = sum(center[n] for n in names)
+            for n in names:
+                c = np.where(total != 0, center[n] / np.where(total != 0, total, 1.0), np.nan)
+                p = per_instance[n]
+                if band == "std":
+                    s = np.nanstd(p, axis=1)
+                    lo[n], hi[n] = c - s, c + s
+                else:
+                    lo[n], hi[n] = np.nanpercentile(p, [25, 75], axis=1)
+                center[n] = c
     return FlowCurves(layers, tuple(names), center, lo, hi, count, band, bool(proportions))
 
 

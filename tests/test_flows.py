@@ -195,3 +195,13 @@ def test_saliency_map_fp32_accumulation():
 def test_saliency_map_shape_mismatch():
     with pytest.raises(InputError, match=r"same shape, got \(1, 2, 2, 2\) and \(1, 2, 2, 3\)"):
         saliency_map(A, torch.zeros(1, 2, 2, 3))
+
+
+def test_flow_proportions_keep_float64():
+    # 1/3 is not representable in float32: a cast would show in the 8th digit
+    a = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    b = torch.tensor([2.0, 1.0], dtype=torch.float64)
+    p = flow_proportions({"x->y": a, "y->z": b})
+    assert p["x->y"].dtype == torch.float64
+    assert p["x->y"][0].item() == 1.0 / 3.0
+    assert flow_proportions({"x->y": a.half(), "y->z": b.half()})["x->y"].dtype == torch.float32

@@ -168,15 +168,20 @@ def test_flow_curves_raw_mean_and_std_by_hand(records):
 
 def test_flow_curves_proportions_by_hand(records):
     d = P.flow_curve_data(records, proportions=True)
-    # layer 0 per record: a = (1, 2, 1)/4, b = (1, 1, 2)/4, c = (3, 3, 2)/8, d = (1, 3, 0)/4
+    # layer 0 per record: a = (1, 2, 1), b = (1, 1, 2), c = (3, 3, 2), d = (1, 3, 0).
+    # Wang et al.: average the raw flows (1.5, 2.25, 1.25), then normalise: 2.25 / 5 = 0.45 --
+    # not the mean of the per-instance proportions (0.46875)
+    assert d.center["soft->rationale"][0] == pytest.approx(0.45)
+    assert d.center["soft->question"][0] == pytest.approx(0.3)
+    # the band: spread of the per-instance proportions around that curve
     sr = np.array([2 / 4, 1 / 4, 3 / 8, 3 / 4])
-    assert d.center["soft->rationale"][0] == pytest.approx(sr.mean())
-    assert d.hi["soft->rationale"][0] == pytest.approx(sr.mean() + sr.std())
-    # the three proportions sum to 1 per layer (means of per-instance proportions)
+    assert d.hi["soft->rationale"][0] == pytest.approx(0.45 + sr.std())
+    # the three proportions sum to 1 at every layer
     total = sum(d.center[n] for n in DPC)
-    np.testing.assert_allclose(total[:3], 1.0)
-    # layer 3: record d has a NaN flow, so its proportions are NaN and it drops out
+    np.testing.assert_allclose(total, 1.0)
+    # layer 3: record d has a NaN flow, so it drops out of every flow there
     np.testing.assert_array_equal(d.n["soft->rationale"], [4, 4, 4, 3])
+    np.testing.assert_array_equal(d.n["question->rationale"], [4, 4, 4, 3])
 
 
 def test_flow_curves_iqr_band(records):
