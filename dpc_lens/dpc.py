@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .analysis import measure_flows
 from .detector import DetectorConfig, DetectorInputs, TriggerDecision, dynamic_trigger
 from .errors import ConfigError, DataError, InputError
 from .evaluation import answer_record, base_or_pt_oracle, prompt_text
@@ -47,8 +48,8 @@ from .runs import (
     unique_by_id,
     write_json,
 )
-from .saliency import SaliencyConfig, compute_saliency
-from .segments import PromptBatch, SegmentLayout
+from .saliency import SaliencyConfig
+from .segments import SegmentLayout
 from .soft_prompt import SoftPrompt
 from .tasks.base import Example
 
@@ -223,24 +224,20 @@ def analyse(
             out[i] = Analysis(tuple(p), g, None, {}, None)
         else:
             todo.append(i)
-    step = cfg.saliency_batch_size
-    for s in tqdm(range(0, len(todo), step), desc="saliency", disable=not progress, leave=False):
-        idx = todo[s:s + step]
-        seqs, lays = [], []
-        for i in idx:
-            p, g = prompts[i], list(generations[i].token_ids)
-            spans = {"question": (bos, len(p)), "rationale": (len(p), len(p) + len(g))}
-            if bos:
-                spans = {"bos": (0, 1), **spans}
-            seqs.append(list(p) + g)
-            lays.append(SegmentLayout(spans, len(p) + len(g)))
-        batch = PromptBatch.build(adapter, seqs, lays, soft_prompt)
-        res = compute_saliency(adapter, batch, sal_cfg)
-        means = res.flows(DPC_FLOWS)
-        for b, i in enumerate(idx):
-            flows = {k: [float(x) for x in v[:, b].tolist()] for k, v in means.items()}
-            out[i] = Analysis(tuple(prompts[i]), generations[i], _detector_inputs(res, b, batch.n_soft),
-                              flows, float(res.loss[b]))
+    seqs, lays = [], []
+    for i in todo:
+        p, g = prompts[i], list(generations[i].token_ids)
+        spans = {"question": (bos, len(p)), "rationale": (len(p), len(p) + len(g))}
+        if bos:
+            spans = {"bos": (0, 1), **spans}
+        seqs.append(list(p) + g)
+        lays.append(SegmentLayout(spans, len(p) + len(g)))
+    measured = measure_flows(
+        adapter, seqs, lays, DPC_FLOWS, sal_cfg, soft=soft_prompt, batch_size=cfg.saliency_batch_size,
+        per_example=lambda res, b, batch: _detector_inputs(res, b, batch.n_soft), progress=progress,
+    )
+    for i, m in zip(todo, measured, strict=True):
+        out[i] = Analysis(tuple(prompts[i]), generations[i], m.extra, m.flows, m.loss)
     return [a for a in out if a is not None]
 
 

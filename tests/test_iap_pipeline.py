@@ -256,7 +256,7 @@ def test_flows_equal_direct_saliency_on_the_same_sequence(cli_run, model):
 
 def test_interrupted_run_resumes_without_losing_or_repeating_a_pair(cli_run, files, ckpt, tmp_path,
                                                                      monkeypatch):
-    import dpc_lens.iap as iap_mod
+    import dpc_lens.iap.pipeline as iap_mod
 
     real = iap_mod._score_items
     calls = []
