@@ -29,7 +29,7 @@ from dataclasses import replace
 import torch
 
 from dpc_lens.demo import DEMO_RANDOM_DRAWS, shipped_artefacts
-from dpc_lens.detector import accumulation_deepflow_contingency, dynamic_trigger, resolve_layers
+from dpc_lens.dpc import accumulation_deepflow_contingency, dynamic_trigger, resolve_layers
 from dpc_lens.dpc import DPCConfig, analyse, encode_questions, random_rows_for
 from dpc_lens.evaluation import grade
 from dpc_lens.generation import generate

@@ -31,11 +31,11 @@ _EXPORTS = {
     "GenerationConfig": "generation", "Generation": "generation", "generate": "generation",
     "CorruptionConfig": "patching", "corrupt_soft_prompt": "patching", "soft_row_hooks": "patching",
     # DPC
-    "DetectorConfig": "detector", "DetectorInputs": "detector", "TriggerDecision": "detector",
-    "dynamic_trigger": "detector", "accumulation": "detector", "deep_flow": "detector",
+    "DetectorConfig": "dpc", "DetectorInputs": "dpc", "TriggerDecision": "dpc",
+    "dynamic_trigger": "dpc", "accumulation": "dpc", "deep_flow": "dpc",
     "DPCConfig": "dpc", "analyse": "dpc", "run_dpc": "dpc", "summarize": "dpc",
     "read_records": "runs",
-    "CalibrationGrid": "calibration", "calibrate_dpc": "calibration",
+    "CalibrationGrid": "dpc", "calibrate_dpc": "dpc",
     "PromptTuningConfig": "prompt_tuning", "train_soft_prompt": "prompt_tuning",
     "evaluate_accuracy": "prompt_tuning",
     # tasks

@@ -316,7 +316,7 @@ def _plots(out_dir: str) -> None:
 
 
 def _cmd_calibrate(args) -> int:
-    from .calibration import calibrate_dpc
+    from .dpc import calibrate_dpc
     from .dpc import check_config_fits
     from .runs import check_out_dir
     from .soft_prompt import SoftPrompt

@@ -22,7 +22,7 @@ from typing import Any
 from .tasks import answer_of
 from .tasks.base import Example
 
-__all__ = ["grade", "answer_record", "prompt_text", "accuracy", "base_or_pt_oracle", "any_right_oracle"]
+__all__ = ["grade", "answer_record", "prompt_text", "fraction_true", "base_or_pt_oracle", "any_right_oracle"]
 
 
 def grade(task: Any, text: str, example: Example) -> tuple[str | None, bool]:
@@ -43,7 +43,7 @@ def prompt_text(template: str, question: str) -> str:
     return template.format(question=question)
 
 
-def accuracy(flags: Iterable[Any]) -> float:
+def fraction_true(flags: Iterable[Any]) -> float:
     """Share of truthy flags (``nan`` for none)."""
     flags = [bool(x) for x in flags]
     return sum(flags) / len(flags) if flags else float("nan")
@@ -51,9 +51,9 @@ def accuracy(flags: Iterable[Any]) -> float:
 
 def base_or_pt_oracle(records: Sequence[Mapping[str, Any]]) -> float:
     """Share of DPC records right with the base model or with vanilla prompt tuning."""
-    return accuracy(r["base"]["correct"] or r["pt"]["correct"] for r in records)
+    return fraction_true(r["base"]["correct"] or r["pt"]["correct"] for r in records)
 
 
 def any_right_oracle(correct: Sequence[Iterable[Any]]) -> float:
     """Share of questions with at least one right answer among their candidates."""
-    return accuracy(any(bool(x) for x in c) for c in correct)
+    return fraction_true(any(bool(x) for x in c) for c in correct)

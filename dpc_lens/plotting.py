@@ -365,7 +365,7 @@ class HeatmapData:
 
 def _soft_rows(marked: Any) -> list[int]:
     """Soft-row indices from ints, a TriggerDecision, its dict, or a record holding one."""
-    from .detector import TriggerDecision
+    from .dpc import TriggerDecision
 
     if marked is None:
         return []
@@ -546,7 +546,7 @@ def _records(records: Any, what: str) -> list[dict[str, Any]]:
 
 
 def _deep_layers(records: Sequence[Mapping[str, Any]], n_layers: int, layers: Any) -> list[int]:
-    from .detector import resolve_layers
+    from .layers import resolve_layers
 
     if layers is None:
         for r in records:
@@ -674,7 +674,7 @@ def contingency_data(
         ``correct``, ``fired``, and ``ids``, and the thresholds used (``accumulation_threshold``,
         ``R``, ``measure``; ``None`` when the records' configs disagree).
     """
-    from .detector import TriggerDecision, accumulation_deepflow_contingency
+    from .dpc import TriggerDecision, accumulation_deepflow_contingency
 
     recs = [r for r in _records(records, "contingency_data") if r.get("trigger")]
     if not recs:
@@ -776,7 +776,7 @@ def plot_contingency(
 
 
 def _trigger_dict(obj: Any) -> dict[str, Any]:
-    from .detector import TriggerDecision
+    from .dpc import TriggerDecision
 
     if isinstance(obj, TriggerDecision):
         return obj.to_dict()
@@ -1102,7 +1102,7 @@ def save_standard_figures(
     """
     out_dir = os.fspath(out_dir)
     if records is None:
-        from .dpc import read_records
+        from .runs import read_records
 
         path = os.path.join(out_dir, "records.jsonl")
         records = read_records(path)

@@ -32,7 +32,7 @@ TESTBED_GENERATION = {"max_new_tokens": 64, "batch_size": 32}
 def build_testbed(data_dir: str | None = None, *, steps: int = 600, progress: bool = True,
                   n_dev: int = 300, n_test: int = 600) -> dict:
     """Train the soft prompt, write the splits and calibrate; return the measurements."""
-    from .calibration import calibrate_dpc
+    from .dpc import calibrate_dpc
     from .demo import data_dir as default_dir
     from .dpc import DPCConfig
     from .generation import GenerationConfig

@@ -153,7 +153,7 @@ def test_top_k_larger_than_the_soft_prompt_is_refused_before_the_run(bed, tmp_pa
 
 
 def test_a_swallowed_trigger_failure_is_counted_in_the_summary(model, bed, monkeypatch):
-    import dpc_lens.dpc as dpc_mod
+    import dpc_lens.dpc.pipeline as dpc_mod
     from dpc_lens.dpc import DPCConfig, run_dpc
     from dpc_lens.generation import GenerationConfig
     from dpc_lens.soft_prompt import SoftPrompt
@@ -207,7 +207,7 @@ def test_calibrate_remarks_when_the_dev_split_is_too_small(bed, tmp_path, capsys
 
 
 def test_calibration_remarks_a_point_that_never_fires():
-    from dpc_lens.calibration import CalibrationGrid, DPCCalibration
+    from dpc_lens.dpc.calibration import CalibrationGrid, DPCCalibration
     from dpc_lens.dpc import DPCConfig
 
     cal = DPCCalibration(DPCConfig(), {}, 0.5, 0.5, 0.6, 0.0, 200, 0, ({},), (0.5,), (0.0,), (0,), (0,), {},

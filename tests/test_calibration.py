@@ -1,4 +1,4 @@
-"""Tests for dpc_lens.calibration.
+"""Tests for dpc_lens.dpc.calibration.
 
 The model-free core is fed hand-built DetectorInputs whose trigger outcomes and located rows are
 worked out by hand below, with a hand-made "corrupted answer is correct" table; every expected
@@ -13,9 +13,9 @@ import json
 import pytest
 import torch
 
-from dpc_lens import calibration as C
-from dpc_lens.calibration import CalibrationGrid, calibrate_from_cache, needed_pairs, sweep_triggers
-from dpc_lens.detector import DetectorConfig, DetectorInputs, dynamic_trigger
+import dpc_lens.dpc.calibration as C
+from dpc_lens.dpc.calibration import CalibrationGrid, calibrate_from_cache, needed_pairs, sweep_triggers
+from dpc_lens.dpc.detector import DetectorConfig, DetectorInputs, dynamic_trigger
 from dpc_lens.dpc import DPCConfig
 from dpc_lens.errors import ConfigError, DataError, InputError
 

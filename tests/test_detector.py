@@ -1,4 +1,4 @@
-"""Tests for dpc_lens.detector: every expected number is worked out by hand in the test.
+"""Tests for dpc_lens.dpc.detector: every expected number is worked out by hand in the test.
 
 The public functions are wrapped with jaxtyping + beartype here, so the shape annotations in
 their signatures are checked at run time on every call in this file.
@@ -15,8 +15,8 @@ import torch
 from beartype import beartype
 from jaxtyping import jaxtyped
 
-from dpc_lens import detector as D
-from dpc_lens.detector import DetectorConfig, DetectorInputs, TriggerDecision, resolve_layers
+from dpc_lens import dpc as D
+from dpc_lens.dpc.detector import DetectorConfig, DetectorInputs, TriggerDecision, resolve_layers
 from dpc_lens.errors import ConfigError, InputError
 
 

@@ -18,7 +18,7 @@ import os
 import pytest
 import torch
 
-from dpc_lens.detector import DetectorConfig, TriggerDecision
+from dpc_lens.dpc.detector import DetectorConfig, TriggerDecision
 from dpc_lens.dpc import DPC_FLOWS, DPCConfig, read_records, run_dpc
 from dpc_lens.errors import DataError, InputError
 from dpc_lens.generation import GenerationConfig, generate

@@ -68,7 +68,7 @@ def test_soft_prompt_input_equals_residual_built_by_hand(ht):
 
 def test_corruption_hook_equals_corrupted_prompt_and_dpc_runs(ht, tmp_path):
     from dpc_lens.dpc import DPCConfig, run_dpc
-    from dpc_lens.detector import DetectorConfig
+    from dpc_lens.dpc.detector import DetectorConfig
     from dpc_lens.generation import GenerationConfig
     from dpc_lens.model import as_adapter
     from dpc_lens.patching import corrupt_soft_prompt, soft_row_hooks

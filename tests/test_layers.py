@@ -7,8 +7,8 @@ import itertools
 
 import pytest
 
-from dpc_lens.detector import DetectorConfig
-from dpc_lens.detector import resolve_layers as dpc_resolve
+from dpc_lens.dpc.detector import DetectorConfig
+from dpc_lens.dpc.detector import resolve_layers as dpc_resolve
 from dpc_lens.errors import ConfigError
 from dpc_lens.iap import FLOW_PR, FLOW_QP, FLOW_QR, IAPConfig
 from dpc_lens.iap import resolve_layers as iap_resolve

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from dpc_lens import hook_names
-from dpc_lens.detector import DetectorConfig
+from dpc_lens.dpc.detector import DetectorConfig
 from dpc_lens.dpc import DPCConfig, run_dpc
 from dpc_lens.errors import ConfigError, InputError
 from dpc_lens.generation import GenerationConfig

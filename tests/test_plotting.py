@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from dpc_lens import plotting as P
-from dpc_lens.detector import DetectorConfig, DetectorInputs, dynamic_trigger
+from dpc_lens.dpc.detector import DetectorConfig, DetectorInputs, dynamic_trigger
 from dpc_lens.errors import DataError, InputError
 from dpc_lens.saliency import SaliencyConfig, SaliencyResult, compute_saliency
 from dpc_lens.segments import PromptBatch, SegmentLayout

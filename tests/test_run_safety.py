@@ -121,7 +121,7 @@ KILL_SCRIPT = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     from dpc_lens.dpc import DPCConfig, run_dpc
-    from dpc_lens.detector import DetectorConfig
+    from dpc_lens.dpc.detector import DetectorConfig
     from dpc_lens.generation import GenerationConfig
     from dpc_lens.model import load_model
     from dpc_lens.soft_prompt import SoftPrompt
@@ -156,7 +156,7 @@ def _comparable(r):
 
 
 def test_sigkill_mid_run_redoes_at_most_the_questions_in_flight(bed, tmp_path):
-    from dpc_lens.detector import DetectorConfig
+    from dpc_lens.dpc.detector import DetectorConfig
     from dpc_lens.dpc import DPCConfig, run_dpc
     from dpc_lens.generation import GenerationConfig
     from dpc_lens.model import load_model

@@ -31,14 +31,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .analysis import measure_flows
-from .detector import DetectorConfig, DetectorInputs, TriggerDecision, dynamic_trigger
-from .errors import ConfigError, DataError, InputError
-from .evaluation import answer_record, base_or_pt_oracle, prompt_text
-from .generation import Generation, GenerationConfig, encode_prompts, generate
-from .model import as_adapter
-from .patching import CorruptionConfig, corrupt_soft_prompt, random_rows
-from .runs import (
+from ..analysis import measure_flows
+from ..errors import ConfigError, DataError, InputError
+from ..evaluation import answer_record, base_or_pt_oracle, prompt_text
+from ..generation import Generation, GenerationConfig, encode_prompts, generate
+from ..model import as_adapter
+from ..patching import CorruptionConfig, corrupt_soft_prompt, random_rows
+from ..runs import (
     append_jsonl,
     check_unique_ids,
     read_json,
@@ -48,10 +47,11 @@ from .runs import (
     unique_by_id,
     write_json,
 )
-from .saliency import SaliencyConfig
-from .segments import SegmentLayout
-from .soft_prompt import SoftPrompt
-from .tasks.base import Example
+from ..saliency import SaliencyConfig
+from ..segments import SegmentLayout
+from ..soft_prompt import SoftPrompt
+from ..tasks.base import Example
+from .detector import DetectorConfig, DetectorInputs, TriggerDecision, dynamic_trigger
 
 __all__ = [
     "DPCConfig",
@@ -434,7 +434,7 @@ def run_dpc(
     """
     from contextlib import nullcontext
 
-    from .runs import RunLock, check_out_dir
+    from ..runs import RunLock, check_out_dir
 
     cfg = config or DPCConfig()
     adapter = as_adapter(model)

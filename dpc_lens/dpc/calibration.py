@@ -48,7 +48,14 @@ from typing import Any, get_args
 import torch
 from tqdm.auto import tqdm
 
-from ._typing import Bool, Float, Tensor
+from .._typing import Bool, Float, Tensor
+from ..errors import ConfigError, DataError, InputError
+from ..evaluation import any_right_oracle, grade, prompt_text
+from ..generation import encode_prompts, generate
+from ..model import as_adapter
+from ..patching import corrupt_soft_prompt
+from ..runs import append_jsonl, read_json, repair_jsonl, resume_run, write_json
+from ..soft_prompt import SoftPrompt
 from .detector import (
     DetectorConfig,
     DetectorInputs,
@@ -56,18 +63,10 @@ from .detector import (
     SinkMode,
     Statistic,
     dynamic_trigger,
-    fires_at_thresholds,
-    fit_sink_scale,
     resolve_layers,
 )
-from .dpc import DPCConfig, analyse
-from .errors import ConfigError, DataError, InputError
-from .evaluation import any_right_oracle, grade, prompt_text
-from .generation import encode_prompts, generate
-from .model import as_adapter
-from .patching import corrupt_soft_prompt
-from .runs import append_jsonl, read_json, repair_jsonl, resume_run, write_json
-from .soft_prompt import SoftPrompt
+from .diagnostics import fires_at_thresholds, fit_sink_scale
+from .pipeline import DPCConfig, analyse
 
 __all__ = [
     "KNOBS",
@@ -827,8 +826,8 @@ def calibrate_dpc(
         raise InputError("Example ids must be unique in the dev split.")
     from contextlib import nullcontext
 
-    from .dpc import check_config_fits
-    from .runs import RunLock, check_out_dir
+    from ..runs import RunLock, check_out_dir
+    from .pipeline import check_config_fits
 
     check_config_fits(cfg, soft_prompt)
     if out_dir is not None:
