@@ -29,13 +29,15 @@ the caller's own hooks, parameters, ``requires_grad`` flags and training mode ar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 
 from . import flows as F
 from . import hook_names
@@ -45,7 +47,10 @@ from .layers import LayerSpec, normalize_layer_spec, resolve_layers
 from .model import as_adapter, frozen_for_saliency
 from .segments import PromptBatch, SegmentLayout
 
-__all__ = ["SaliencyConfig", "SaliencyResult", "SaliencyStore", "compute_saliency", "saliency_hooks", "target_nll"]
+__all__ = [
+    "SaliencyConfig", "SaliencyResult", "SaliencyStore", "compute_saliency", "normal_mode_bytes",
+    "saliency_hooks", "target_nll",
+]
 
 LossFn = Callable[[Tensor, PromptBatch], Tensor]
 
@@ -70,6 +75,13 @@ class SaliencyConfig:
         row_sources: if set, per-target-token incoming flow from these sources, with each row's
             total incoming flow.
         keep_full: also keep the full ``[q, k]`` map of every layer (memory ``L x B x T^2``).
+        memory: ``"normal"`` keeps every layer's attention graph for the backward pass (what a
+            plain forward+backward keeps: ``layers x heads x T^2``); ``"lean"`` recomputes each
+            block during the backward (activation checkpointing per block), so only the residual
+            stream between blocks and one block's graph are alive at a time, for about one more
+            forward pass of time; ``"auto"`` (default) is normal unless an estimate of the normal
+            pass's attention memory exceeds 80% of the free memory of the model's device.
+            Saliency is the same in every mode.
     """
 
     layers: LayerSpec | None = None
@@ -82,8 +94,13 @@ class SaliencyConfig:
     column_targets: tuple[str, ...] | None = None
     row_sources: tuple[str, ...] | None = None
     keep_full: bool = False
+    memory: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.memory not in ("auto", "normal", "lean"):
+            raise ConfigError(
+                f"SaliencyConfig.memory must be 'auto', 'normal' or 'lean', got {self.memory!r}."
+            )
         for name in ("loss_segments", "flow_segments", "column_targets", "row_sources"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, tuple):
@@ -136,11 +153,15 @@ def target_nll(
             f"Examples {bad} have no tokens in the loss segments {list(segments)}; the saliency "
             "loss needs a rationale (or set loss_segments to segments the examples have)."
         )
-    targets = batch.token_ids.clamp(min=0)[:, 1:]
+    targets = batch.token_ids.clamp(min=0)[:, 1:].to(logits.device)
     work = torch.promote_types(logits.dtype, torch.float32)  # never below fp32, never downcast fp64
-    logp = torch.log_softmax(logits[:, :-1].to(work), dim=-1)
-    tok_lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     w = tmask[:, 1:]
+    # log-softmax only at the scored positions: the full [batch, T, vocab] copy costs
+    # 8 x 139 x 49,152 x 4 B = 219 MB on SmolLM2, and most positions are not scored
+    rows = w > 0
+    logp = torch.log_softmax(logits[:, :-1][rows].to(work), dim=-1)
+    tok_lp = torch.zeros(w.shape, dtype=work, device=logits.device)
+    tok_lp[rows] = logp.gather(-1, targets[rows].unsqueeze(-1)).squeeze(-1)
     return -(tok_lp * w).sum(-1) / w.sum(-1)
 
 
@@ -358,6 +379,8 @@ def saliency_hooks(
     model: Any,
     batch: PromptBatch,
     config: SaliencyConfig | None = None,
+    *,
+    recompute: bool = False,
 ) -> tuple[SaliencyStore, list[tuple[str, Callable[..., Any]]]]:
     """The saliency capture as plain hooks: ``(store, hooks)`` for one forward + backward.
 
@@ -378,6 +401,13 @@ def saliency_hooks(
     Hook names are checked against the model before anything is returned. The backward pass
     must run while the hooks are registered (inside the ``with`` block). :func:`compute_saliency`
     is this plus the pass itself.
+
+    Under activation checkpointing (blocks recomputed during the backward) a layer's hook fires
+    twice: the first firing registers the one gradient hook, a later firing for the same layer
+    is the recomputation and only hands its pattern to that hook (never a second hook, never a
+    double count). ``recompute=True`` says the forward runs under checkpointing, so the first
+    firing keeps no reference to the pattern (the recomputed one is used and dropped after its
+    layer is reduced): that is what keeps memory at one block's graph.
     """
     if not isinstance(batch, PromptBatch):
         raise InputError(
@@ -423,6 +453,11 @@ def saliency_hooks(
             out["full"] = I
         store.per_layer[layer] = out
 
+    # layer -> the pattern its gradient hook reduces with (detached: shares storage with what
+    # autograd keeps anyway; under recomputation, the recomputed copy, dropped once reduced)
+    patterns: dict[int, Tensor] = {}
+    hooked: set[int] = set()
+
     def capture(pattern: Tensor, hook: Any) -> None:
         layer = layer_of[hook.name]
         if not pattern.requires_grad:
@@ -431,9 +466,21 @@ def saliency_hooks(
                 "no gradient can reach it. Do not run the saliency pass under torch.no_grad() "
                 "or torch.inference_mode()."
             )
-        saved = pattern.detach()  # shares storage with what autograd keeps anyway
+        if layer in hooked:  # the recomputation of a checkpointed block: hand over its pattern
+            patterns[layer] = pattern.detach()
+            return
+        hooked.add(layer)
+        if not recompute:
+            patterns[layer] = pattern.detach()
 
         def on_grad(grad: Tensor) -> None:
+            saved = patterns.pop(layer, None)
+            if saved is None:
+                raise SaliencyError(
+                    f"Layer {layer}'s attention gradient arrived but its pattern was not "
+                    "recomputed; recompute=True needs the forward to run under activation "
+                    "checkpointing (SaliencyConfig(memory='lean') does that for you)."
+                )
             reduce(layer, saved, grad)
 
         pattern.register_hook(on_grad)
@@ -465,12 +512,15 @@ def compute_saliency(
             scalar / per-example vector.
     """
     config = config or SaliencyConfig()
-    store, hooks = saliency_hooks(model, batch, config)
     adapter = as_adapter(model)
+    lean = config.memory == "lean" or (
+        config.memory == "auto" and _normal_mode_would_not_fit(adapter, batch))
+    store, hooks = saliency_hooks(model, batch, config, recompute=lean)
     model_obj = adapter.model
-    with frozen_for_saliency(model_obj), torch.enable_grad():
+    with frozen_for_saliency(model_obj), torch.enable_grad(), _released_patterns(adapter, during=lean):
         embeds = batch.embeds.detach().requires_grad_(True)
-        with adapter.hooks(fwd_hooks=hooks):
+        recompute = _checkpointed_blocks(adapter) if lean else contextlib.nullcontext()
+        with adapter.hooks(fwd_hooks=hooks), recompute:
             logits = adapter.forward_embeds(embeds, batch.attention_mask, batch.position_ids)
             if loss_fn is None:
                 per_example = target_nll(logits, batch, config.loss_segments)
@@ -498,6 +548,87 @@ def compute_saliency(
                 )
             torch.autograd.grad(loss, embeds)
     return store.result(per_example)
+
+
+def normal_mode_bytes(adapter: Any, batch: PromptBatch) -> int:
+    """Estimated attention memory a plain forward+backward keeps alive for the backward pass:
+    about three ``[batch, head, T, T]`` tensors per layer (scores, pattern, and the pattern's
+    saved copy for the value product), at the model's element size."""
+    T = batch.seq_len
+    elt = torch.finfo(adapter.dtype).bits // 8
+    return 3 * adapter.n_layers * batch.batch_size * adapter.n_heads * T * T * elt
+
+
+def _free_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        return None
+
+
+def _normal_mode_would_not_fit(adapter: Any, batch: PromptBatch) -> bool:
+    free = _free_bytes(adapter.device)
+    return free is not None and normal_mode_bytes(adapter, batch) > 0.8 * free
+
+
+@contextlib.contextmanager
+def _checkpointed_blocks(adapter: Any) -> Iterator[None]:
+    """Within the block, every transformer block runs under non-reentrant activation
+    checkpointing: its graph is dropped after the forward and recomputed during the backward.
+    The wrapper is set as an instance attribute (bypassing TransformerLens's attribute proxy)
+    and removed on exit, also after an exception, so the caller's model is left as found."""
+    blocks = list(adapter.model.blocks)
+    for block in blocks:
+        if "forward" in block.__dict__:
+            raise SaliencyError(
+                f"{type(block).__name__} already has an instance-level forward (another "
+                "checkpointing wrapper?); lean saliency will not stack a second one. Use "
+                "SaliencyConfig(memory='normal')."
+            )
+    try:
+        for block in blocks:
+            inner = block.forward
+
+            def forward(*args: Any, _inner: Callable[..., Any] = inner, **kwargs: Any) -> Any:
+                return torch.utils.checkpoint.checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+            object.__setattr__(block, "forward", forward)
+        yield
+    finally:
+        for block in blocks:
+            block.__dict__.pop("forward", None)
+
+
+def _pattern_keepers(adapter: Any) -> list[Any]:
+    """Attention modules that keep their last pattern, with its graph, as ``_pattern`` after a
+    forward (TransformerLens 4.3's GPT-2-family ``JointQKVAttentionBridge``)."""
+    return [m for m in adapter.model.modules() if "_pattern" in m.__dict__]
+
+
+@contextlib.contextmanager
+def _released_patterns(adapter: Any, *, during: bool) -> Iterator[None]:
+    """Do not leave attention patterns (and their autograd graphs) alive on the model after a
+    saliency pass: TL 4.3's GPT-2 attention bridge keeps every layer's last pattern, 2.4 GB idle
+    at GPT-2-small, T = 2048. With ``during``, each is released right after its own forward too
+    (lean mode: otherwise every layer's pattern stays alive until the pass ends)."""
+    keepers = _pattern_keepers(adapter)
+    handles = []
+    if during:
+        def release(module: Any, args: Any, output: Any) -> None:
+            module.__dict__["_pattern"] = None
+
+        handles = [m.register_forward_hook(release) for m in keepers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for m in keepers:
+            m.__dict__["_pattern"] = None
 
 
 def _all_segment_names(batch: PromptBatch) -> list[str]:
