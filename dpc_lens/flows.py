@@ -188,6 +188,8 @@ def row_scores(
     return (saliency @ w.unsqueeze(-1)).squeeze(-1)
 
 
-def row_totals(saliency: Float[Tensor, "batch ... query_pos key_pos"]) -> Float[Tensor, "batch ... query_pos"]:
+def row_totals(
+    saliency: Float[Tensor, "batch ... query_pos key_pos"],
+) -> Float[Tensor, "batch ... query_pos"]:
     """The whole incoming flow of each target row, ``sum_j I[i, j]``."""
     return saliency.sum(-1)
