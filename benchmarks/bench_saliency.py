@@ -11,9 +11,17 @@ comparable across runs):
 * ``naive``    — what ``run_with_cache(incl_bwd=True)`` does: keep every layer's full pattern and
   gradient (``retain_grad``), then compute ``A * G`` and the same reductions afterwards.
 
-Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (reset per run); on CPU the peak of
-the process's resident set sampled every 0.5 ms in a thread, minus the resident set before the
-run (an approximation, reported as such).
+* ``lean``     — the same with ``SaliencyConfig(memory="lean")`` (blocks recomputed during the
+  backward).
+
+Time is the process CPU time of each pass at one thread (wall time at two threads on a shared
+2-core machine swung 0.66-1.16 for the same ratio), runners interleaved in shuffled rounds;
+the ratios are reported per round with their spread, and the load average is recorded.
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` (reset per run). On CPU this script
+reports none: a process that already ran a pass keeps its freed pages (glibc), so sampled RSS
+after a warm-up sees nothing; the honest CPU figures (fresh process per point, high-water mark
+reset after the warm-up) come from ``benchmarks/bench_memory.py``.
 
 Usage: ``python benchmarks/bench_saliency.py [--layers 4 --d-model 256 --seq 256 --batch 4]``;
 writes ``benchmarks/results/saliency_<device>.json``.
@@ -25,10 +33,11 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import tempfile
-import threading
 import time
+from dataclasses import replace
 
 import torch
 
@@ -39,51 +48,6 @@ from dpc_lens.segments import PromptBatch, SegmentLayout
 from dpc_lens.soft_prompt import SoftPrompt
 from dpc_lens.testing import save_tiny_hf_model
 
-PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * PAGE
-
-
-class PeakMemory:
-    """Peak extra memory during the block (CUDA allocator, or sampled RSS on CPU)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.peak = 0
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-        else:
-            self.base = _rss()
-            self._stop = False
-            self._max = self.base
-
-            def sample():
-                while not self._stop:
-                    self._max = max(self._max, _rss())
-                    time.sleep(0.0005)
-
-            self._t = threading.Thread(target=sample, daemon=True)
-            self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self.base
-        else:
-            self._stop = True
-            self._t.join()
-            self._max = max(self._max, _rss())
-            self.peak = self._max - self.base
-        return False
-
 
 def make_batch(adapter, batch: int, seq: int, n_soft: int, seed: int = 0) -> tuple[PromptBatch, SoftPrompt]:
     g = torch.Generator().manual_seed(seed)
@@ -91,7 +55,7 @@ def make_batch(adapter, batch: int, seq: int, n_soft: int, seed: int = 0) -> tup
     soft = SoftPrompt(torch.randn(n_soft, adapter.d_model, generator=g) * 0.02)
     seqs, lays = [], []
     q = seq // 3
-    for b in range(batch):
+    for _ in range(batch):
         n = seq - n_soft
         ids = torch.randint(4, vocab, (n,), generator=g).tolist()
         lays.append(SegmentLayout({"question": (0, q), "rationale": (q, n)}, n))
@@ -113,6 +77,10 @@ CFG = SaliencyConfig(loss_segments=("rationale",), flow_segments=("soft", "quest
 
 def run_dpc_lens(adapter, batch):
     return compute_saliency(adapter, batch, CFG)
+
+
+def run_lean(adapter, batch):
+    return compute_saliency(adapter, batch, replace(CFG, memory="lean"))
 
 
 def run_naive(adapter, batch):
@@ -157,24 +125,36 @@ def main(argv=None) -> int:
     model = load_model(d, device=str(device))
     adapter = as_adapter(model)
     batch, _ = make_batch(adapter, args.batch, args.seq, args.soft)
-    runners = {"plain": run_plain, "dpc_lens": run_dpc_lens, "naive": run_naive}
+    runners = {"plain": run_plain, "dpc_lens": run_dpc_lens, "naive": run_naive, "lean": run_lean}
+    if device.type == "cpu":
+        torch.set_num_threads(1)
     for fn in runners.values():  # warm-up
         fn(adapter, batch)
-    times = {k: [] for k in runners}
-    mems = {k: [] for k in runners}
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    mems: dict[str, list[int]] = {k: [] for k in runners}
+    rng = random.Random(0)
+    loads = [os.getloadavg()[0]]
     for _ in range(args.repeats):
-        for name, fn in runners.items():
-            with PeakMemory(device) as pm:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+        order = list(runners.items())
+        rng.shuffle(order)
+        for name, fn in order:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
                 t0 = time.perf_counter()
                 fn(adapter, batch)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                torch.cuda.synchronize()
                 times[name].append(time.perf_counter() - t0)
-            mems[name].append(pm.peak)
+                mems[name].append(torch.cuda.max_memory_allocated() - base)
+            else:
+                t0 = time.process_time()
+                fn(adapter, batch)
+                times[name].append(time.process_time() - t0)
+        loads.append(os.getloadavg()[0])
     med_t = {k: statistics.median(v) for k, v in times.items()}
-    med_m = {k: statistics.median(v) for k, v in mems.items()}
+    med_m = {k: statistics.median(v) for k, v in mems.items()} if device.type == "cuda" else None
+    per_round = {k: [a / b for a, b in zip(times[k], times["plain"])] for k in runners if k != "plain"}
     result = {
         "benchmark": "saliency",
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
@@ -185,14 +165,17 @@ def main(argv=None) -> int:
                   "n_heads": args.heads, "n_kv_heads": max(1, args.heads // 2)},
         "batch": args.batch, "seq_len": args.seq, "n_soft": args.soft, "repeats": args.repeats,
         "median_seconds": med_t,
+        "time_measure": "cuda wall time" if device.type == "cuda" else "process CPU time, 1 thread",
+        "load_avg": {"min": min(loads), "max": max(loads)},
         "median_peak_extra_bytes": med_m,
-        "memory_method": "cuda max_memory_allocated" if device.type == "cuda" else "sampled RSS peak minus RSS before (approximate)",
+        "memory_method": ("cuda max_memory_allocated" if device.type == "cuda" else
+                          "not measured here: see memory_cpu.json from bench_memory.py"),
         "ratios_vs_plain": {
-            "time_dpc_lens": med_t["dpc_lens"] / med_t["plain"],
-            "time_naive": med_t["naive"] / med_t["plain"],
-            "memory_dpc_lens": med_m["dpc_lens"] / med_m["plain"] if med_m["plain"] > 0 else None,
-            "memory_naive": med_m["naive"] / med_m["plain"] if med_m["plain"] > 0 else None,
+            **{f"time_{k}": statistics.median(v) for k, v in per_round.items()},
+            **({f"memory_{k}": med_m[k] / med_m["plain"] for k in runners if k != "plain"}
+               if med_m and med_m["plain"] > 0 else {}),
         },
+        "time_ratio_spread": {k: [round(min(v), 3), round(max(v), 3)] for k, v in per_round.items()},
         "targets": {"time": 1.15, "memory": 1.10},
     }
     os.makedirs(args.out, exist_ok=True)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -603,10 +604,17 @@ def _checkpointed_blocks(adapter: Any) -> Iterator[None]:
             block.__dict__.pop("forward", None)
 
 
+_KEEPERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _pattern_keepers(adapter: Any) -> list[Any]:
     """Attention modules that keep their last pattern, with its graph, as ``_pattern`` after a
-    forward (TransformerLens 4.3's GPT-2-family ``JointQKVAttentionBridge``)."""
-    return [m for m in adapter.model.modules() if "_pattern" in m.__dict__]
+    forward (TransformerLens 4.3's GPT-2-family ``JointQKVAttentionBridge``); found once per
+    model (walking a bridge's module tree costs ~10 ms)."""
+    found = _KEEPERS.get(adapter.model)
+    if found is None:
+        found = _KEEPERS[adapter.model] = [m for m in adapter.model.modules() if "_pattern" in m.__dict__]
+    return found
 
 
 @contextlib.contextmanager
