@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -67,7 +68,8 @@ class GenerationConfig:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}.")
         if self.temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}; use do_sample=False for greedy.")
+            raise ConfigError(
+                f"temperature must be > 0, got {self.temperature}; use do_sample=False for greedy.")
         if self.top_k is not None and self.top_k < 1:
             raise ConfigError(f"top_k must be >= 1 or None, got {self.top_k}.")
         if self.batch_size < 1:
@@ -100,7 +102,8 @@ class Generation:
     kv_cache: bool = field(default=False, compare=False)
 
 
-def encode_prompts(adapter: Any, prompts: Sequence[str | Sequence[int]], *, add_bos: bool = False) -> list[list[int]]:
+def encode_prompts(adapter: Any, prompts: Sequence[str | Sequence[int]], *,
+                   add_bos: bool = False) -> list[list[int]]:
     """Token ids of each prompt (texts tokenised without special tokens; BOS prepended on request)."""
     tok = adapter.tokenizer
     out = []
@@ -235,9 +238,18 @@ def generate(
     gen = None
     if cfg.do_sample and cfg.seed is not None:
         gen = torch.Generator().manual_seed(int(cfg.seed))
-    results: list[Generation] = []
+    # Greedy rows are batched by length (stable sort, so little padding) and put back in input
+    # order: each row generates exactly what it generates alone, so this changes no token.
+    # Sampling keeps the input order, so a seed draws the same tokens as before.
+    order = list(range(len(seqs)))
+    if not cfg.do_sample:
+        order.sort(key=lambda i: len(seqs[i]))
+    per_row_soft = isinstance(soft_prompt, (list, tuple))
+    results: list[Generation | None] = [None] * len(seqs)
     starts = range(0, len(seqs), cfg.batch_size)
     for s in tqdm(starts, desc=desc, disable=not progress or len(seqs) <= cfg.batch_size, leave=False):
-        soft = soft_prompt[s:s + cfg.batch_size] if isinstance(soft_prompt, (list, tuple)) else soft_prompt
-        results.extend(_generate_batch(adapter, seqs[s:s + cfg.batch_size], soft, cfg, gen))
-    return results
+        idx = order[s:s + cfg.batch_size]
+        soft = [soft_prompt[i] for i in idx] if per_row_soft else soft_prompt
+        for i, g in zip(idx, _generate_batch(adapter, [seqs[i] for i in idx], soft, cfg, gen)):
+            results[i] = g
+    return results  # type: ignore[return-value]

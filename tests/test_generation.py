@@ -302,3 +302,26 @@ def test_a_cache_that_stays_empty_is_detected_and_not_used(tmp_path, monkeypatch
                        progress=False)
     assert [g.token_ids for g in got] == [g.token_ids for g in want]
     assert not got[0].kv_cache
+
+
+def test_greedy_batches_are_formed_by_length_and_results_come_back_in_input_order(checkpoints, monkeypatch):
+    """Length buckets: rows are batched shortest first (little padding); each row's result is
+    what it generates alone, returned in the caller's order, per-row soft prompts included."""
+    import dpc_lens.generation as gen_mod
+
+    model = checkpoints["llama"][2]
+    prompts = [[5] * 9, [6] * 2, [7] * 7, [8] * 3]
+    g = torch.Generator().manual_seed(9)
+    softs = [SoftPrompt(torch.randn(2, model.cfg.d_model, generator=g) * 0.3) for _ in prompts]
+    cfg = GenerationConfig(max_new_tokens=4, stop_at_eos=False, batch_size=2)
+    alone = [generate(model, [p], [s], cfg, progress=False)[0] for p, s in zip(prompts, softs)]
+    seen: list[list[int]] = []
+    real = gen_mod._generate_batch
+
+    def spy(adapter, seqs, soft, cfg_, gen):
+        seen.append([len(x) for x in seqs])
+        return real(adapter, seqs, soft, cfg_, gen)
+
+    monkeypatch.setattr(gen_mod, "_generate_batch", spy)
+    assert generate(model, prompts, softs, cfg, progress=False) == alone
+    assert seen == [[2, 3], [7, 9]]
