@@ -104,6 +104,16 @@ def no_leaked_hooks(request):
     assert not leaked, f"hooks left on models after the test: {leaked}"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tiny models on shared CPUs run several times faster on one thread (no oversubscription:
+    two oversubscribed processes ran ~10x slower, not 2x). Restored after the run."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama():
     from dpc_lens.testing import boot_tiny
