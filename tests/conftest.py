@@ -15,6 +15,7 @@ import functools  # noqa: E402
 import weakref  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from jaxtyping import install_import_hook  # noqa: E402
 
 # Shapes in signatures are checked at run time for the pure-maths modules (STYLE item 8):
