@@ -115,7 +115,8 @@ def main(argv=None) -> int:
         "median_seconds": med, "time_measure": "process CPU time, 1 thread, shuffled rounds",
         "ratio_per_round": [d / v for d, v in zip(times["dpc"], times["vanilla"])],
         "dpc_phases_median_seconds": {k: statistics.median(r.get(k, 0.0) for r in phase_runs)
-                                      for k in ("generation", "saliency", "detection", "regeneration", "other")},
+                                      for k in ("generation", "saliency", "detection", "regeneration",
+                                                "other")},
         "load_avg": {"min": min(loads), "max": max(loads)}, "trigger_rate": trigger,
         "ratio_dpc_over_vanilla": ratio, "target_ratio": 1 + trigger + 0.35,
         "meets_target": ratio <= 1 + trigger + 0.35,
