@@ -48,7 +48,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelError
+from .errors import InputError, ModelError
 
 __all__ = [
     "SMOLLM2",
@@ -289,6 +289,38 @@ def boot_in_memory(model: Any, tokenizer: Any, *, device: Any = None, dtype: Any
     if device is not None:
         kwargs["device"] = device
     return TransformerBridge.boot_transformers(name, **kwargs)
+
+
+def load_dispatched(
+    path: str,
+    device_map: str | dict[str, Any],
+    *,
+    max_memory: dict[Any, Any] | None = None,
+    offload_folder: str | os.PathLike | None = None,
+    dtype: Any = None,
+) -> tuple[Any, Any]:
+    """``(hf_model, tokenizer)`` loaded with accelerate's big-model loading: the layers placed
+    by ``device_map`` (``"auto"`` / ``"balanced"`` / a dict of module name -> device, where
+    ``"disk"`` offloads to ``offload_folder``), eager attention, eval mode."""
+    import transformers as tf
+
+    if isinstance(device_map, dict) and "disk" in device_map.values() and offload_folder is None:
+        raise InputError(
+            "The device map offloads modules to 'disk' but no offload_folder was given; pass "
+            "offload_folder='some/dir' (weights are written there and read back layer by layer)."
+        )
+    kwargs: dict[str, Any] = {"device_map": device_map, "attn_implementation": "eager"}
+    if max_memory is not None:
+        kwargs["max_memory"] = max_memory
+    if offload_folder is not None:
+        kwargs["offload_folder"] = os.fspath(offload_folder)
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    try:
+        model = tf.AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except ImportError as exc:
+        raise ModelError(f"device_map needs the accelerate package: pip install accelerate ({exc}).") from exc
+    return model.eval(), tf.AutoTokenizer.from_pretrained(path)
 
 
 def _entry_dir(gguf_path: Path, root: Path) -> Path:

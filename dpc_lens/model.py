@@ -23,9 +23,10 @@ import functools
 import inspect
 import os
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import torch
 
@@ -307,7 +308,8 @@ class ModelAdapter:
     @property
     def declares_kv_cache(self) -> bool:
         """Whether the wrapped model's ``forward`` takes a KV cache at all (by any of its names)."""
-        return self.family == "bridge" and bool(self._forward_params & {"past_key_values", "cache", "use_cache"})
+        names = {"past_key_values", "cache", "use_cache"}
+        return self.family == "bridge" and bool(self._forward_params & names)
 
     def _probe_kv_cache(self) -> bool:
         if not self.declares_kv_cache:
@@ -404,8 +406,18 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
     family: Family = "bridge",
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[Any, Any] | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> Any:
     """Load a Hugging Face checkpoint (local directory or hub id) as a TransformerLens model.
+
+    Models larger than one device: ``device_map`` (``"auto"``, ``"balanced"``, or a dict from
+    module name to ``"cuda:0"`` / ``"cpu"`` / ``"disk"``), with ``max_memory`` and
+    ``offload_folder``, loads through accelerate's big-model loading (the bridge wraps the
+    dispatched model without moving it); soft prompts enter on the embedding's device, and each
+    layer's saliency is reduced where the layer runs and gathered on the first layer's device.
+    ``device`` and ``device_map`` are exclusive.
 
     The bridge (``TransformerBridge.boot_transformers``) forces eager attention. The model is put
     in eval mode with every weight frozen. ``device`` defaults to CUDA when present.
@@ -425,9 +437,18 @@ def load_model(
     name_or_path = os.fspath(name_or_path)
     from .validate import check_device
 
-    device = check_device(device)
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_map is not None:
+        if device is not None:
+            raise InputError(
+                f"Pass either device={device!r} or device_map, not both: a device map already "
+                "says where every module goes (use device_map={'': 'cuda:0'} for one device)."
+            )
+        if family != "bridge":
+            raise ModelError("device_map needs family='bridge' (HookedTransformer loads onto one device).")
+    else:
+        device = check_device(device)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
     if isinstance(dtype, str):
         try:
             dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -461,12 +482,20 @@ def load_model(
         else:
             from transformer_lens.model_bridge import TransformerBridge
 
-            kwargs = {"device": device}
-            if dtype is not None:
-                kwargs["dtype"] = dtype
-            model = (TransformerBridge.boot_transformers(name_or_path, **kwargs)
-                     if not in_memory else boot_in_memory(*source, **kwargs))
-    except ModelError:
+            if device_map is not None:
+                from .checkpoints import load_dispatched
+
+                hf, tok = (source if in_memory else
+                           load_dispatched(name_or_path, device_map, max_memory=max_memory,
+                                           offload_folder=offload_folder, dtype=dtype))
+                model = boot_in_memory(hf, tok)
+            else:
+                kwargs = {"device": device}
+                if dtype is not None:
+                    kwargs["dtype"] = dtype
+                model = (TransformerBridge.boot_transformers(name_or_path, **kwargs)
+                         if not in_memory else boot_in_memory(*source, **kwargs))
+    except (ModelError, InputError):
         raise
     except (OSError, ValueError) as exc:
         where = "local directory" if is_local else "Hugging Face hub id"

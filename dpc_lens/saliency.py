@@ -354,7 +354,9 @@ class SaliencyStore:
         def stack(key: str) -> Tensor | None:
             if key not in store[layers[0]]:
                 return None
-            return torch.stack([store[l][key] for l in layers]).detach()
+            # layers split over devices (device_map) are reduced where they run, gathered here
+            home = store[layers[0]][key].device
+            return torch.stack([store[l][key].to(home) for l in layers]).detach()
 
         if loss is None:
             loss = torch.full((self.batch.batch_size,), float("nan"))
@@ -514,8 +516,9 @@ def compute_saliency(
     """
     config = config or SaliencyConfig()
     adapter = as_adapter(model)
-    lean = config.memory == "lean" or (
-        config.memory == "auto" and _normal_mode_would_not_fit(adapter, batch))
+    # (a non-batch is refused by saliency_hooks below, with the fix in its message)
+    fits = not isinstance(batch, PromptBatch) or not _normal_mode_would_not_fit(adapter, batch)
+    lean = config.memory == "lean" or (config.memory == "auto" and not fits)
     store, hooks = saliency_hooks(model, batch, config, recompute=lean)
     model_obj = adapter.model
     with frozen_for_saliency(model_obj), torch.enable_grad(), _released_patterns(adapter, during=lean):
