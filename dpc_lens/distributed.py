@@ -1,0 +1,179 @@
+"""Data-parallel runs over ranks started by ``torchrun`` / ``accelerate launch``.
+
+The same code runs on one process or many, on one node or several: each rank reads ``RANK`` /
+``WORLD_SIZE`` from the environment the launcher sets (one process per GPU, or per CPU socket),
+takes the questions whose id hashes to it, and runs the ordinary pipeline on them into its own
+directory ``OUT/rank-<r>/`` — with everything that pipeline guarantees there (its own lock,
+records appended per question, ``--resume``, repair of a torn line). After a barrier
+(``torch.distributed``, gloo on CPU, nccl on GPU) rank 0 merges every rank directory into
+``OUT/records.jsonl`` (input order, one record per id) and ``OUT/summary.json``.
+
+Sharding is by a stable hash of the example id (CRC-32 modulo the number of ranks), never by
+position, and a rank skips every id already finished in *any* rank directory: so ``resume``
+works per rank, after killing one rank, and after a change in the number of ranks (old rank
+directories are read, and merged, too). No process pool of dpc_lens's own: the launcher owns the
+processes.
+
+    torchrun --nproc_per_node 2 my_script.py      # my_script calls run_dpc_distributed(...)
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import DataError, InputError
+from .runs import read_json, read_records, rewrite_jsonl, write_json
+
+__all__ = ["RankInfo", "rank_info", "owner_rank", "shard", "run_dpc_distributed", "merge_dpc_runs"]
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """This process's place among the ranks (``world == 1``: a plain single-process run)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def rank_info() -> RankInfo:
+    """Rank and world size from the launcher's environment (``RANK`` / ``WORLD_SIZE``, set by
+    torchrun and accelerate launch); ``RankInfo(0, 1)`` when not launched that way."""
+    try:
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise InputError(
+            f"RANK={os.environ.get('RANK')!r} / WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} are not "
+            "integers; start the script with torchrun or accelerate launch, or unset them."
+        ) from None
+    if world < 1 or not 0 <= rank < world:
+        raise InputError(f"RANK={rank} is outside WORLD_SIZE={world}; check the launcher's settings.")
+    return RankInfo(rank, world)
+
+
+def owner_rank(example_id: Any, world: int) -> int:
+    """The rank that owns ``example_id`` among ``world`` ranks (stable across runs and machines)."""
+    return zlib.crc32(str(example_id).encode("utf-8")) % world
+
+
+def shard(examples: Sequence[Any], info: RankInfo) -> list[Any]:
+    """The examples this rank owns, in input order."""
+    return [e for e in examples if owner_rank(e.id, info.world) == info.rank]
+
+
+def _rank_dirs(out_dir: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(out_dir, "rank-*")))
+
+
+def _finished_ids(out_dir: str) -> set[Any]:
+    """Ids finished in any rank directory (read only; a file with a corrupt line is left to its
+    own rank's resume, which repairs it: its ids may then be done twice, and merged once)."""
+    done: set[Any] = set()
+    for d in _rank_dirs(out_dir):
+        try:
+            done.update(r["id"] for r in read_records(os.path.join(d, "records.jsonl")))
+        except DataError:
+            continue
+    return done
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _init(info: RankInfo) -> bool:
+    """Join the process group the launcher prepared (gloo on CPU, nccl with CUDA); return
+    whether this call created it (then it is destroyed at the end)."""
+    if info.world == 1:
+        return False
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def merge_dpc_runs(out_dir: str | os.PathLike, examples: Sequence[Any]) -> tuple[list[dict], dict]:
+    """Rank 0's merge: every rank directory's records, one per id, in the order of
+    ``examples``, into ``out_dir/records.jsonl``; their summary into ``out_dir/summary.json``."""
+    from .dpc import summarize
+
+    out_dir = os.fspath(out_dir)
+    by_id: dict[Any, dict] = {}
+    for d in _rank_dirs(out_dir):
+        path = os.path.join(d, "records.jsonl")
+        if os.path.exists(path):
+            for r in read_records(path):
+                by_id.setdefault(r["id"], r)
+    records = [by_id[e.id] for e in examples if e.id in by_id]
+    summary = summarize(records)
+    used = []
+    for d in _rank_dirs(out_dir):
+        path = os.path.join(d, "summary.json")
+        if os.path.exists(path):
+            used.append(bool(read_json(path, "a rank's summary").get("kv_cache_used")))
+    summary["kv_cache_used"] = bool(used) and all(used)
+    summary["ranks"] = len(_rank_dirs(out_dir))
+    rewrite_jsonl(os.path.join(out_dir, "records.jsonl"), records)
+    write_json(os.path.join(out_dir, "summary.json"), summary)
+    return records, summary
+
+
+def run_dpc_distributed(
+    model: Any,
+    soft_prompt: Any,
+    examples: Sequence[Any],
+    task: Any,
+    config: Any = None,
+    *,
+    out_dir: str | os.PathLike,
+    resume: bool = False,
+    progress: bool = True,
+    info: RankInfo | None = None,
+    on_record: Any = None,
+) -> tuple[list[dict], dict] | None:
+    """:func:`dpc_lens.dpc.run_dpc` sharded over the launcher's ranks (see the module docstring).
+
+    Every rank calls this with the same arguments. Returns ``(records, summary)`` of the whole
+    run on rank 0 (after the merge) and ``None`` on the other ranks.
+    """
+    from .dpc import run_dpc
+
+    info = info or rank_info()
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    created = _init(info)
+    try:
+        mine_dir = os.path.join(out_dir, f"rank-{info.rank}")
+        done = _finished_ids(out_dir) if resume else set()
+        if not resume and os.path.exists(os.path.join(mine_dir, "records.jsonl")):
+            raise InputError(f"{mine_dir}/records.jsonl already exists: pass resume=True (--resume) "
+                             "to continue that run, or choose another output directory.")
+        mine = [e for e in shard(examples, info) if e.id not in done]
+        here = os.path.exists(os.path.join(mine_dir, "records.jsonl"))
+        _barrier()  # every rank has read what is finished before any rank writes
+        if mine:
+            run_dpc(model, soft_prompt, mine, task, config, out_dir=mine_dir, resume=here,
+                    progress=progress and info.is_main, on_record=on_record)
+        _barrier()
+        result = merge_dpc_runs(out_dir, examples) if info.is_main else None
+        _barrier()
+        return result
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
