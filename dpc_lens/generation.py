@@ -151,7 +151,7 @@ def _generate_batch(adapter: Any, seqs: list[list[int]], soft: Any, cfg: Generat
     pad = adapter.pad_token_id()
     embeds, mask, pos = batch.embeds, batch.attention_mask, batch.position_ids
     use_cache = cfg.use_kv_cache and adapter.supports_kv_cache
-    with adapter.kv_cache_session() if use_cache else contextlib.nullcontext():
+    with adapter.decoding_session(), adapter.kv_cache_session() if use_cache else contextlib.nullcontext():
         cache = None
         if use_cache:
             logits, cache = adapter.prefill(embeds, mask, pos)

@@ -287,8 +287,6 @@ def test_a_cache_that_stays_empty_is_detected_and_not_used(tmp_path, monkeypatch
 
     path = save_tiny_hf_model("llama", tmp_path / "m", seed=1)
     model = load_model(str(path), device="cpu")
-    want = generate(model, [[5, 6, 7]], None, GenerationConfig(max_new_tokens=5, stop_at_eos=False,
-                                                                  use_kv_cache=False), progress=False)
     real_prefill = ModelAdapter.prefill
 
     def empty_cache_prefill(self, *args, **kwargs):
@@ -296,6 +294,8 @@ def test_a_cache_that_stays_empty_is_detected_and_not_used(tmp_path, monkeypatch
         return logits, DynamicCache()
 
     monkeypatch.setattr(ModelAdapter, "prefill", empty_cache_prefill)
+    want = generate(model, [[5, 6, 7]], None, GenerationConfig(max_new_tokens=5, stop_at_eos=False,
+                                                                  use_kv_cache=False), progress=False)
     assert not as_adapter(model).supports_kv_cache
     with pytest.warns(RuntimeWarning, match="re-runs the whole sequence"):
         got = generate(model, [[5, 6, 7]], None, GenerationConfig(max_new_tokens=5, stop_at_eos=False),
@@ -325,3 +325,39 @@ def test_greedy_batches_are_formed_by_length_and_results_come_back_in_input_orde
     monkeypatch.setattr(gen_mod, "_generate_batch", spy)
     assert generate(model, prompts, softs, cfg, progress=False) == alone
     assert seen == [[2, 3], [7, 9]]
+
+
+# ------------------------------------------- decoding on the wrapped modules (the fast path)
+def test_direct_decoding_path_is_taken_only_when_exact_and_unhooked(checkpoints):
+    """Without hooks, a bridge whose components reproduce its Hugging Face modules bit for bit
+    decodes on those modules directly (same tokens, no per-module bridge overhead); a hook on
+    any hook point keeps the bridge path, and the hook fires."""
+    model = checkpoints["llama"][2]
+    adapter = as_adapter(model)
+    with adapter.decoding_session() as fast:
+        assert fast
+        assert not any("Bridge" in type(m).__name__ for m in adapter._hf_model.model.layers)
+    assert all("Bridge" in type(m).__name__ for m in adapter._hf_model.model.layers)  # restored
+    cfg = GenerationConfig(max_new_tokens=8, stop_at_eos=False)
+    direct = generate(model, PROMPTS, None, cfg, progress=False)
+    fired = []
+
+    def spy(x, hook):
+        fired.append(hook.name)
+
+    with model.hooks(fwd_hooks=[("blocks.1.hook_resid_pre", spy)]):
+        with adapter.decoding_session() as fast:
+            assert not fast
+        bridged = generate(model, PROMPTS, None, cfg, progress=False)
+    assert fired and direct == bridged
+
+
+def test_the_module_tree_is_restored_after_an_exception_during_direct_decoding(checkpoints):
+    model = checkpoints["llama"][2]
+    adapter = as_adapter(model)
+    before = [(n, type(m).__name__) for n, m in adapter._hf_model.named_modules()]
+    with pytest.raises(RuntimeError, match="boom"):
+        with adapter.decoding_session() as fast:
+            assert fast
+            raise RuntimeError("boom")
+    assert [(n, type(m).__name__) for n, m in adapter._hf_model.named_modules()] == before
