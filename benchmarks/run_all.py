@@ -16,7 +16,8 @@ with them:
 * P3 DPC wall / vanilla prompt-tuned generation (target <= 1 + trigger rate + 0.35), with phases
   — ``bench_dpc.py``
 * P4 throughput at batch 1, 4, 16 (target batch 16 >= 1.5x batch 1 per example on CPU, >= 6x on
-  a GPU) — ``bench_throughput.py``
+  a GPU) — ``bench_throughput.py``; greedy decoding against Hugging Face's own cached
+  ``generate`` on the same model and batches (target <= 1.15) — ``bench_decode.py``
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
-SUITE = ["bench_saliency.py", "bench_memory.py", "bench_dpc.py", "bench_throughput.py"]
+SUITE = ["bench_saliency.py", "bench_memory.py", "bench_dpc.py", "bench_throughput.py", "bench_decode.py"]
 
 
 def _load(name: str) -> dict | None:
@@ -89,6 +90,16 @@ def summary(device: str = "cpu") -> str:
                              f"{x['speedup_vs_batch_1']:.2f}x ({x['examples_per_second']:.1f} ex/s) "
                              f"| >= {t}x | {'yes' if x['speedup_vs_batch_1'] >= t else 'no'} "
                              f"| throughput_{device}.json |")
+    dec = _load(f"decode_{device}.json")
+    if dec:
+        for k, v in dec["ratio_vs_hf_generate"].items():
+            sp = dec["ratio_spread"][k]
+            ours = k == "dpc_lens"
+            what = "dpc_lens greedy decoding" if ours else "decoding through the bridge (a hook set)"
+            holds = ("yes" if v <= 1.15 else "no") if ours else "—"
+            lines.append(f"| P4 | {what} / HF generate, same tokens: {dec['same_tokens']} | {v:.2f} "
+                         f"[{sp[0]:.2f}-{sp[1]:.2f}] | {'<= 1.15' if ours else '—'} | {holds} "
+                         f"| decode_{device}.json |")
     if mem:
         lines += ["", "## P5: peak extra memory and CPU time of one pass (batch 1) against T", "",
                   "| shape | T | plain | normal | lean | lean time / normal |", "|---|---|---|---|---|---|"]

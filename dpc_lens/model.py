@@ -79,6 +79,7 @@ _KV_PROBES: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
 # model -> its bridge components' places in the HF module tree / whether the direct path is exact
 _SWAPS: "weakref.WeakKeyDictionary[Any, list]" = weakref.WeakKeyDictionary()
 _DIRECT_EXACT: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
+_DIRECT: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()  # in a session now
 
 
 def _attention_bridges(model: Any) -> list[Any]:
@@ -252,6 +253,8 @@ class ModelAdapter:
         kwargs = {"attention_mask": attention_mask}
         if self._accepts_position_ids():
             kwargs["position_ids"] = position_ids
+        if _DIRECT.get(self.model):  # inside decoding_session: the wrapped HF modules directly
+            return self._hf_model(inputs_embeds=embeds, **kwargs).logits
         return self.model(embeds, **kwargs)
 
     def _accepts_position_ids(self) -> bool:
@@ -276,6 +279,8 @@ class ModelAdapter:
         kwargs: dict[str, Any] = {"attention_mask": attention_mask, "past_key_values": cache}
         if self._accepts_position_ids():
             kwargs["position_ids"] = position_ids
+        if _DIRECT.get(self.model):
+            return self._hf_direct(input_ids=tokens.to(self.device), **kwargs)
         return self.model(tokens.to(self.device), return_type="logits_and_cache", **kwargs)
 
     def prefill(
@@ -288,7 +293,19 @@ class ModelAdapter:
         kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": True}
         if self._accepts_position_ids():
             kwargs["position_ids"] = position_ids
+        if _DIRECT.get(self.model):
+            return self._hf_direct(inputs_embeds=embeds, **kwargs)
         return self.model(embeds, return_type="logits_and_cache", **kwargs)
+
+    def _hf_direct(self, **kwargs: Any) -> tuple[Tensor, Any]:
+        """``(logits, cache)`` from the wrapped Hugging Face model itself (decoding_session)."""
+        if "past_key_values" in kwargs and "past_key_values" not in self._forward_params \
+                and "cache" in self._forward_params:
+            kwargs["cache"] = kwargs.pop("past_key_values")  # transformers >= 5.24's name
+        kwargs["use_cache"] = True
+        out = self._hf_model(**kwargs)
+        cache = getattr(out, "past_key_values", None)
+        return out.logits, cache if cache is not None else getattr(out, "cache", None)
 
     @property
     def supports_kv_cache(self) -> bool:
@@ -352,10 +369,12 @@ class ModelAdapter:
         if use:
             for parent, name, comp in swaps:
                 parent._modules[name] = comp.original_component
+            _DIRECT[self.model] = True
         try:
             yield use
         finally:
             if use:
+                _DIRECT.pop(self.model, None)
                 for parent, name, comp in swaps:
                     parent._modules[name] = comp
 
@@ -414,9 +433,11 @@ class ModelAdapter:
                 ref = run()
                 for parent, name, comp in swaps:
                     parent._modules[name] = comp.original_component
+                _DIRECT[self.model] = True
                 try:
                     got = run()
                 finally:
+                    _DIRECT.pop(self.model, None)
                     for parent, name, comp in swaps:
                         parent._modules[name] = comp
             exact = all(torch.equal(a, b) for a, b in zip(ref, got))
