@@ -33,7 +33,6 @@ from dataclasses import replace
 
 import torch
 
-from dpc_lens.demo import DEMO_RANDOM_DRAWS, shipped_artefacts
 from dpc_lens.dpc import (
     DPCConfig,
     analyse,
@@ -48,6 +47,8 @@ from dpc_lens.model import as_adapter, load_model
 from dpc_lens.patching import corrupt_soft_prompt
 from dpc_lens.soft_prompt import SoftPrompt
 from dpc_lens.tasks import get_task, load_examples
+from dpc_lens.testbed import shipped_artefacts
+from dpc_lens.testbed.demo import DEMO_RANDOM_DRAWS
 
 
 def paired_bootstrap(a: list[bool], b: list[bool], n: int = 2000,

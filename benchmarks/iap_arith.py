@@ -20,7 +20,7 @@ ckpt, out = sys.argv[1], sys.argv[2]
 n_test, n_dev, max_new = (int(x) for x in (sys.argv[3:6] or (100, 100, 96)))
 task = get_task("arith")
 model = load_model(ckpt, device="cpu")
-from dpc_lens.reasoner import HARD_PROMPTS
+from dpc_lens.testbed.reasoner import HARD_PROMPTS
 from dpc_lens.iap import CandidatePrompt
 _g = ["instructive"] * 8 + ["misleading", "irrelevant"]
 pool = PromptPool(tuple(CandidatePrompt(t, g) for t, g in zip(HARD_PROMPTS, _g)))

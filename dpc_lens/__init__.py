@@ -34,7 +34,7 @@ _EXPORTS = {
     "DetectorConfig": "dpc", "DetectorInputs": "dpc", "TriggerDecision": "dpc",
     "dynamic_trigger": "dpc", "accumulation": "dpc", "deep_flow": "dpc",
     "DPCConfig": "dpc", "analyse": "dpc", "run_dpc": "dpc", "summarize": "dpc",
-    "read_records": "runs",
+    "read_records": "runs", "DPCRecord": "dpc", "read_dpc_records": "dpc",
     "CalibrationGrid": "dpc", "calibrate_dpc": "dpc",
     "PromptTuningConfig": "prompt_tuning", "train_soft_prompt": "prompt_tuning",
     "evaluate_accuracy": "prompt_tuning",
@@ -43,6 +43,7 @@ _EXPORTS = {
     # IAP
     "PromptPool": "iap", "IAPConfig": "iap", "FlowStandardizer": "iap", "iap_ss": "iap",
     "iap_mv": "iap", "run_iap": "iap", "calibrate_iap": "iap", "IAPRunConfig": "iap",
+    "PairRecord": "iap",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -197,18 +197,9 @@ def _check_counts(args) -> None:
 
 
 def _testbed(value: str | None, key: str) -> str | None:
-    """``'testbed'`` -> the shipped file for ``key``; anything else unchanged."""
-    if value != "testbed":
-        return value
-    from .demo import shipped_artefacts
+    from .testbed import shipped_path
 
-    art = shipped_artefacts()
-    if art is None or not os.path.exists(art[key]):
-        from .errors import DataError
-
-        raise DataError(f"'testbed' names the shipped {key}, but it is not in this install "
-                        "(dpc_lens/data). Reinstall dpc_lens, or pass a path.")
-    return art[key]
+    return shipped_path(value, key)
 
 
 def _load(args):
@@ -253,41 +244,8 @@ def _dpc_config(args):
     return cfg
 
 
-def print_summary(summary: dict, file=None) -> None:
-    """The accuracy table: methods, trigger rate, flips, ceiling and oracle."""
-    file = file or sys.stdout
-    acc = summary.get("accuracy", {})
-    print(f"n = {summary.get('n', 0)}", file=file)
-    print(f"{'method':<10} {'accuracy':>9}", file=file)
-    rd = summary.get("random_draws")
-    for name in ("base", "pt", "dpc", "always", "random", "oracle"):
-        if name in acc:
-            extra = ""
-            if name == "random" and rd:
-                extra = (f"  mean of {rd['n']} draws, sd {100 * rd['std']:.1f}, "
-                         f"range {100 * rd['min']:.1f}-{100 * rd['max']:.1f}")
-            print(f"{name:<10} {100 * acc[name]:>8.1f}%{extra}", file=file)
-    if "trigger_rate" in summary:
-        f = summary.get("flips", {})
-        print(f"trigger rate {100 * summary['trigger_rate']:.1f}%  flips wrong->right "
-              f"{f.get('wrong_to_right', 0)}  right->wrong {f.get('right_to_wrong', 0)}", file=file)
-    if "ceiling" in summary:
-        print(f"right without prompt & wrong with it (ceiling): {summary['ceiling']}   "
-              f"the other way: {summary['pt_only']}", file=file)
-    if summary.get("skipped"):
-        s = summary["skipped"]
-        print(f"skipped {s['n']} question(s), left out of every accuracy: {s['reason']} "
-              f"(ids {', '.join(map(str, s['ids'][:5]))}{', ...' if s['n'] > 5 else ''})", file=file)
-    if summary.get("trigger_errors"):
-        t = summary["trigger_errors"]
-        print(f"warning: the trigger could not be computed on {t['n']} question(s) (DPC kept the PT "
-              f"answer there): {t['first']}", file=file)
-    if summary.get("duplicates_dropped"):
-        print(f"warning: {summary['duplicates_dropped']} duplicated record(s) counted once", file=file)
-
-
 def _cmd_dpc(args) -> int:
-    from .dpc import check_config_fits, run_dpc
+    from .dpc import check_config_fits, print_summary, run_dpc
     from .runs import check_out_dir
     from .soft_prompt import SoftPrompt
 
@@ -301,23 +259,15 @@ def _cmd_dpc(args) -> int:
                          resume=args.resume, progress=not args.no_progress)
     print_summary(summary)
     if args.plots:
-        _plots(args.out)
+        from .plotting import save_standard_figures
+
+        save_standard_figures(args.out)
     print(f"records: {os.path.join(args.out, 'records.jsonl')}")
     return 0
 
 
-def _plots(out_dir: str) -> None:
-    try:
-        from .plotting import save_standard_figures
-    except ImportError:
-        print("plots: dpc_lens.plotting is not available in this install", file=sys.stderr)
-        return
-    save_standard_figures(out_dir)
-
-
 def _cmd_calibrate(args) -> int:
-    from .dpc import calibrate_dpc
-    from .dpc import check_config_fits
+    from .dpc import calibrate_dpc, check_config_fits
     from .runs import check_out_dir
     from .soft_prompt import SoftPrompt
 
@@ -330,7 +280,8 @@ def _cmd_calibrate(args) -> int:
     cal = calibrate_dpc(model, soft, exs, task, cfg, progress=not args.no_progress,
                         out_dir=args.out, resume=args.resume)
     d = cal.to_dict()
-    keep = ("best_point", "best_accuracy", "pt_accuracy", "gain", "corruption_oracle_accuracy", "n_generations")
+    keep = ("best_point", "best_accuracy", "pt_accuracy", "gain", "corruption_oracle_accuracy",
+            "n_generations")
     print(json.dumps({k: d[k] for k in keep if k in d}, indent=2))
     for r in cal.remarks:
         print(f"remark: {r}")
@@ -361,23 +312,15 @@ def _cmd_train_prompt(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .testbed.demo import run_demo
 
     return run_demo(out_dir=args.out, limit=args.limit, progress=not args.no_progress, plots=args.plots)
 
 
 def _cmd_paths(args) -> int:
-    from .demo import shipped_artefacts
+    from .testbed import print_paths
 
-    art = shipped_artefacts()
-    if art is None:
-        print("The shipped test bed is not in this install (dpc_lens/data).")
-        return 1
-    for k in ("model", "soft_prompt", "config", "test", "dev"):
-        print(f"{k:<12} {art[k]}")
-    print("Each can be named 'testbed' instead: --model testbed --soft-prompt testbed "
-          "--config testbed --data testbed (test set; dev set for calibrate) --task arith")
-    return 0
+    return print_paths()
 
 
 def _cmd_iap(args) -> int:

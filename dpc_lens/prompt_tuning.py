@@ -18,7 +18,7 @@ time; an unpadded row is PEFT's own layout, so the adapter behaves identically i
                add_bos  ---------- no loss ----------  --------- loss (segment "rationale") ---
 
 The prompt and target texts are tokenised separately without special tokens and concatenated,
-which for the shipped reasoner is exactly :func:`dpc_lens.reasoner.encode_example`
+which for the shipped reasoner is exactly :func:`dpc_lens.testbed.reasoner.encode_example`
 (``<bos> question rationale <eos>``). With the defaults the target is the gold ``rationale``
 (which ends with the answer sentence, e.g. ``"... The answer is 9."``) followed by EOS. The
 loss is the teacher-forced negative log-likelihood of the target tokens (EOS included), averaged
@@ -391,7 +391,7 @@ def initial_soft_prompt(model: Any, config: PromptTuningConfig) -> SoftPrompt:
 
 
 # ------------------------------------------------------------------------------ tokenisation
-def _fill(template: str, example: Any, name: str, index: int) -> str:
+def _fill_template(template: str, example: Any, name: str, index: int) -> str:
     values = {}
     for f in _FIELDS:
         v = getattr(example, f, None)
@@ -421,8 +421,8 @@ def encode_training_example(
         if tok.bos_token_id is None:
             raise InputError("add_bos=True but the tokenizer has no BOS token; set add_bos=False.")
         pieces.append(("bos", [int(tok.bos_token_id)]))
-    pieces.append(("question", _fill(config.template, example, "template", index)))
-    target = list(tok(_fill(config.target_template, example, "target_template", index),
+    pieces.append(("question", _fill_template(config.template, example, "template", index)))
+    target = list(tok(_fill_template(config.target_template, example, "target_template", index),
                       add_special_tokens=False)["input_ids"])
     if config.add_eos:
         if tok.eos_token_id is None:
@@ -673,7 +673,7 @@ def evaluate_accuracy(
     if not examples:
         raise InputError("evaluate_accuracy needs at least one example.")
     _template_fields(template, "template")
-    prompts = [_fill(template, ex, "template", i) for i, ex in enumerate(examples)]
+    prompts = [_fill_template(template, ex, "template", i) for i, ex in enumerate(examples)]
     gens = generate(model, prompts, soft_prompt, generation_config or GenerationConfig(),
                     add_bos=add_bos, progress=progress, desc="evaluate")
     texts = tuple(g.text for g in gens)

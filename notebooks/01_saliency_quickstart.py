@@ -32,7 +32,7 @@
 
 import dpc_lens
 from dpc_lens import plotting
-from dpc_lens.demo import default_model
+from dpc_lens.testbed import default_model
 from dpc_lens.tasks.arith import make_split
 
 # $DPC_LENS_MODEL / $DPC_LENS_SOFT_PROMPT, else the shipped reasoner, else a tiny random model

@@ -35,7 +35,7 @@ import os
 
 import dpc_lens
 from dpc_lens import plotting
-from dpc_lens.demo import default_model, shipped_artefacts
+from dpc_lens.testbed import default_model, shipped_artefacts
 from dpc_lens.dpc import fires_at_thresholds
 from dpc_lens.tasks.arith import make_split
 

@@ -31,7 +31,7 @@ import tempfile
 
 import dpc_lens
 from dpc_lens import plotting
-from dpc_lens.demo import default_model, shipped_artefacts
+from dpc_lens.testbed import default_model, shipped_artefacts
 from dpc_lens.tasks.arith import make_split
 
 N_EXAMPLES = 8

@@ -31,7 +31,7 @@ from IPython.display import display
 
 import dpc_lens
 from dpc_lens import iap, plotting
-from dpc_lens.demo import default_model
+from dpc_lens.testbed import default_model
 from dpc_lens.tasks.arith import make_split
 
 N_EXAMPLES = 4

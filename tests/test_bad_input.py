@@ -29,10 +29,10 @@ def bed(tmp_path_factory):
     """A tiny Llama with the arith tokenizer (n_ctx 256), a 4-token adapter and 5 arith questions."""
     import transformers as tf
 
-    from dpc_lens.reasoner import build_tokenizer
     from dpc_lens.soft_prompt import SoftPrompt
     from dpc_lens.tasks.arith import make_split
     from dpc_lens.tasks.io import write_jsonl
+    from dpc_lens.testbed.reasoner import build_tokenizer
 
     root = tmp_path_factory.mktemp("bad")
     model_dir = root / "model"
@@ -207,8 +207,8 @@ def test_calibrate_remarks_when_the_dev_split_is_too_small(bed, tmp_path, capsys
 
 
 def test_calibration_remarks_a_point_that_never_fires():
-    from dpc_lens.dpc.calibration import CalibrationGrid, DPCCalibration
     from dpc_lens.dpc import DPCConfig
+    from dpc_lens.dpc.calibration import CalibrationGrid, DPCCalibration
 
     cal = DPCCalibration(DPCConfig(), {}, 0.5, 0.5, 0.6, 0.0, 200, 0, ({},), (0.5,), (0.0,), (0,), (0,), {},
                          {"pt": 1}, CalibrationGrid())
@@ -463,7 +463,7 @@ def test_dpc_without_config_says_which_config_and_paths_prints_the_testbed(bed, 
 
 
 def test_demo_explains_its_rows():
-    from dpc_lens.demo import explain_summary
+    from dpc_lens.testbed.demo import explain_summary
 
     s = {"n": 10, "accuracy": {"base": 0.5, "pt": 0.6, "dpc": 0.7, "random": 0.55, "oracle": 0.8},
          "random_draws": {"n": 5, "std": 0.02}, "trigger_rate": 0.2, "ceiling": 1}

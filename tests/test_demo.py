@@ -10,11 +10,11 @@ import pytest
 def test_shipped_artefacts_load_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    from dpc_lens.demo import shipped_artefacts
     from dpc_lens.dpc import DPCConfig
     from dpc_lens.model import as_adapter, load_model
     from dpc_lens.soft_prompt import SoftPrompt
     from dpc_lens.tasks import get_task, load_examples
+    from dpc_lens.testbed import shipped_artefacts
 
     art = shipped_artefacts()
     assert art is not None, "dpc_lens/data must ship reasoner/, soft_prompt/ and test.jsonl"
@@ -49,7 +49,7 @@ def test_demo_runs_end_to_end_on_a_reduced_set(tmp_path, capsys):
 
 
 def test_default_model_prefers_the_users_checkpoint(monkeypatch, tmp_path):
-    from dpc_lens.demo import default_model
+    from dpc_lens.testbed import default_model
     from dpc_lens.testing import save_tiny_hf_model
 
     d = save_tiny_hf_model("gpt2", tmp_path / "m", d_model=48)

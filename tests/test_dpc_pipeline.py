@@ -1,7 +1,7 @@
 """DPC end to end on a small offline model and the synthetic arithmetic task.
 
 The model is a random 2-layer Llama whose tokenizer is the arith word-level tokenizer
-(:func:`dpc_lens.reasoner.build_tokenizer`), saved to a temporary directory and loaded with
+(:func:`dpc_lens.testbed.reasoner.build_tokenizer`), saved to a temporary directory and loaded with
 :func:`dpc_lens.model.load_model`, so arith questions tokenise without ``<unk>``. Checked here:
 the JSONL record schema (every key and type), the summary against counts recomputed from the
 records, that fired records answer with a regeneration whose located rows are zeroed (compared
@@ -18,8 +18,8 @@ import os
 import pytest
 import torch
 
-from dpc_lens.dpc.detector import DetectorConfig, TriggerDecision
 from dpc_lens.dpc import DPC_FLOWS, DPCConfig, read_records, run_dpc
+from dpc_lens.dpc.detector import DetectorConfig, TriggerDecision
 from dpc_lens.errors import DataError, InputError
 from dpc_lens.generation import GenerationConfig, generate
 from dpc_lens.model import load_model
@@ -78,7 +78,7 @@ def _one_torch_thread():
 def setup(tmp_path_factory):
     from transformers import LlamaForCausalLM
 
-    from dpc_lens.reasoner import ReasonerConfig, build_tokenizer, reasoner_config
+    from dpc_lens.testbed.reasoner import ReasonerConfig, build_tokenizer, reasoner_config
 
     tok = build_tokenizer()
     hf_cfg = reasoner_config(

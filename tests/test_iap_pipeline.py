@@ -66,7 +66,7 @@ def ckpt(tmp_path_factory):
     rationales have an answer to extract."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dpc_lens.reasoner import build_tokenizer
+    from dpc_lens.testbed.reasoner import build_tokenizer
 
     d = tmp_path_factory.mktemp("iap_llama")
     tok = build_tokenizer()
@@ -346,7 +346,7 @@ def test_each_pair_is_generated_and_scored_once_whatever_is_evaluated(model, fil
 
 
 def test_chat_template_spans_hold_exactly_the_question_and_the_prompt(model):
-    from dpc_lens.reasoner import build_tokenizer
+    from dpc_lens.testbed.reasoner import build_tokenizer
 
     tok = build_tokenizer()
     question, prompt = "Ann has 7 pens. How many pens does Ann have now?", "Let's think step by step."

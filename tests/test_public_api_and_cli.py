@@ -28,10 +28,10 @@ def test_import_is_light_and_every_export_resolves():
 def arith_setup(tmp_path_factory):
     import transformers as tf
 
-    from dpc_lens.reasoner import build_tokenizer
     from dpc_lens.soft_prompt import SoftPrompt
     from dpc_lens.tasks.arith import make_split
     from dpc_lens.tasks.io import write_jsonl
+    from dpc_lens.testbed.reasoner import build_tokenizer
 
     root = tmp_path_factory.mktemp("cli")
     model_dir = root / "model"

@@ -1,4 +1,5 @@
-"""The reasoner's tokenizer, deterministic training, greedy decoding and the shipped checkpoint."""
+"""The reasoner's tokenizer, deterministic training, its evaluation through the library's one
+decoding loop, and the shipped checkpoint."""
 
 from __future__ import annotations
 
@@ -10,20 +11,19 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from dpc_lens.errors import ConfigError  # noqa: E402
-from dpc_lens.reasoner import (  # noqa: E402
+from dpc_lens.tasks.arith import SPLITS, make_split  # noqa: E402
+from dpc_lens.testbed.reasoner import (  # noqa: E402
     HARD_PROMPTS,
     SHIPPED_DIR,
     ReasonerConfig,
     TrainConfig,
     build_tokenizer,
     encode_example,
-    evaluate_greedy,
-    generate_greedy,
+    evaluate_reasoner,
     load_reasoner,
     reasoner_config,
     train_base_model,
 )
-from dpc_lens.tasks.arith import SPLITS, make_split  # noqa: E402
 
 _TINY = ReasonerConfig(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64)
 
@@ -80,18 +80,27 @@ def test_config_validation():
         TrainConfig(mix=(("nope", 1.0),))
 
 
-def test_batched_greedy_equals_one_by_one(tok):
+def test_reasoner_evaluation_is_the_librarys_generate(tok, tmp_path):
+    """No decoding loop of its own: evaluate_reasoner's texts are generation.generate's on the
+    [<bos> question] prompt (encode_example's), with and without a soft prompt."""
     from transformers import LlamaForCausalLM
 
+    from dpc_lens.generation import GenerationConfig, generate
+    from dpc_lens.model import load_model
+    from dpc_lens.soft_prompt import SoftPrompt
+
     torch.manual_seed(1)
-    model = LlamaForCausalLM(reasoner_config(tok, _TINY)).eval()
-    qs = [e.question for e in make_split("test", 3, 0) + make_split("steps5", 2, 0)]
-    soft = torch.randn(3, _TINY.d_model) * 0.05
-    for sp in (None, soft):
-        batched = generate_greedy(model, tok, qs, max_new_tokens=8, batch_size=5, soft_prompt=sp)
-        single = [generate_greedy(model, tok, [q], max_new_tokens=8, soft_prompt=sp)[0]
-                  for q in qs]
-        assert batched == single
+    LlamaForCausalLM(reasoner_config(tok, _TINY)).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model = load_model(str(tmp_path), device="cpu")
+    exs = make_split("test", 3, 0) + make_split("steps5", 2, 0)
+    prompts = [encode_example(tok, e.question)[0] for e in exs]
+    cfg = GenerationConfig(max_new_tokens=8, batch_size=2)
+    for soft in (None, SoftPrompt(torch.randn(3, _TINY.d_model) * 0.05)):
+        res = evaluate_reasoner(model, exs, soft_prompt=soft, max_new_tokens=8, batch_size=2)
+        ref = generate(model, prompts, soft, cfg, progress=False)
+        assert list(res.texts) == [g.text for g in ref]
+        assert len(res.correct) == len(exs)
 
 
 def test_training_is_deterministic(tmp_path):
@@ -116,5 +125,21 @@ def test_shipped_reasoner_loads_and_solves_short_problems():
     size = sum(p.numel() for p in model.parameters())
     assert size < 3_000_000
     assert model.config.num_key_value_heads < model.config.num_attention_heads  # GQA
-    acc = evaluate_greedy(model, tok, make_split("test", 32, 99))
+    acc = evaluate_reasoner(SHIPPED_DIR, make_split("test", 32, 99)).accuracy
     assert acc >= 0.9
+
+
+@pytest.mark.skipif(not (SHIPPED_DIR / "model.safetensors").is_file(),
+                    reason="shipped reasoner checkpoint not present")
+def test_shipped_accuracies_reproduce_through_generate():
+    """Every accuracy of the shipped training_log.json (200 problems per split, greedy, 96 new
+    tokens) is what the library's generate gives today: the reasoner's old decoding loop is gone
+    and nothing it measured changed."""
+    from dpc_lens.model import load_model
+
+    log = json.loads((SHIPPED_DIR / "training_log.json").read_text())
+    model = load_model(str(SHIPPED_DIR), device="cpu")
+    n, seed = log["eval"]["n"], log["eval"]["seed"]
+    got = {split: evaluate_reasoner(model, make_split(split, n, seed)).accuracy
+           for split in log["accuracy"]}
+    assert got == log["accuracy"]

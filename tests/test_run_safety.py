@@ -30,10 +30,10 @@ BATCH = 3
 def bed(tmp_path_factory):
     import transformers as tf
 
-    from dpc_lens.reasoner import build_tokenizer
     from dpc_lens.soft_prompt import SoftPrompt
     from dpc_lens.tasks.arith import make_split
     from dpc_lens.tasks.io import write_jsonl
+    from dpc_lens.testbed.reasoner import build_tokenizer
 
     root = tmp_path_factory.mktemp("safety")
     model_dir = root / "model"
@@ -156,8 +156,8 @@ def _comparable(r):
 
 
 def test_sigkill_mid_run_redoes_at_most_the_questions_in_flight(bed, tmp_path):
-    from dpc_lens.dpc.detector import DetectorConfig
     from dpc_lens.dpc import DPCConfig, run_dpc
+    from dpc_lens.dpc.detector import DetectorConfig
     from dpc_lens.generation import GenerationConfig
     from dpc_lens.model import load_model
     from dpc_lens.runs import LOCK_NAME

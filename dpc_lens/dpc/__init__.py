@@ -5,6 +5,9 @@
 * :mod:`~dpc_lens.dpc.diagnostics` -- sink rate, the Fig. 5 contingency, threshold sweeps;
 * :mod:`~dpc_lens.dpc.pipeline` -- analyse, trigger, corrupt, regenerate: :func:`run_dpc` and its
   baselines, resumable records, :func:`summarize`;
+* :mod:`~dpc_lens.dpc.records` -- :class:`DPCRecord`, one question's typed record (its JSON is a
+  line of ``records.jsonl``);
+* :mod:`~dpc_lens.dpc.sweep` -- calibration's model-free grid, sweep, scores and sensitivity;
 * :mod:`~dpc_lens.dpc.calibration` -- the trigger's knobs fitted on a dev split.
 
 ``from dpc_lens.dpc import run_dpc, DPCConfig, ...`` keeps working.
@@ -33,10 +36,12 @@ from .pipeline import (
     analyse,
     check_config_fits,
     encode_questions,
+    print_summary,
     random_rows_for,
     run_dpc,
     summarize,
 )
+from .records import AnswerRecord, DPCRecord, read_dpc_records
 
 __all__ = [
     "LayerSpec", "resolve_layers", "read_records",
@@ -45,5 +50,6 @@ __all__ = [
     "accumulation", "deep_flow", "dynamic_trigger",
     "accumulation_deepflow_contingency", "fires_at_thresholds", "fit_sink_scale", "sink_rate",
     "BASELINES", "DPC_FLOWS", "Analysis", "DPCConfig", "analyse", "check_config_fits",
-    "encode_questions", "random_rows_for", "run_dpc", "summarize",
+    "AnswerRecord", "DPCRecord", "read_dpc_records",
+    "encode_questions", "random_rows_for", "run_dpc", "summarize", "print_summary",
 ]

@@ -15,17 +15,19 @@ prompt, vanilla prompt tuning (step 1's answer), corruption on every instance, a
 corruption of the same number of tokens (seeded). Cost per instance: one generation and one
 forward/backward, plus one generation when the trigger fires (and one per baseline asked for).
 
-Records are plain JSON-safe dicts, appended to a JSONL file as they are produced, so a killed
-run can be resumed (:func:`run_dpc` with ``out_dir`` and ``resume=True``).
+Each question's record is a :class:`~dpc_lens.dpc.DPCRecord`, appended as its JSON dict to a
+JSONL file as soon as it is final, so a killed run can be resumed (:func:`run_dpc` with
+``out_dir`` and ``resume=True``).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -52,6 +54,7 @@ from ..segments import SegmentLayout
 from ..soft_prompt import SoftPrompt
 from ..tasks.base import Example
 from .detector import DetectorConfig, DetectorInputs, TriggerDecision, dynamic_trigger
+from .records import AnswerRecord, DPCRecord
 
 __all__ = [
     "DPCConfig",
@@ -59,6 +62,7 @@ __all__ = [
     "analyse",
     "run_dpc",
     "summarize",
+    "print_summary",
     "read_records",
     "DPC_FLOWS",
     "BASELINES",
@@ -353,48 +357,33 @@ def _regenerate(adapter, soft, group: Sequence[_Pending], cfg: DPCConfig) -> Non
         p.timings["regenerate_s"] = dt
 
 
+def _graded(task, generation: Generation, ex: Example, **extra: Any) -> AnswerRecord:
+    return AnswerRecord.from_dict({**answer_record(task, generation, ex), **extra})
+
+
 def _finish(task, cfg: DPCConfig, p: _Pending) -> dict[str, Any]:
     ex, a, d = p.ex, p.analysis, p.decision
-    pt = answer_record(task, a.generation, ex)
+    pt = _graded(task, a.generation, ex)
     fired = bool(d is not None and d.fired)
-    dpc = dict(answer_record(task, p.regen, ex)) if fired else dict(pt)
-    dpc.update(fired=fired, corrupted_rows=p.located if fired else [])
-    rec: dict[str, Any] = {
-        "id": ex.id,
-        "question": ex.question,
-        "gold": ex.answer,
-        "pt": pt,
-        "dpc": dpc,
-        "final_answer": dpc["answer"],
-        "final_correct": dpc["correct"],
-        "trigger": d.to_dict() if d is not None else None,
-        "located_rows": p.located,
-        "flows": a.flows,
-        "loss": a.loss,
-        "timings": dict(p.timings),
-    }
-    if p.error is not None:
-        rec["trigger_error"] = p.error
-    if p.base is not None:
-        rec["base"] = answer_record(task, p.base, ex)
+    dpc = replace(_graded(task, p.regen, ex) if fired else pt, fired=fired,
+                  corrupted_rows=tuple(p.located) if fired else ())
+    always = None
     if "always" in cfg.baselines:
-        rec["always"] = answer_record(task, p.regen, ex) if p.regen is not None else dict(pt)
-        rec["always"]["corrupted_rows"] = p.located
-    if p.rand:
-        draws = []
-        for rows, g in p.rand:
-            r = answer_record(task, g, ex)
-            r["corrupted_rows"] = rows
-            draws.append(r)
-        rec["random"] = draws[0]
-        if len(draws) > 1:
-            rec["random_draws"] = draws
-    return rec
+        always = replace(_graded(task, p.regen, ex) if p.regen is not None else pt,
+                         corrupted_rows=tuple(p.located))
+    draws = tuple(_graded(task, g, ex, corrupted_rows=rows) for rows, g in p.rand)
+    return DPCRecord(
+        id=ex.id, question=ex.question, gold=ex.answer, pt=pt, dpc=dpc,
+        final_answer=dpc.answer, final_correct=dpc.correct,
+        trigger=d.to_dict() if d is not None else None, located_rows=tuple(p.located),
+        flows=a.flows, loss=a.loss, timings=dict(p.timings), trigger_error=p.error,
+        base=_graded(task, p.base, ex) if p.base is not None else None, always=always,
+        random=draws[0] if draws else None, random_draws=draws if len(draws) > 1 else None,
+    ).to_dict()
 
 
 def _skipped_record(ex: Example, why: str) -> dict[str, Any]:
-    return {"id": ex.id, "question": ex.question, "gold": ex.answer, "skipped": why,
-            "final_answer": None, "final_correct": False}
+    return DPCRecord(id=ex.id, question=ex.question, gold=ex.answer, skipped=why).to_dict()
 
 
 def run_dpc(
@@ -599,3 +588,36 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
                                  "first": errors[0]["trigger_error"]}
     out.update(extra)
     return out
+
+
+def print_summary(summary: dict, file=None) -> None:
+    """The accuracy table: methods, trigger rate, flips, ceiling and oracle."""
+    file = file or sys.stdout
+    acc = summary.get("accuracy", {})
+    print(f"n = {summary.get('n', 0)}", file=file)
+    print(f"{'method':<10} {'accuracy':>9}", file=file)
+    rd = summary.get("random_draws")
+    for name in ("base", "pt", "dpc", "always", "random", "oracle"):
+        if name in acc:
+            extra = ""
+            if name == "random" and rd:
+                extra = (f"  mean of {rd['n']} draws, sd {100 * rd['std']:.1f}, "
+                         f"range {100 * rd['min']:.1f}-{100 * rd['max']:.1f}")
+            print(f"{name:<10} {100 * acc[name]:>8.1f}%{extra}", file=file)
+    if "trigger_rate" in summary:
+        f = summary.get("flips", {})
+        print(f"trigger rate {100 * summary['trigger_rate']:.1f}%  flips wrong->right "
+              f"{f.get('wrong_to_right', 0)}  right->wrong {f.get('right_to_wrong', 0)}", file=file)
+    if "ceiling" in summary:
+        print(f"right without prompt & wrong with it (ceiling): {summary['ceiling']}   "
+              f"the other way: {summary['pt_only']}", file=file)
+    if summary.get("skipped"):
+        s = summary["skipped"]
+        print(f"skipped {s['n']} question(s), left out of every accuracy: {s['reason']} "
+              f"(ids {', '.join(map(str, s['ids'][:5]))}{', ...' if s['n'] > 5 else ''})", file=file)
+    if summary.get("trigger_errors"):
+        t = summary["trigger_errors"]
+        print(f"warning: the trigger could not be computed on {t['n']} question(s) (DPC kept the PT "
+              f"answer there): {t['first']}", file=file)
+    if summary.get("duplicates_dropped"):
+        print(f"warning: {summary['duplicates_dropped']} duplicated record(s) counted once", file=file)

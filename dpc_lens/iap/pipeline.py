@@ -28,6 +28,7 @@ from dpc_lens.validate import is_int as _is_int
 
 from .calibration import CalibrationResult, QuestionRecord, calibrate
 from .pool import _JSON_VERSION, FLOW_PR, FLOW_QP, FLOW_QR, IAP_FLOWS, CandidatePrompt, PromptPool
+from .records import PairRecord
 from .score import FlowStandardizer, IAPConfig
 from .select import Answer, iap_mv, iap_ss, majority_vote
 
@@ -308,66 +309,6 @@ def encode_pair(
 # ---------------------------------------------------------------------------------------------
 # Scoring pairs
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PairRecord:
-    """One (question, prompt) pair, generated and scored once.
-
-    Attributes:
-        question_index, prompt_index: positions in the question list and the pool.
-        prompt, group: the prompt's text and group.
-        rationale: the generated text; ``rationale_ids`` its token ids (no EOS).
-        stop_reason: why generation stopped.
-        flows: flow name -> per-layer mean flow ``flow_l(source->target)`` (all layers, in
-            ``layers`` order); ``{}`` when the rationale is empty (nothing to measure).
-        flow_means: flow name -> mean of ``flows`` over the config's layer set of that flow
-            (the value that is standardised); ``{}`` when unscored.
-        layer_sets: flow name -> the layer indices averaged.
-        flows_per_head: flow name -> ``[layer][head]`` flows (``per_head`` runs only).
-        n_tokens: tokens per segment and in total.
-        loss: the teacher-forced mean NLL of the rationale (the saliency loss).
-        chat_template: whether the input went through the tokenizer's chat template.
-    """
-
-    question_index: int
-    prompt_index: int
-    prompt: str
-    group: str
-    rationale: str
-    rationale_ids: tuple[int, ...]
-    stop_reason: str
-    flows: Mapping[str, list[float]]
-    flow_means: Mapping[str, float]
-    layer_sets: Mapping[str, list[int]]
-    n_tokens: Mapping[str, int]
-    loss: float | None
-    chat_template: bool
-    layers: tuple[int, ...] = ()
-    flows_per_head: Mapping[str, list[list[float]]] | None = None
-
-    @property
-    def scored(self) -> bool:
-        return bool(self.flow_means)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "question_index": self.question_index,
-            "prompt_index": self.prompt_index,
-            "prompt": self.prompt,
-            "group": self.group,
-            "rationale": self.rationale,
-            "rationale_ids": list(self.rationale_ids),
-            "stop_reason": self.stop_reason,
-            "flows": {k: list(v) for k, v in self.flows.items()},
-            "flow_means": dict(self.flow_means),
-            "layer_sets": {k: list(v) for k, v in self.layer_sets.items()},
-            "layers": list(self.layers),
-            "n_tokens": dict(self.n_tokens),
-            "loss": self.loss,
-            "chat_template": self.chat_template,
-            "flows_per_head": self.flows_per_head,
-        }
 
 
 def _score_items(

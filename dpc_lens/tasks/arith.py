@@ -2,7 +2,7 @@
 
 No real data set can be downloaded where dpc_lens is developed, so the project ships a task it can
 generate itself, with a gold chain-of-thought rationale, and a small model trained on it
-(:mod:`dpc_lens.reasoner`). An example::
+(:mod:`dpc_lens.testbed.reasoner`). An example::
 
     question:  "Ann has 7 pens. She buys 5 more. She gives 3 away. How many pens does Ann have now?"
     rationale: "7+5=12. 12-3=9. The answer is 9."
@@ -31,9 +31,10 @@ from __future__ import annotations
 import json
 import random
 import zlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Literal, Sequence
+from typing import Literal
 
 from dpc_lens.errors import ConfigError, DataError
 from dpc_lens.tasks.base import Example
@@ -241,7 +242,7 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in TRAIN_TEMPLATES + SHIFTED_T
 _POSS = {"She": "Her", "He": "His"}
 
 
-def _fill(pattern: str, *, name: str, pron: str, item: str, n: int | None = None,
+def _fill_pattern(pattern: str, *, name: str, pron: str, item: str, n: int | None = None,
           k: int | None = None) -> str:
     return pattern.format(
         name=name, pron=pron, pron_l=pron.lower(), pron_poss=_POSS[pron],
@@ -350,20 +351,20 @@ def generate_examples(
         n_steps = rng.randint(lo, hi)
         value = rng.randint(*_START_RANGE)
         values = [value]
-        sentences = [_fill(tpl.setup, name=name, pron=pron, item=item, n=value)]
+        sentences = [_fill_pattern(tpl.setup, name=name, pron=pron, item=item, n=value)]
         equations = []
         op_list = []
         for _ in range(n_steps):
             op, k = _draw_op(rng, value, ops)
             new = _apply(op, value, k)
             sentences.append(
-                _fill(rng.choice(tpl.ops[style][op]), name=name, pron=pron, item=item, k=k)
+                _fill_pattern(rng.choice(tpl.ops[style][op]), name=name, pron=pron, item=item, k=k)
             )
             equations.append(f"{value}{op}{k}={new}.")
             op_list.append(op)
             value = new
             values.append(value)
-        sentences.append(_fill(tpl.question[style], name=name, pron=pron, item=item))
+        sentences.append(_fill_pattern(tpl.question[style], name=name, pron=pron, item=item))
         # Sentences may open with a number ("3 riders leave the bus."): fine for the tokenizer.
         question = " ".join(sentences)
         rationale = " ".join(equations + [f"{ANSWER_PREFIX} {value}."])
@@ -479,7 +480,7 @@ def vocabulary_texts() -> list[str]:
         for pattern in patterns:
             for name, pron in _PEOPLE:
                 for item in tpl.items:
-                    texts.append(_fill(pattern, name=name, pron=pron, item=item, n=10, k=2))
+                    texts.append(_fill_pattern(pattern, name=name, pron=pron, item=item, n=10, k=2))
     return texts
 
 

@@ -8,11 +8,11 @@
 * ``dev.jsonl`` (300) and ``test.jsonl`` (600) — the ``mixed_dev`` / ``mixed_test`` mixtures:
   half standard phrasing (the base reasoner solves them, the soft prompt hurts some), half alt
   phrasing (the soft prompt helps): base and prompt-tuned accuracy close, flips both ways, the
-  regime of the DPC paper (see ``dpc_lens.reasoner``'s docstring for the measurements);
+  regime of the DPC paper (see :mod:`dpc_lens.testbed.reasoner`'s docstring for the measurements);
 * ``dpc_config.json`` + ``calibration.json`` — the DPC config calibrated on dev
   (:func:`dpc_lens.calibrate_dpc`).
 
-The base reasoner itself is built by ``python -m dpc_lens.reasoner`` (``dpc_lens/data/reasoner``).
+The base reasoner itself is built by ``python -m dpc_lens.testbed.reasoner`` (``dpc_lens/data/reasoner``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import argparse
 import json
 import os
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = ["build_testbed", "TESTBED_GENERATION"]
 
@@ -32,15 +32,14 @@ TESTBED_GENERATION = {"max_new_tokens": 64, "batch_size": 32}
 def build_testbed(data_dir: str | None = None, *, steps: int = 600, progress: bool = True,
                   n_dev: int = 300, n_test: int = 600) -> dict:
     """Train the soft prompt, write the splits and calibrate; return the measurements."""
-    from .dpc import calibrate_dpc
-    from .demo import data_dir as default_dir
-    from .dpc import DPCConfig
-    from .generation import GenerationConfig
-    from .model import load_model
-    from .prompt_tuning import PromptTuningConfig, train_soft_prompt
-    from .tasks import get_task
-    from .tasks.arith import make_mixture
-    from .tasks.io import write_jsonl
+    from ..dpc import DPCConfig, calibrate_dpc
+    from ..generation import GenerationConfig
+    from ..model import load_model
+    from ..prompt_tuning import PromptTuningConfig, train_soft_prompt
+    from ..tasks import get_task
+    from ..tasks.arith import make_mixture
+    from ..tasks.io import write_jsonl
+    from . import data_dir as default_dir
 
     d = data_dir or default_dir()
     t0 = time.perf_counter()
@@ -56,7 +55,8 @@ def build_testbed(data_dir: str | None = None, *, steps: int = 600, progress: bo
     test = make_mixture("mixed_test", n_test, seed=0)
     write_jsonl(os.path.join(d, "dev.jsonl"), dev)
     write_jsonl(os.path.join(d, "test.jsonl"), test)
-    base = DPCConfig(generation=GenerationConfig(**TESTBED_GENERATION), baselines=("base", "always", "random"))
+    base = DPCConfig(generation=GenerationConfig(**TESTBED_GENERATION),
+                     baselines=("base", "always", "random"))
     cal = calibrate_dpc(model, res.soft_prompt, dev, get_task("arith"), base, progress=progress)
     cal.save(d)
     out = {"prompt_tuning_s": t_pt, "total_s": time.perf_counter() - t0, "best_step": res.best_step,

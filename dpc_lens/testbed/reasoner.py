@@ -33,28 +33,32 @@ on ``steps4``, 4% on ``steps5``, 32% on ``alt`` (new phrasing) and 8.5% on ``new
 prompt and wrong with it, 71 the other way, oracle 76.8% (prompt seed 1: 61.7%, 84 and 64,
 oracle 75.7%): the paper's regime (LLaMA3-8B GSM8K 64.9 / 65.5). Tuned on ``mixed_train`` (the
 evaluation distribution itself, the recommended setting): 65.0 -> 67.8%, 39 lost (25 of them
-alt-phrased, so a trigger cannot just detect the phrasing), 56 gained, oracle 74.3%. A soft prompt tuned on ``steps5`` instead learnt nothing (5%) and broke every
-other split (``test`` 100 -> 3%): the wrong regime.
+alt-phrased, so a trigger cannot just detect the phrasing), 56 gained, oracle 74.3%. A soft
+prompt tuned on ``steps5`` instead learnt nothing (5%) and broke every other split (``test``
+100 -> 3%): the wrong regime. The accuracies are measured with :func:`evaluate_reasoner`, i.e.
+the library's own decoding loop (:func:`dpc_lens.generation.generate`); it reproduces every
+number of the shipped ``training_log.json`` exactly.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
-from dpc_lens.errors import ConfigError, InputError
+from dpc_lens.errors import ConfigError
 from dpc_lens.tasks.arith import SPLITS, generate_examples, make_split, vocabulary_texts
 from dpc_lens.tasks.base import Example
 
 if TYPE_CHECKING:  # heavy imports stay lazy: nothing heavy at import time
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    from ..prompt_tuning import AccuracyResult
 
 __all__ = [
     "SPECIAL_TOKENS",
@@ -65,8 +69,8 @@ __all__ = [
     "build_tokenizer",
     "reasoner_config",
     "encode_example",
-    "generate_greedy",
-    "evaluate_greedy",
+    "evaluate_reasoner",
+    "EVAL_MAX_NEW_TOKENS",
     "train_base_model",
     "load_reasoner",
 ]
@@ -87,7 +91,7 @@ HARD_PROMPTS: tuple[str, ...] = (
 )
 """Zero-shot CoT prompts (IAP's candidate pool): in the vocabulary so IAP can run on the model."""
 
-SHIPPED_DIR = Path(__file__).resolve().parent / "data" / "reasoner"
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "data" / "reasoner"
 
 
 def _pre_tokenizer():
@@ -213,106 +217,31 @@ def _progress(iterable, *, total: int | None, desc: str, enabled: bool):
     return tqdm(iterable, total=total, desc=desc, leave=False)
 
 
-def generate_greedy(
-    model: "LlamaForCausalLM",
-    tokenizer: "PreTrainedTokenizerFast",
-    questions: Sequence[str],
-    *,
-    max_new_tokens: int = 96,
-    batch_size: int = 64,
-    soft_prompt: "torch.Tensor | None" = None,
-    progress: bool = False,
-) -> list[str]:
-    """Greedy rationales for ``questions`` (decoded, special tokens dropped), stopping at
-    ``<eos>``.
+#: how the reasoner is evaluated: greedy, up to 96 new tokens (rationales of 1-5 steps fit)
+EVAL_MAX_NEW_TOKENS = 96
 
-    Batched with left padding, an attention mask and position ids counted over real tokens
-    only, so each row gets exactly the tokens it would get alone. ``soft_prompt`` ([P, d_model])
-    is prepended to the embeddings before the left padding, as PEFT does
-    (``[soft][pad...][<bos> question]``, positions 0..P-1 for the soft tokens); a quick test
-    hook here, the library's soft-prompt module is the supported path.
+
+def evaluate_reasoner(model: Any, examples: Sequence[Example], *, soft_prompt: Any = None,
+                      max_new_tokens: int = EVAL_MAX_NEW_TOKENS, batch_size: int = 64,
+                      progress: bool = False) -> "AccuracyResult":
+    """Greedy accuracy of a reasoner on arithmetic ``examples``, through the library's one
+    decoding loop (:func:`dpc_lens.generation.generate` via
+    :func:`dpc_lens.prompt_tuning.evaluate_accuracy`).
+
+    ``model`` is a checkpoint directory or a model :func:`dpc_lens.load_model` returned. The
+    layout is the library's, ``[soft][<bos>] question`` (:func:`encode_example`'s prompt after
+    the soft prompt, as PEFT): there is no second soft-prompt layout. Returns the
+    :class:`~dpc_lens.prompt_tuning.AccuracyResult` (``.accuracy``, ``.correct``, ``.texts``).
     """
-    import torch
+    from ..generation import GenerationConfig
+    from ..model import load_model
+    from ..prompt_tuning import evaluate_accuracy
 
-    if max_new_tokens < 1:
-        raise InputError(f"max_new_tokens={max_new_tokens} must be >= 1")
-    device = next(model.parameters()).device
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    embed = model.get_input_embeddings()
-    out_texts: list[str] = []
-    batches = range(0, len(questions), batch_size)
-    was_training = model.training
-    model.eval()
-    try:
-        for start in _progress(batches, total=len(batches), desc="generate", enabled=progress):
-            chunk = questions[start:start + batch_size]
-            prompts = [encode_example(tokenizer, q)[0] for q in chunk]
-            width = max(len(p) for p in prompts)
-            ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-            mask = (torch.arange(width, device=device)[None, :]
-                    >= torch.tensor([width - len(p) for p in prompts], device=device)[:, None]).long()
-            with torch.no_grad():
-                embeds = embed(ids)
-                if soft_prompt is not None:
-                    sp = soft_prompt.to(device=device, dtype=embeds.dtype)
-                    if sp.ndim != 2 or sp.shape[1] != embeds.shape[-1]:
-                        raise InputError(f"soft_prompt has shape {tuple(sp.shape)}; expected "
-                                         f"[num_tokens, {embeds.shape[-1]}]")
-                    embeds = torch.cat([sp[None].expand(len(chunk), -1, -1), embeds], dim=1)
-                    mask = torch.cat([torch.ones(len(chunk), sp.shape[0], dtype=mask.dtype,
-                                                 device=device), mask], dim=1)
-                pos = (mask.cumsum(-1) - 1).clamp(min=0)
-                out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
-                            use_cache=True)
-                done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
-                generated = []
-                for _ in range(max_new_tokens):
-                    nxt = out.logits[:, -1].argmax(-1)
-                    nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-                    generated.append(nxt)
-                    done |= nxt == eos
-                    if bool(done.all()):
-                        break
-                    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                    pos = pos[:, -1:] + 1
-                    out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
-                                past_key_values=out.past_key_values, use_cache=True)
-            gen = torch.stack(generated, dim=1).tolist()
-            for row in gen:
-                if eos in row:
-                    row = row[:row.index(eos)]
-                out_texts.append(tokenizer.decode([t for t in row if t != pad],
-                                                  skip_special_tokens=True))
-    finally:
-        model.train(was_training)
-    return out_texts
-
-
-def evaluate_greedy(
-    model: "LlamaForCausalLM",
-    tokenizer: "PreTrainedTokenizerFast",
-    examples: Sequence[Example],
-    max_new_tokens: int = 96,
-    *,
-    batch_size: int = 64,
-    soft_prompt: "torch.Tensor | None" = None,
-    progress: bool = False,
-    return_correct: bool = False,
-) -> float | tuple[float, list[bool]]:
-    """Greedy accuracy on ``examples`` (answers extracted and compared by :class:`ArithTask`).
-
-    With ``return_correct=True`` also the per-example correctness list.
-    """
-    from dpc_lens.tasks.arith import ArithTask
-
-    task = ArithTask()
-    texts = generate_greedy(model, tokenizer, [e.question for e in examples],
-                            max_new_tokens=max_new_tokens, batch_size=batch_size,
-                            soft_prompt=soft_prompt, progress=progress)
-    correct = [task.is_correct(task.extract_answer(t), e.answer)
-               for t, e in zip(texts, examples)]
-    acc = sum(correct) / len(correct) if correct else 0.0
-    return (acc, correct) if return_correct else acc
+    if isinstance(model, (str, Path)):
+        model = load_model(str(model), device="cpu")
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return evaluate_accuracy(model, soft_prompt, examples, "arith", gen, add_bos=True,
+                             progress=progress)
 
 
 @dataclass(frozen=True)
@@ -477,13 +406,13 @@ def _train(cfg: TrainConfig, out: Path) -> dict[str, Any]:
     model.generation_config.do_sample = False
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    # Saved before evaluating, so a failing evaluation never costs the trained weights.
-    model.eval()
+    # Saved before evaluating, so a failing evaluation never costs the trained weights; the
+    # evaluation reloads the saved checkpoint, as every user of it does.
+    del model
     accuracy = {}
     for split in cfg.eval_splits:
-        accuracy[split] = evaluate_greedy(model, tokenizer, make_split(split, cfg.eval_n,
-                                                                       cfg.eval_seed),
-                                          progress=cfg.progress)
+        accuracy[split] = evaluate_reasoner(out, make_split(split, cfg.eval_n, cfg.eval_seed),
+                                            progress=cfg.progress).accuracy
     eval_s = time.time() - t0 - train_s
 
     import tokenizers
@@ -497,7 +426,8 @@ def _train(cfg: TrainConfig, out: Path) -> dict[str, Any]:
         "train_wall_s": round(train_s, 1),
         "eval_wall_s": round(eval_s, 1),
         "accuracy": accuracy,
-        "eval": {"n": cfg.eval_n, "seed": cfg.eval_seed, "decoding": "greedy"},
+        "eval": {"n": cfg.eval_n, "seed": cfg.eval_seed, "decoding": "greedy",
+                 "max_new_tokens": EVAL_MAX_NEW_TOKENS},
         "losses": losses,
         "text_layout": "<bos> {question} {rationale} <eos>; loss on rationale + <eos>",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
@@ -518,7 +448,7 @@ def load_reasoner(path: str | Path | None = None):
         from dpc_lens.errors import ModelError
 
         raise ModelError(f"no reasoner checkpoint at {str(p)!r} (config.json missing); train "
-                         "one with dpc_lens.reasoner.train_base_model(out_dir)")
+                         "one with dpc_lens.testbed.reasoner.train_base_model(out_dir)")
     tok = AutoTokenizer.from_pretrained(p)
     model = AutoModelForCausalLM.from_pretrained(p, attn_implementation="eager")
     model.eval()
@@ -526,11 +456,11 @@ def load_reasoner(path: str | Path | None = None):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m dpc_lens.reasoner --out DIR [--seed 0] [--steps 3000] [--mix train=0.95,...]``:
+    """``python -m dpc_lens.testbed.reasoner --out DIR [--seed 0] [--steps 3000] [--mix train=0.95,...]``:
     the training script that made the shipped checkpoint (its command line is in the log)."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m dpc_lens.reasoner",
+    parser = argparse.ArgumentParser(prog="python -m dpc_lens.testbed.reasoner",
                                      description="Train the dpc_lens arithmetic reasoner.")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=0)

@@ -1,0 +1,171 @@
+"""``dpc-lens demo``: the whole method in one offline command on the shipped test bed.
+
+The shipped artefacts live in ``dpc_lens/data/`` (see the README's "The embedded default" and
+:func:`dpc_lens.testbed.shipped_artefacts`): ``reasoner/`` (a small Llama-architecture model with
+its word-level tokenizer, trained by :mod:`dpc_lens.testbed.reasoner`), ``soft_prompt/`` (a PEFT
+prompt-tuning adapter trained by :mod:`dpc_lens.testbed.build`), ``test.jsonl`` / ``dev.jsonl``
+(the synthetic arithmetic task) and ``dpc_config.json`` (the DPC config calibrated on dev). The
+demo runs base, vanilla PT and DPC on the test set and writes per-instance JSONL, the summary
+and the config to ``out_dir``.
+
+When the artefacts are not in this install, the demo says so and runs the saliency analysis on
+a small built-in random model instead, so the command always does something real.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from . import shipped_artefacts
+
+__all__ = ["run_demo", "explain_summary", "DEMO_RANDOM_DRAWS"]
+
+
+def run_demo(out_dir: str = "runs/demo", *, limit: int | None = None, progress: bool = True,
+             plots: bool = False) -> int:
+    """Run the demo; return a process exit code."""
+    from ..runs import RunLock, check_out_dir
+    from ..validate import check_count
+
+    check_count(limit, "--limit")
+    check_out_dir(out_dir)
+    _refuse_other_runs(out_dir)
+    with RunLock(out_dir, "demo"):
+        return _run_demo_locked(out_dir, limit, progress, plots)
+
+
+#: random corruptions per question in the demo and the evidence table: the random row is their
+#: mean accuracy, reported with its spread (one seeded draw is one sample of a random variable)
+DEMO_RANDOM_DRAWS = 5
+
+_DEMO_MARK = ".dpc_lens_demo"
+_RUN_FILES = ("records.jsonl", "summary.json", "config.json", "pairs.jsonl", "calibration.json",
+              "dpc_config.json", "adapter_config.json")
+
+
+def _refuse_other_runs(out_dir: str) -> None:
+    """The demo rewrites its own output, never another command's run."""
+    if os.path.exists(os.path.join(out_dir, _DEMO_MARK)):
+        return
+    found = [f for f in _RUN_FILES if os.path.exists(os.path.join(out_dir, f))]
+    if found:
+        from ..errors import RunError
+
+        raise RunError(
+            f"--out {out_dir} holds another run ({', '.join(found)}), not a demo; the demo would "
+            "overwrite it. Choose another --out for the demo (default runs/demo), or move that "
+            "run away first."
+        )
+
+
+_ROW_MEANING = {
+    "base": "the model alone, no soft prompt",
+    "pt": "vanilla prompt tuning: the model with the trained soft prompt",
+    "dpc": "DPC: PT, but where the trigger fires the located soft token is corrupted and the "
+           "answer regenerated",
+    "always": "the located token corrupted on every question (no trigger)",
+    "random": "a random soft token corrupted on every question",
+    "oracle": "best of base / PT per question (what a perfect chooser between them reaches)",
+}
+
+
+def explain_summary(summary: dict, *, model: str, config: str) -> list[str]:
+    """The lines printed under the demo's table: what each row means, what ran, the verdict."""
+    acc = summary.get("accuracy", {})
+    out = ["", "what the rows mean:"]
+    for name, text in _ROW_MEANING.items():
+        if name in acc:
+            if name == "random" and summary.get("random_draws"):
+                rd = summary["random_draws"]
+                text += (f" (mean of {rd['n']} seeded draws per question, sd "
+                         f"{100 * rd['std']:.1f} points)")
+            out.append(f"  {name:<8} {text}")
+    if "trigger_rate" in summary:
+        out.append("  trigger rate: share of questions where DPC fired; flips: fired questions whose "
+                   "answer went wrong->right or right->wrong against PT")
+    if "ceiling" in summary:
+        out.append("  ceiling: questions right without the prompt and wrong with it (the most any "
+                   "trigger could recover)")
+    out.append(f"model: {model}")
+    out.append(f"DPC config: {config}")
+    if "dpc" in acc and "pt" in acc:
+        diff = 100 * (acc["dpc"] - acc["pt"])
+        verdict = ("DPC beat PT" if diff > 0 else "DPC tied PT" if diff == 0 else "DPC did not beat PT")
+        out.append(f"on this run: {verdict} ({100 * acc['dpc']:.1f}% vs {100 * acc['pt']:.1f}%, "
+                   f"{diff:+.1f} points over {summary.get('n', 0)} questions)")
+    return out
+
+
+def _run_demo_locked(out_dir, limit, progress, plots) -> int:
+    art = shipped_artefacts()
+    t0 = time.perf_counter()
+    if art is None:
+        print("The shipped reasoner and soft prompt are not in this install; running the saliency "
+              "analysis on a small built-in random model instead.")
+        return _saliency_fallback(out_dir)
+    from ..dpc import DPCConfig, print_summary, run_dpc
+    from ..model import load_model
+    from ..soft_prompt import SoftPrompt
+    from ..tasks import get_task, load_examples
+
+    model = load_model(art["model"])
+    soft = SoftPrompt.from_peft(art["soft_prompt"])
+    task = get_task("arith")
+    exs = load_examples(art["test"], task)
+    if limit is not None:
+        exs = exs[:limit]
+    from dataclasses import replace
+
+    has_cfg = os.path.exists(art["config"])
+    cfg = DPCConfig.load(art["config"]) if has_cfg else DPCConfig()
+    cfg = replace(cfg, random_draws=DEMO_RANDOM_DRAWS)
+    rec_path = os.path.join(out_dir, "records.jsonl")
+    with open(os.path.join(out_dir, _DEMO_MARK), "w", encoding="utf-8") as fh:
+        fh.write("written by dpc-lens demo; a later demo may overwrite this directory\n")
+    if os.path.exists(rec_path):
+        os.remove(rec_path)  # the demo always starts fresh (only ever over a previous demo)
+    _, summary = run_dpc(model, soft, exs, task, cfg, out_dir=out_dir, progress=progress)
+    summary["wall_time_s"] = time.perf_counter() - t0
+    with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as fh:
+        json.dump(summary, fh, indent=2)
+    print_summary(summary)
+    cfg_text = (f"{art['config']} (calibrated on the shipped dev set), random_draws={DEMO_RANDOM_DRAWS}"
+                if has_cfg else "built-in DPCConfig defaults (no shipped config found)")
+    for line in explain_summary(summary, model=f"{art['model']} (shipped reasoner) + soft prompt "
+                                f"{art['soft_prompt']}", config=cfg_text):
+        print(line)
+    print(f"wall time {summary['wall_time_s']:.1f} s; records: {rec_path}")
+    if plots:
+        from ..plotting import save_standard_figures
+
+        save_standard_figures(out_dir)
+    return 0
+
+
+def _saliency_fallback(out_dir: str) -> int:
+    import torch
+
+    from ..model import as_adapter
+    from ..saliency import SaliencyConfig, compute_saliency
+    from ..segments import PromptBatch
+    from ..soft_prompt import SoftPrompt
+    from ..testing import boot_tiny
+
+    model = boot_tiny("llama")
+    torch.manual_seed(0)
+    adapter = as_adapter(model)
+    soft = SoftPrompt(torch.randn(8, adapter.d_model) * 0.02)
+    tok = adapter.tokenizer
+    examples = [[("bos", [tok.bos_token_id]),
+                 ("question", "ann has 7 pens . she buys 5 more . how many pens ?"),
+                 ("rationale", "7 + 5 = 12 . the answer is 12 .")]]
+    batch = PromptBatch.from_pieces(adapter, examples, soft)
+    res = compute_saliency(model, batch, SaliencyConfig(loss_segments=("rationale",)))
+    res.save(os.path.join(out_dir, "saliency"))
+    flows = res.flows(["soft->question", "soft->rationale", "question->rationale"])
+    for name, v in flows.items():
+        print(f"{name:<22}" + " ".join(f"{x:.2e}" for x in v[:, 0].tolist()))
+    print(f"saliency written to {os.path.join(out_dir, 'saliency')}")
+    return 0
