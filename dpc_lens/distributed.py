@@ -29,7 +29,8 @@ from typing import Any
 from .errors import DataError, InputError
 from .runs import read_json, read_records, rewrite_jsonl, write_json
 
-__all__ = ["RankInfo", "rank_info", "owner_rank", "shard", "run_dpc_distributed", "merge_dpc_runs"]
+__all__ = ["RankInfo", "rank_info", "owner_rank", "shard", "run_dpc_distributed", "merge_dpc_runs",
+           "run_iap_distributed", "merge_iap_runs"]
 
 
 @dataclass(frozen=True)
@@ -177,3 +178,117 @@ def run_dpc_distributed(
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def _sum_costs(out_dir: str) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for d in _rank_dirs(out_dir):
+        path = os.path.join(d, "summary.json")
+        if os.path.exists(path):
+            for k, v in read_json(path, "a rank's summary").get("this_run", {}).items():
+                if k != "pairs":
+                    total[k] = total.get(k, 0) + v
+    return total
+
+
+def merge_iap_runs(out_dir: str | os.PathLike, examples: Sequence[Any], task: Any, pool: Any = None,
+                   config: Any = None, *, standardizer: Any = None, kv_cache_used: bool = True
+                   ) -> tuple[list[dict], dict]:
+    """Rank 0's merge of an IAP run: every rank's (question, prompt) pairs, question-major in the
+    order of ``examples`` and the pool, evaluated together as one single-process run would
+    (the standardiser, when none was given, fitted on all the pairs, not per rank); writes
+    ``pairs.jsonl``, ``questions.jsonl``, ``standardizer.json``, ``config.json`` and
+    ``summary.json`` into ``out_dir``."""
+    from pathlib import Path
+
+    from .iap.pipeline import _as_pool, _as_run_config, _pair_key, evaluate, fit_standardizer
+
+    out_dir = os.fspath(out_dir)
+    cfg, pool = _as_run_config(config), _as_pool(pool)
+    found: dict[Any, dict] = {}
+    for d in _rank_dirs(out_dir):
+        for r in read_records(os.path.join(d, "pairs.jsonl"), key=_pair_key):
+            found.setdefault(_pair_key(r), r)
+    pairs = []
+    for ex in examples:
+        for k, p in enumerate(pool):
+            r = found.get((str(ex.id), p.text))
+            if r is None:
+                raise DataError(f"{out_dir}: no rank has the pair ({ex.id!r}, {p.text!r}); resume the "
+                                "run (--resume) so every question is finished before the merge.")
+            pairs.append({**r, "prompt_index": k})
+    if standardizer is None:
+        std = fit_standardizer(pairs)
+        note = {"fitted_on": "run", "note": ("No dev split was given: the standardiser was fitted on this "
+                                             "run's own flows, so z-scores (and tau) are in-sample.")}
+    else:
+        std, note = standardizer, {"fitted_on": "dev", "note": "Standardiser fitted on a separate dev split."}
+    rows, summary = evaluate(pairs, pool, std, cfg, task)
+    summary["standardizer"] = {**note, **std.to_dict()}
+    summary["this_run"] = {**_sum_costs(out_dir), "pairs": len(pairs)}
+    summary["config"] = cfg.to_dict()
+    summary["kv_cache_used"] = kv_cache_used
+    summary["ranks"] = len(_rank_dirs(out_dir))
+    out = Path(out_dir)
+    rewrite_jsonl(out / "pairs.jsonl", pairs)
+    rewrite_jsonl(out / "questions.jsonl", rows)
+    std.save(out / "standardizer.json")
+    cfg.save(out / "config.json")
+    write_json(out / "summary.json", summary)
+    return pairs, summary
+
+
+def run_iap_distributed(
+    model: Any,
+    examples: Sequence[Any],
+    task: Any,
+    pool: Any = None,
+    config: Any = None,
+    *,
+    out_dir: str | os.PathLike,
+    standardizer: Any = None,
+    resume: bool = False,
+    progress: bool = True,
+    info: RankInfo | None = None,
+) -> tuple[list[dict], dict] | None:
+    """:func:`dpc_lens.iap.run_iap` sharded over the launcher's ranks: each rank scores the
+    (question, prompt) pairs of the questions it owns into ``OUT/rank-<r>/`` (resumable per
+    pair), rank 0 evaluates all pairs together (:func:`merge_iap_runs`). Returns the whole
+    run's ``(pairs, summary)`` on rank 0 and ``None`` elsewhere."""
+    from .iap import run_iap
+    from .model import as_adapter
+
+    info = info or rank_info()
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    created = _init(info)
+    try:
+        mine_dir = os.path.join(out_dir, f"rank-{info.rank}")
+        here = os.path.exists(os.path.join(mine_dir, "pairs.jsonl"))
+        if here and not resume:
+            raise InputError(f"{mine_dir}/pairs.jsonl already exists: pass resume=True (--resume) "
+                             "to continue that run, or choose another output directory.")
+        mine = shard(examples, info)
+        _barrier()
+        if mine:
+            run_iap(model, mine, task, pool, config, standardizer=standardizer, out_dir=mine_dir,
+                    resume=here, progress=progress and info.is_main)
+        _barrier()
+        result = None
+        if info.is_main:
+            kv = bool(_as_generation_uses_cache(config) and as_adapter(model).supports_kv_cache)
+            result = merge_iap_runs(out_dir, examples, task, pool, config, standardizer=standardizer,
+                                    kv_cache_used=kv)
+        _barrier()
+        return result
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _as_generation_uses_cache(config: Any) -> bool:
+    from .iap.pipeline import _as_run_config
+
+    return bool(_as_run_config(config).generation.use_kv_cache)

@@ -137,6 +137,67 @@ def test_a_killed_rank_resumes_with_another_number_of_ranks(tmp_path, reference)
     _check_equal(out, reference)
 
 
+IAP_SCRIPT = textwrap.dedent("""
+    import sys
+    from dpc_lens.distributed import run_iap_distributed
+    from dpc_lens.generation import GenerationConfig
+    from dpc_lens.iap import IAPRunConfig
+    from dpc_lens.model import load_model
+    from dpc_lens.tasks import get_task, load_examples
+    from dpc_lens.testbed import shipped_artefacts
+    from dpc_lens.testbed.reasoner import HARD_PROMPTS
+
+    art = shipped_artefacts()
+    task = get_task("arith")
+    exs = load_examples(art["test"], task)[:{n}]
+    cfg = IAPRunConfig(generation=GenerationConfig(max_new_tokens=24, batch_size=8))
+    run_iap_distributed(load_model(art["model"], device="cpu"), exs, task, list(HARD_PROMPTS[:3]), cfg,
+                        out_dir=sys.argv[1], progress=False)
+""").format(n=8)
+
+
+def test_iap_over_two_ranks_equals_the_single_process_run(tmp_path):
+    from dpc_lens.generation import GenerationConfig
+    from dpc_lens.iap import IAPRunConfig, run_iap
+    from dpc_lens.model import load_model
+    from dpc_lens.tasks import get_task, load_examples
+    from dpc_lens.testbed import shipped_artefacts
+    from dpc_lens.testbed.reasoner import HARD_PROMPTS
+
+    script = tmp_path / "iap_script.py"
+    script.write_text(IAP_SCRIPT)
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={_free_port()}", "--master_addr=127.0.0.1", str(script), str(out)],
+                       capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    art = shipped_artefacts()
+    task = get_task("arith")
+    exs = load_examples(art["test"], task)[:8]
+    cfg = IAPRunConfig(generation=GenerationConfig(max_new_tokens=24, batch_size=8))
+    pairs, summary = run_iap(load_model(art["model"], device="cpu"), exs, task, list(HARD_PROMPTS[:3]), cfg,
+                             out_dir=tmp_path / "single", progress=False)
+    assert (out / "rank-0" / "pairs.jsonl").exists() and (out / "rank-1" / "pairs.jsonl").exists()
+    merged = [json.loads(x) for x in (out / "pairs.jsonl").read_text().splitlines()]
+    floats = ("flows", "flow_means", "flows_per_head", "loss", "timings")  # batch-dependent rounding
+    strip = lambda r: {k: v for k, v in r.items() if k not in floats}  # noqa: E731
+    assert [strip(r) for r in merged] == [json.loads(json.dumps(strip(r))) for r in pairs]
+    for a, b in zip(merged, pairs):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        for name, v in b["flow_means"].items():
+            assert a["flow_means"][name] == pytest.approx(v, rel=1e-4, abs=1e-9)
+    got = json.loads((out / "summary.json").read_text())
+    assert got.pop("ranks") == 2
+    want = json.loads(json.dumps(summary))
+    assert got["accuracy"] == want["accuracy"] and got["cost_per_question"] == want["cost_per_question"]
+    for k in ("generations", "backward_passes", "pairs", "pairs_reused"):  # the same work, once
+        assert got["this_run"][k] == want["this_run"][k], k
+    assert got["this_run"]["saliency_passes"] >= want["this_run"]["saliency_passes"]  # batched per rank
+    for name, mean in want["standardizer"]["mean"].items():
+        assert got["standardizer"]["mean"][name] == pytest.approx(mean, rel=1e-5)
+
+
 def test_sharding_is_by_id_and_covers_every_example():
     class E:
         def __init__(self, i):
