@@ -44,7 +44,7 @@ from collections.abc import Sequence
 from typing import Any
 
 __all__ = ["BUILD", "IAP_POOL", "gym_part", "arith_part", "make_real_mixture", "probe", "probe_pt", "regime",
-           "build", "data_dir", "artefacts",
+           "build", "data_dir", "artefacts", "DEMO_LIMIT", "EVIDENCE",
            "regime_from_records"]
 
 #: everything the build depends on (seeds included); changing it changes the artefacts
@@ -70,11 +70,22 @@ BUILD: dict[str, Any] = {
     # helps); chosen on the pilot numbers in pilots.json
     "dev": {"n": 150, "seed": 1, "gym_share": 0.9},
     "test": {"n": 600, "seed": 2, "gym_share": 0.9},
-    # DPC calibration grid (kept small: every distinct located set costs a generation)
-    "calibration_grid": {"top_k": [1, 2], "shallow_layers": ["shallow"],
+    # DPC calibration grid, kept small: every distinct located set costs a generation (with
+    # top_k 1-2 and both sink modes, 448 corrupted generations for 150 dev questions, ~30 min on
+    # the shared CPU). Soft column 0 is the attention sink (the soft prompt opens the sequence),
+    # so it is excluded from the located tokens.
+    "calibration_grid": {"top_k": [1], "shallow_layers": ["shallow"],
                          "deep_layers": ["deep", [0.5, 1.0], [0.75, 1.0]],
-                         "sink": ["keep", "exclude"]},
+                         "sink": ["exclude"]},
 }
+
+#: questions ``dpc-lens demo`` runs on the real test bed unless ``--limit`` says otherwise: sized
+#: to finish in about 10 minutes on 2 CPU cores, the first conversion of the GGUF file included
+DEMO_LIMIT = 40
+
+#: where the full committed evidence on the real test bed is
+EVIDENCE = ("benchmarks/results/evidence_real.json (README: 'The real test bed'); regime numbers "
+            "in dpc_lens/data/real/regime.json")
 
 #: zero-shot chain-of-thought trigger prompts for IAP (appended after the question)
 IAP_POOL: tuple[str, ...] = (
