@@ -418,9 +418,13 @@ def build(out_dir: str | None = None, *, stages: Sequence[str] = ("pt", "splits"
                                    deep_layers=_specs(g["deep_layers"]), sink=tuple(g["sink"]))
             base_cfg = DPCConfig(template=template, add_bos=False, generation=_generation_config(),
                                  baselines=("base", "always", "random"), random_draws=3)
+            run_dir = os.path.join(d, "calibration_run")  # resumable progress, removed once saved
             cal = calibrate_dpc(model, soft, exs, get_task("arith"), base_cfg, grid, progress=progress,
-                                out_dir=os.path.join(d, "calibration_run"), resume=True)
+                                out_dir=run_dir, resume=True)
             cal.save(d)
+            import shutil
+
+            shutil.rmtree(run_dir, ignore_errors=True)
             timings["calibrate"] = round(time.perf_counter() - t0, 1)
             report["calibration"] = {k: cal.to_dict()[k] for k in (
                 "best_point", "best_accuracy", "pt_accuracy", "corruption_oracle_accuracy",
