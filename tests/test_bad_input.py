@@ -16,14 +16,6 @@ import torch
 from dpc_lens.errors import ConfigError, DataError, InputError, RunError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory):
     """A tiny Llama with the arith tokenizer (n_ctx 256), a 4-token adapter and 5 arith questions."""

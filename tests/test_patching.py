@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from dpc_lens import hook_names
-from dpc_lens.dpc.detector import DetectorConfig
 from dpc_lens.dpc import DPCConfig, run_dpc
+from dpc_lens.dpc.detector import DetectorConfig
 from dpc_lens.errors import ConfigError, InputError
 from dpc_lens.generation import GenerationConfig
 from dpc_lens.model import as_adapter
@@ -34,15 +34,6 @@ from dpc_lens.tasks.base import Example
 
 MODELS = ["tiny_llama", "tiny_gpt2", "native_model"]
 IDS = [[5, 9, 12, 30, 31, 7], [40, 8, 11]]  # two rows of different lengths (left padding)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models on shared CPUs run ~5x faster on one thread (no oversubscription)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(params=MODELS)

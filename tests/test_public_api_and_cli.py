@@ -93,7 +93,8 @@ def test_cli_calibrate_writes_a_config_dpc_accepts(arith_setup, capsys):
     root, model_dir, adapter_dir, data = arith_setup
     out = root / "cal"
     rc = main(["calibrate", "--model", str(model_dir), "--soft-prompt", str(adapter_dir), "--data", str(data),
-               "--task", "arith", "--out", str(out), "--max-new-tokens", "6", "--limit", "3", "--no-progress"])
+               "--task", "arith", "--out", str(out), "--max-new-tokens", "6", "--limit", "3",
+               "--no-progress"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "best_accuracy" in printed and "n_generations" in printed

@@ -24,14 +24,6 @@ IDS = [[5, 9, 12, 30, 31, 7], [40, 8, 11, 13]]
 CFG = SaliencyConfig(loss_segments=("r",), column_targets=("q", "r"), row_sources=("soft",))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(params=["tiny_llama", "tiny_gpt2"])
 def model(request):
     return request.getfixturevalue(request.param)

@@ -68,7 +68,8 @@ def build_testbed(data_dir: str | None = None, *, steps: int = 600, progress: bo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Build the shipped DPC test bed (soft prompt, splits, config).")
+    ap = argparse.ArgumentParser(prog="python -m dpc_lens.testbed",
+                                 description="Build the shipped DPC test bed (soft prompt, splits, config).")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--no-progress", action="store_true")

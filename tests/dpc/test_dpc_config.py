@@ -51,7 +51,8 @@ def test_random_rows_depend_on_seed_and_id_not_on_order():
 @pytest.fixture()
 def small_run(tiny_llama):
     soft = SoftPrompt(torch.randn(3, 32, generator=torch.Generator().manual_seed(0)) * 0.1)
-    exs = [Example(id=str(i), question=q, answer="7") for i, q in enumerate(["ann has 7 pens .", "bob has 3 cats ."])]
+    exs = [Example(id=str(i), question=q, answer="7")
+           for i, q in enumerate(["ann has 7 pens .", "bob has 3 cats ."])]
     cfg = DPCConfig(generation=GenerationConfig(max_new_tokens=3, stop_at_eos=False), baselines=())
     return tiny_llama, soft, exs, cfg
 

@@ -65,15 +65,6 @@ class FirstWordArith:
 TASK = FirstWordArith()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models on shared CPUs run ~5x faster on one thread (no oversubscription)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from transformers import LlamaForCausalLM

@@ -14,19 +14,10 @@ import pytest
 import torch
 
 import dpc_lens.dpc.calibration as C
+from dpc_lens.dpc import DPCConfig
 from dpc_lens.dpc.calibration import CalibrationGrid, calibrate_from_cache, needed_pairs, sweep_triggers
 from dpc_lens.dpc.detector import DetectorConfig, DetectorInputs, dynamic_trigger
-from dpc_lens.dpc import DPCConfig
 from dpc_lens.errors import ConfigError, DataError, InputError
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models on shared CPUs run ~5x faster on one thread (no oversubscription)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def t(x) -> torch.Tensor:
