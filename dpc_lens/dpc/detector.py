@@ -36,7 +36,7 @@ needs no recomputation at all (:func:`fires_at_thresholds`).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Literal, get_args
 
@@ -48,6 +48,35 @@ from dpc_lens.errors import ConfigError, InputError
 from dpc_lens.layers import LayerSpec, normalize_layer_spec, resolve_layers
 from dpc_lens.validate import is_int as _is_int
 from dpc_lens.validate import is_real as _is_real
+
+
+def _require_keys(d: Any, what: str, keys: Sequence[str]) -> None:
+    """A saved ``what`` (a ``to_dict`` JSON) has every key its ``from_dict`` reads; else a
+    :class:`~dpc_lens.errors.DataError` naming the missing ones (and a close unknown key, when a
+    typo is the likely cause) instead of a bare KeyError."""
+    import difflib
+
+    from dpc_lens.errors import DataError
+
+    if not isinstance(d, Mapping):
+        raise DataError(f"a saved {what} is a {type(d).__name__}; expected a JSON object (a dict).")
+    missing = [k for k in keys if k not in d]
+    if not missing:
+        return
+    extra = [k for k in d if k not in keys]
+    hints = [f"{e!r} (did you mean {c[0]!r}?)" for e in extra
+             if (c := difflib.get_close_matches(str(e), missing, n=1))]
+    raise DataError(f"a saved {what} has no {missing}" + (f"; it has {', '.join(hints)}" if hints else "")
+                    + f"; {what}.to_dict() writes the keys {list(keys)}.")
+
+
+_ACCUMULATION_KEYS = ("layers", "sink", "sink_scale", "column", "scores", "total", "max_share",
+                      "max_over_mean", "entropy", "normalized_entropy", "top_indices",
+                      "top_is_position0")
+_DEEP_FLOW_KEYS = ("layers", "f", "n_first", "beta_mode", "beta", "affected_indices", "n_affected",
+                   "affected_share", "defined", "note")
+_TRIGGER_KEYS = ("config", "statistic", "shallow_layers", "deep_layers", "accumulation", "deep_flow",
+                 "accumulation_value", "accumulation_present", "flow_triggered", "fired", "reason")
 
 __all__ = [
     "LayerSpec",
@@ -433,6 +462,7 @@ class AccumulationStats:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AccumulationStats:
+        _require_keys(d, "AccumulationStats", _ACCUMULATION_KEYS)
         return cls(
             layers=tuple(int(x) for x in d["layers"]),
             sink=d["sink"],
@@ -598,6 +628,7 @@ class DeepFlowStats:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DeepFlowStats:
+        _require_keys(d, "DeepFlowStats", _DEEP_FLOW_KEYS)
         f = torch.tensor(d["f"], dtype=torch.float64)
         mask = torch.zeros(f.shape[0], dtype=torch.bool)
         idx = [int(i) for i in d["affected_indices"]]
@@ -748,6 +779,7 @@ class TriggerDecision:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TriggerDecision:
+        _require_keys(d, "TriggerDecision", _TRIGGER_KEYS)
         return cls(
             config=DetectorConfig.from_dict(d["config"]),
             statistic=d["statistic"],

@@ -104,3 +104,24 @@ def test_plotting_reads_typed_records_and_their_dicts_alike():
     assert pairs.names == ("question->prompt", "question->rationale", "prompt->rationale")
     with pytest.raises(DataError, match="did you mean 'flows'"):
         P.before_after_data([{**d, "flow": {}}])
+
+
+def test_a_saved_trigger_decision_names_a_missing_or_misspelt_key():
+    """The trigger dict a record holds is read back by TriggerDecision.from_dict (plotting's
+    contingency, DPCRecord.decision): a damaged one is a DataError naming the key, not a KeyError."""
+    import torch
+
+    from dpc_lens.dpc import DetectorConfig, DetectorInputs, TriggerDecision, dynamic_trigger
+
+    g = torch.Generator().manual_seed(0)
+    cols, rows = (torch.rand(4, n, generator=g, dtype=torch.float64) for n in (3, 5))
+    inputs = DetectorInputs(cols, cols / 10, rows, rows / 10)
+    d = dynamic_trigger(inputs, DetectorConfig()).to_dict()
+    assert TriggerDecision.from_dict(d).to_dict() == d
+    bad = {**d, "resaon": d["reason"]}
+    del bad["reason"]
+    with pytest.raises(DataError, match=r"no \['reason'\]; it has 'resaon' \(did you mean 'reason'\?\)"):
+        TriggerDecision.from_dict(bad)
+    with pytest.raises(DataError, match=r"AccumulationStats has no \['scores'\]"):
+        TriggerDecision.from_dict({**d, "accumulation": {k: v for k, v in d["accumulation"].items()
+                                                          if k != "scores"}})
