@@ -3,7 +3,8 @@
 Commands:
 
 * ``paths`` — where the shipped test bed's files are (each also reachable as ``testbed``).
-* ``demo`` — the whole method on the shipped reasoner, soft prompt and test set (offline).
+* ``demo`` — the whole method on a shipped test bed: SmolLM2 + its tuned soft prompt, or the
+  0.62 M reasoner (``--testbed reasoner``); offline.
 * ``dpc`` — DPC and its baselines over a data file; resumable JSONL + summary + config.
 * ``calibrate`` — fit the trigger's knobs on a labelled dev split.
 * ``train-prompt`` — vanilla prompt tuning, saved as a PEFT adapter.
@@ -31,7 +32,8 @@ dpc-lens: Dynamic Prompt Corruption (DPC) and Instance-adaptive Prompting (IAP) 
 TransformerLens models, from the command line.
 
 Commands:
-  demo          the whole method on the shipped test bed (offline, about a minute)
+  demo          the whole method on SmolLM2 + its tuned soft prompt (offline, about 10
+                minutes; --testbed reasoner: the 0.62 M reasoner, about a minute)
   dpc           DPC and its baselines over a data file (resumable)
   calibrate     fit the DPC trigger's knobs on a labelled dev split (resumable)
   train-prompt  vanilla prompt tuning, saved as a PEFT adapter
@@ -75,8 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run base / prompt tuning / DPC on the shipped test bed",
                        formatter_class=_FORMATTER,
-                       description="Base model, vanilla prompt tuning and DPC on the shipped test bed "
-                                   "(reasoner, soft prompt, calibrated config, 600 test questions).",
+                       description="Base model, vanilla prompt tuning and DPC on a shipped test bed: "
+                                   "SmolLM2-135M-Instruct with its tuned soft prompt (default when "
+                                   "installed) or the 0.62 M reasoner (--testbed reasoner); calibrated "
+                                   "config, per-question progress.",
                        epilog=_writes("records.jsonl  one JSON record per question",
                                       "summary.json   accuracies, trigger rate, flips, random spread",
                                       "config.json    the DPC config used",
@@ -84,7 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo",
                    help="output directory; refused if it holds a run other than a demo (default: runs/demo)")
     p.add_argument("--limit", type=int, default=None,
-                   help="use only the first N test questions (default: all 600)")
+                   help="use only the first N test questions (default: 40 on the real test bed, all 600 "
+                        "on the reasoner)")
+    p.add_argument("--testbed", choices=("real", "reasoner"), default=None,
+                   help="real: SmolLM2-135M-Instruct + its tuned soft prompt (about 10 minutes on 2 CPU "
+                        "cores); reasoner: the shipped 0.62 M model (about a minute) (default: real when "
+                        "installed, else reasoner)")
     p.add_argument("--plots", action="store_true", help="also write the standard figures (default: off)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (default: shown)")
 
@@ -314,7 +323,8 @@ def _cmd_train_prompt(args) -> int:
 def _cmd_demo(args) -> int:
     from .testbed.demo import run_demo
 
-    return run_demo(out_dir=args.out, limit=args.limit, progress=not args.no_progress, plots=args.plots)
+    return run_demo(out_dir=args.out, limit=args.limit, progress=not args.no_progress, plots=args.plots,
+                    testbed=args.testbed)
 
 
 def _cmd_paths(args) -> int:

