@@ -336,8 +336,9 @@ def _cmd_paths(args) -> int:
 def _cmd_iap(args) -> int:
     from dataclasses import replace
 
-    from .iap import IAPRunConfig, PromptPool, calibrate_iap, format_summary, run_iap
-    from .runs import RunLock, check_out_dir
+    from .iap import IAPRunConfig, PromptPool, format_summary
+    from .iap.pipeline import calibrate_and_run_iap
+    from .runs import check_out_dir
 
     check_out_dir(args.out)
     cfg = IAPRunConfig.load(args.config) if args.config else IAPRunConfig()
@@ -351,17 +352,11 @@ def _cmd_iap(args) -> int:
     pool = PromptPool.from_file(args.prompts) if args.prompts else PromptPool.default()
     task, exs = _examples(args)
     dev = _examples(args, args.dev, args.dev_limit)[1] if args.dev else None
-    with RunLock(args.out, "iap"):
-        model = _load(args)
-        progress = not args.no_progress
-        std = None
-        if dev is not None:
-            fit = calibrate_iap(model, dev, task, pool, cfg, out_dir=os.path.join(args.out, "dev"),
-                                resume=args.resume, progress=progress)
-            cfg, std = fit.config, fit.standardizer
-            print(f"dev calibration: IAP-ss {fit.calibration.best_ss}  IAP-mv {fit.calibration.best_mv}")
-        _, summary = run_iap(model, exs, task, pool, cfg, standardizer=std, out_dir=args.out,
-                             resume=args.resume, progress=progress)
+    _, summary, fit = calibrate_and_run_iap(lambda: _load(args), exs, task, pool, cfg, dev=dev,
+                                            out_dir=args.out, resume=args.resume,
+                                            progress=not args.no_progress)
+    if fit is not None:
+        print(f"dev calibration: IAP-ss {fit.calibration.best_ss}  IAP-mv {fit.calibration.best_mv}")
     print(format_summary(summary))
     print(f"pairs: {os.path.join(args.out, 'pairs.jsonl')}")
     return 0

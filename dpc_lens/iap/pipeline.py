@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # pandas is imported lazily, only by to_dataframe()
     pass
 
 __all__ = [
+    "calibrate_and_run_iap",
     "IAPRunConfig",
     "encode_pair",
     "PairRecord",
@@ -810,6 +811,37 @@ def _run_iap(model, examples, task, pool, cfg, standardizer, out_dir, resume, pr
         rewrite_jsonl(out / "questions.jsonl", rows)
         write_json(out / "summary.json", summary)
     return pairs, summary
+
+
+def calibrate_and_run_iap(
+    load: Any,
+    examples: Sequence[Any],
+    task: Any,
+    pool: PromptPool | Sequence[Any] | None = None,
+    config: IAPRunConfig | IAPConfig | None = None,
+    *,
+    dev: Sequence[Any] | None = None,
+    out_dir: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+) -> tuple[list[dict[str, Any]], dict[str, Any], Any]:
+    """What ``dpc-lens iap`` does: lock ``out_dir`` for the whole run, load the model
+    (``load()``, inside the lock, so a refused run costs no model load), fit the standardiser
+    and lam/tau/m on ``dev`` when given (:func:`calibrate_iap` into ``out_dir/dev``), then
+    :func:`run_iap` on ``examples``. Returns ``(pairs, summary, dev fit or None)``."""
+    from dpc_lens.runs import RunLock, check_out_dir
+
+    out_dir = check_out_dir(out_dir)
+    cfg = _as_run_config(config)
+    with RunLock(out_dir, "iap"):
+        model = load()
+        std, fit = None, None
+        if dev is not None:
+            fit = calibrate_iap(model, dev, task, pool, cfg, out_dir=Path(out_dir) / "dev", resume=resume,
+                                progress=progress)
+            cfg, std = fit.config, fit.standardizer
+        pairs, summary = _run_iap(model, examples, task, _as_pool(pool), cfg, std, out_dir, resume, progress)
+    return pairs, summary, fit
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:
