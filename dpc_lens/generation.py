@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 import torch
@@ -86,7 +86,9 @@ class GenerationConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GenerationConfig":
-        d = dict(d)
+        from .validate import check_keys
+
+        d = dict(check_keys(d, [f.name for f in fields(cls)], "GenerationConfig"))
         d["stop_strings"] = tuple(d.get("stop_strings", ()))
         return cls(**d)
 

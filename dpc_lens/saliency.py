@@ -34,7 +34,7 @@ import json
 import os
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -131,6 +131,9 @@ class SaliencyConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "SaliencyConfig":
+        from .validate import check_keys
+
+        check_keys(d, [f.name for f in fields(cls)], "SaliencyConfig")
         kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
         return cls(**kw)
 

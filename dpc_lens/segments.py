@@ -99,6 +99,11 @@ class SegmentLayout:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "SegmentLayout":
+        from .errors import DataError
+        from .validate import check_keys
+
+        check_keys(d, ["spans", "length"], "A saved SegmentLayout", required=["spans", "length"],
+                   error=DataError)
         return cls({n: tuple(v) for n, v in d["spans"].items()}, int(d["length"]))
 
 

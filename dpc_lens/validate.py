@@ -6,13 +6,33 @@ it, what was expected, and how to fix it.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from .errors import InputError
+from .errors import ConfigError, DpcLensError, InputError
 
-__all__ = ["check_device", "check_count", "is_int", "is_real"]
+__all__ = ["check_device", "check_count", "check_keys", "is_int", "is_real"]
+
+
+def check_keys(d: Any, known: Sequence[str], what: str, *, required: Sequence[str] = (),
+               error: type[DpcLensError] = ConfigError) -> Mapping[str, Any]:
+    """``d`` if it is a mapping whose keys are all in ``known`` and hold every ``required`` one;
+    else ``error`` naming the unknown key (with a "did you mean") or the missing one."""
+    if not isinstance(d, Mapping):
+        raise error(f"{what} is a {type(d).__name__}; expected a JSON object (a dict) with keys "
+                    f"{list(known)}.")
+    for k in d:
+        if k not in known:
+            close = difflib.get_close_matches(str(k), list(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise error(f"{what} has an unknown key {k!r}{hint}; its keys are {list(known)}.")
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise error(f"{what} lacks {missing}; a complete one has {list(known)}.")
+    return d
 
 
 def is_int(x: Any) -> bool:

@@ -189,6 +189,14 @@ class DPCCalibration:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "DPCCalibration":
+        from ..errors import DataError
+        from ..validate import check_keys
+
+        needed = ["config", "best_point", "best_accuracy", "pt_accuracy", "best_trigger_rate", "n_examples",
+                  "n_no_rationale", "points", "sensitivity", "n_generations", "grid"]
+        known = needed + ["corruption_oracle_accuracy", "oracle_accuracy", "n_points", "notes", "remarks",
+                          "timings"]
+        check_keys(d, known, "A saved DPC calibration (calibration.json)", required=needed, error=DataError)
         pts = [dict(p) for p in d["points"]]
         extra = ("accuracy", "trigger_rate", "wrong_to_right", "right_to_wrong")
         return cls(
