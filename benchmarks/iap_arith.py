@@ -9,22 +9,20 @@ import time
 
 import torch
 
-torch.set_num_threads(1)
-from dpc_lens.generation import GenerationConfig  # noqa: E402
-from dpc_lens.iap import IAPRunConfig, PromptPool, calibrate_iap, format_summary, run_iap  # noqa: E402
-from dpc_lens.model import load_model  # noqa: E402
-from dpc_lens.tasks import get_task  # noqa: E402
-from dpc_lens.tasks.arith import make_split  # noqa: E402
+from dpc_lens.generation import GenerationConfig
+from dpc_lens.iap import CandidatePrompt, IAPRunConfig, PromptPool, calibrate_iap, format_summary, run_iap
+from dpc_lens.model import load_model
+from dpc_lens.tasks import get_task
+from dpc_lens.tasks.arith import make_mixture
+from dpc_lens.testbed.reasoner import HARD_PROMPTS
 
+torch.set_num_threads(1)
 ckpt, out = sys.argv[1], sys.argv[2]
 n_test, n_dev, max_new = (int(x) for x in (sys.argv[3:6] or (100, 100, 96)))
 task = get_task("arith")
 model = load_model(ckpt, device="cpu")
-from dpc_lens.testbed.reasoner import HARD_PROMPTS
-from dpc_lens.iap import CandidatePrompt
 _g = ["instructive"] * 8 + ["misleading", "irrelevant"]
 pool = PromptPool(tuple(CandidatePrompt(t, g) for t, g in zip(HARD_PROMPTS, _g)))
-from dpc_lens.tasks.arith import make_mixture
 test = make_mixture("mixed_test", n_test, seed=0)
 dev = make_mixture("mixed_dev", n_dev, seed=1)
 cfg = IAPRunConfig(generation=GenerationConfig(max_new_tokens=max_new, batch_size=32), saliency_batch_size=16)
@@ -37,8 +35,9 @@ t2 = time.time()
 print(format_summary(summary))
 cal = fit.calibration
 result = {
-    "what": "IAP on the shipped arith reasoner, the 10 hard prompts of the reasoner vocabulary (reasoner.HARD_PROMPTS); standardiser and lam/tau/m "
-            "fitted on make_mixture(mixed_dev, n, seed=1), evaluated on make_mixture(mixed_test, n, seed=0)",
+    "what": "IAP on the shipped arith reasoner, the 10 hard prompts of the reasoner vocabulary "
+            "(reasoner.HARD_PROMPTS); standardiser and lam/tau/m fitted on make_mixture(mixed_dev, n, "
+            "seed=1), evaluated on make_mixture(mixed_test, n, seed=0)",
     "checkpoint": ckpt,
     "n_test": n_test, "n_dev": n_dev, "max_new_tokens": max_new,
     "accuracy": summary["accuracy"],

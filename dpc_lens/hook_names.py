@@ -8,7 +8,7 @@ registered, so a typo fails early with the close matches instead of half-way thr
 from __future__ import annotations
 
 import difflib
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 from .errors import HookError
 

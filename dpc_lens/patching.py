@@ -17,8 +17,9 @@ Two forms, which give the same logits:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 
@@ -106,7 +107,8 @@ def replacement_rows(
     return out
 
 
-def corrupt_soft_prompt(soft: SoftPrompt, rows: Sequence[int], config: CorruptionConfig | None = None) -> SoftPrompt:
+def corrupt_soft_prompt(soft: SoftPrompt, rows: Sequence[int],
+                        config: CorruptionConfig | None = None) -> SoftPrompt:
     """A new soft prompt with ``rows`` corrupted (zeroed by default); ``soft`` is unchanged."""
     if not isinstance(soft, SoftPrompt):
         raise InputError(f"corrupt_soft_prompt expects a SoftPrompt, got {type(soft).__name__}.")
@@ -135,13 +137,14 @@ def soft_row_hooks(
     cfg = config or CorruptionConfig()
     emb = soft.embeddings if isinstance(soft, SoftPrompt) else soft
     if batch.n_soft != emb.shape[0]:
-        raise InputError(f"The batch has {batch.n_soft} soft positions but the soft prompt has {emb.shape[0]} rows.")
+        raise InputError(
+            f"The batch has {batch.n_soft} soft positions but the soft prompt has {emb.shape[0]} rows.")
     per_example = rows and isinstance(rows[0], (list, tuple))
     row_lists = list(rows) if per_example else [list(rows)] * batch.batch_size
     if len(row_lists) != batch.batch_size:
         raise InputError(f"Give one row list per example ({batch.batch_size}), got {len(row_lists)}.")
     deltas = []
-    for b, rl in enumerate(row_lists):
+    for rl in row_lists:
         new = replacement_rows(emb, rl, cfg)
         deltas.append(new - emb.detach())
     starts = [lay.spans["soft"][0] for lay in batch.layouts]

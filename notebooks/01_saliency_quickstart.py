@@ -32,8 +32,8 @@
 
 import dpc_lens
 from dpc_lens import plotting
-from dpc_lens.testbed import default_model
 from dpc_lens.tasks.arith import make_split
+from dpc_lens.testbed import default_model
 
 # $DPC_LENS_MODEL / $DPC_LENS_SOFT_PROMPT, else the shipped reasoner, else a tiny random model
 model, soft = default_model()

@@ -32,12 +32,11 @@
 # %%
 import os
 
-
 import dpc_lens
 from dpc_lens import plotting
-from dpc_lens.testbed import default_model, shipped_artefacts
 from dpc_lens.dpc import fires_at_thresholds
 from dpc_lens.tasks.arith import make_split
+from dpc_lens.testbed import default_model, shipped_artefacts
 
 # $DPC_LENS_MODEL / $DPC_LENS_SOFT_PROMPT, else the shipped reasoner, else a tiny random model
 model, soft = default_model()

@@ -28,11 +28,10 @@
 import os
 import tempfile
 
-
 import dpc_lens
 from dpc_lens import plotting
-from dpc_lens.testbed import default_model, shipped_artefacts
 from dpc_lens.tasks.arith import make_split
+from dpc_lens.testbed import default_model, shipped_artefacts
 
 N_EXAMPLES = 8
 MODEL = os.environ.get("DPC_LENS_MODEL")

@@ -31,8 +31,8 @@ from IPython.display import display
 
 import dpc_lens
 from dpc_lens import iap, plotting
-from dpc_lens.testbed import default_model
 from dpc_lens.tasks.arith import make_split
+from dpc_lens.testbed import default_model
 
 N_EXAMPLES = 4
 # $DPC_LENS_MODEL, else the shipped reasoner, else a tiny random model

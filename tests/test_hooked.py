@@ -13,7 +13,8 @@ from dpc_lens.model import hooked_transformer_class
 
 pytestmark = [
     pytest.mark.hooked,
-    pytest.mark.skipif(hooked_transformer_class() is None, reason="HookedTransformer needs transformer-lens < 4"),
+    pytest.mark.skipif(hooked_transformer_class() is None,
+                       reason="HookedTransformer needs transformer-lens < 4"),
 ]
 
 
@@ -96,8 +97,10 @@ def test_corruption_hook_equals_corrupted_prompt_and_dpc_runs(ht, tmp_path):
         def is_correct(self, pred, gold):
             return pred == gold
 
-    exs = [Example(id=str(i), question=q, answer="7") for i, q in enumerate(["ann has 7 pens .", "bob has 3 cats ."])]
-    cfg = DPCConfig(detector=DetectorConfig(R=0.0), generation=GenerationConfig(max_new_tokens=5, stop_at_eos=False),
+    questions = ["ann has 7 pens .", "bob has 3 cats ."]
+    exs = [Example(id=str(i), question=q, answer="7") for i, q in enumerate(questions)]
+    cfg = DPCConfig(detector=DetectorConfig(R=0.0),
+                    generation=GenerationConfig(max_new_tokens=5, stop_at_eos=False),
                     add_bos=False, baselines=("base",))
     before = soft.embeddings.clone()
     recs, summary = run_dpc(ht, soft, exs, Echo(), cfg, out_dir=tmp_path, progress=False)

@@ -7,8 +7,9 @@ answer out of a free-form rationale, and how to compare it with the gold answer.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 from dpc_lens.errors import InputError
 
