@@ -30,7 +30,7 @@ from .errors import DataError, InputError
 from .runs import read_json, read_records, rewrite_jsonl, write_json
 
 __all__ = ["RankInfo", "rank_info", "owner_rank", "shard", "run_dpc_distributed", "merge_dpc_runs",
-           "run_iap_distributed", "merge_iap_runs"]
+           "run_iap_distributed", "merge_iap_runs", "calibrate_dpc_distributed", "merge_dpc_calibrations"]
 
 
 @dataclass(frozen=True)
@@ -292,3 +292,94 @@ def _as_generation_uses_cache(config: Any) -> bool:
     from .iap.pipeline import _as_run_config
 
     return bool(_as_run_config(config).generation.use_kv_cache)
+
+
+def merge_dpc_calibrations(out_dir: str | os.PathLike, examples: Sequence[Any], base_config: Any = None,
+                           grid: Any = None) -> Any:
+    """Rank 0's merge of a sharded DPC calibration: every rank's cached per-example work (PT
+    correctness and detector inputs, correctness of each corrupted generation; a calibration
+    depends on an example only through these) read from ``OUT/rank-<r>/calibration_progress/``,
+    then the grid scored over all dev examples at once (:func:`calibrate_from_cache`) and saved
+    in ``out_dir`` (``calibration.json``, ``dpc_config.json``)."""
+    from .dpc.calibration import (
+        CalibrationGrid,
+        _inputs_from_json,
+        calibrate_from_cache,
+        needed_pairs,
+        sweep_triggers,
+    )
+    from .dpc.pipeline import DPCConfig
+
+    out_dir = os.fspath(out_dir)
+    cfg, grid = base_config or DPCConfig(), grid or CalibrationGrid()
+    pt: dict[Any, dict] = {}
+    cor: dict[tuple[Any, tuple[int, ...]], bool] = {}
+    for d in _rank_dirs(out_dir):
+        prog = os.path.join(d, "calibration_progress")
+        for r in read_records(os.path.join(prog, "pt.jsonl")):
+            pt.setdefault(r["id"], r)
+        for r in read_records(os.path.join(prog, "corrupted.jsonl"),
+                              key=lambda r: (r["id"], tuple(r["rows"]))):
+            cor.setdefault((r["id"], tuple(r["rows"])), bool(r["correct"]))
+    missing = [e.id for e in examples if e.id not in pt]
+    if missing:
+        raise DataError(f"{out_dir}: no rank has calibrated {missing[:5]}; resume the calibration "
+                        "(--resume) so every dev example is finished before the merge.")
+    inputs = [_inputs_from_json(pt[e.id]["inputs"]) for e in examples]
+    pt_correct = [bool(pt[e.id]["pt_correct"]) for e in examples]
+    sweep = sweep_triggers(inputs, grid, cfg.detector)
+    table = {}
+    for i, rows in needed_pairs(sweep):
+        key = (examples[i].id, tuple(rows))
+        if key not in cor:
+            raise DataError(f"{out_dir}: the corrupted generation {key} is missing from every rank.")
+        table[(i, rows)] = cor[key]
+    gens = {"pt": len(pt), "corrupted": len(cor), "total": len(pt) + len(cor)}
+    cal = calibrate_from_cache(inputs, pt_correct, table, grid, cfg, sweep=sweep, n_generations=gens)
+    cal.save(out_dir)
+    return cal
+
+
+def calibrate_dpc_distributed(
+    model: Any,
+    soft_prompt: Any,
+    examples: Sequence[Any],
+    task: Any,
+    base_config: Any = None,
+    grid: Any = None,
+    *,
+    out_dir: str | os.PathLike,
+    resume: bool = False,
+    progress: bool = True,
+    info: RankInfo | None = None,
+) -> Any:
+    """:func:`dpc_lens.dpc.calibrate_dpc` sharded over the launcher's ranks: each rank does the
+    model work for the dev examples it owns into ``OUT/rank-<r>/`` (resumable), rank 0 scores
+    the grid over all of them (:func:`merge_dpc_calibrations`). Returns the calibration on rank
+    0 and ``None`` elsewhere."""
+    from .dpc import calibrate_dpc
+
+    info = info or rank_info()
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    created = _init(info)
+    try:
+        mine_dir = os.path.join(out_dir, f"rank-{info.rank}")
+        here = os.path.exists(os.path.join(mine_dir, "calibration_progress", "pt.jsonl"))
+        if here and not resume:
+            raise InputError(f"{mine_dir} holds a calibration already: pass resume=True (--resume) to "
+                             "continue it, or choose another output directory.")
+        mine = shard(examples, info)
+        _barrier()
+        if mine:
+            calibrate_dpc(model, soft_prompt, mine, task, base_config, grid, out_dir=mine_dir,
+                          resume=here, progress=progress and info.is_main)
+        _barrier()
+        result = merge_dpc_calibrations(out_dir, examples, base_config, grid) if info.is_main else None
+        _barrier()
+        return result
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()

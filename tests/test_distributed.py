@@ -198,6 +198,61 @@ def test_iap_over_two_ranks_equals_the_single_process_run(tmp_path):
         assert got["standardizer"]["mean"][name] == pytest.approx(mean, rel=1e-5)
 
 
+CAL_SCRIPT = textwrap.dedent("""
+    import sys
+    from dataclasses import replace
+    from dpc_lens.distributed import calibrate_dpc_distributed
+    from dpc_lens.dpc import DPCConfig
+    from dpc_lens.model import load_model
+    from dpc_lens.soft_prompt import SoftPrompt
+    from dpc_lens.tasks import get_task, load_examples
+    from dpc_lens.testbed import shipped_artefacts
+
+    art = shipped_artefacts()
+    task = get_task("arith")
+    exs = load_examples(art["dev"], task)[:{n}]
+    cfg = DPCConfig.load(art["config"])
+    cfg = replace(cfg, generation=replace(cfg.generation, batch_size=4))
+    model, soft = load_model(art["model"], device="cpu"), SoftPrompt.from_peft(art["soft_prompt"])
+    calibrate_dpc_distributed(model, soft, exs, task, cfg, out_dir=sys.argv[1], progress=False)
+""").format(n=N)
+
+
+def test_calibration_over_two_ranks_equals_the_single_process_one(tmp_path):
+    from dataclasses import replace
+
+    from dpc_lens.dpc import DPCConfig, calibrate_dpc
+    from dpc_lens.model import load_model
+    from dpc_lens.soft_prompt import SoftPrompt
+    from dpc_lens.tasks import get_task, load_examples
+    from dpc_lens.testbed import shipped_artefacts
+
+    script = tmp_path / "cal_script.py"
+    script.write_text(CAL_SCRIPT)
+    out = tmp_path / "cal"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={_free_port()}", "--master_addr=127.0.0.1", str(script), str(out)],
+                       capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    art = shipped_artefacts()
+    task = get_task("arith")
+    exs = load_examples(art["dev"], task)[:N]
+    cfg = DPCConfig.load(art["config"])
+    cfg = replace(cfg, generation=replace(cfg.generation, batch_size=4))
+    model, soft = load_model(art["model"], device="cpu"), SoftPrompt.from_peft(art["soft_prompt"])
+    single = calibrate_dpc(model, soft, exs, task, cfg, out_dir=tmp_path / "single", progress=False)
+    merged = json.loads((out / "calibration.json").read_text())
+    want = single.to_dict()
+    for k in ("best_point", "best_accuracy", "pt_accuracy", "best_trigger_rate", "n_examples", "points",
+              "corruption_oracle_accuracy"):
+        assert merged[k] == json.loads(json.dumps(want[k])), k
+    for r in (0, 1):  # both ranks did model work
+        assert (out / f"rank-{r}" / "calibration_progress" / "pt.jsonl").exists()
+    assert len(merged["points"]) > 1 and 0 <= merged["best_trigger_rate"] <= 1
+    assert json.loads((out / "dpc_config.json").read_text()) == json.loads(json.dumps(single.config.to_dict()))
+
+
 def test_sharding_is_by_id_and_covers_every_example():
     class E:
         def __init__(self, i):
