@@ -250,7 +250,8 @@ def test_calibration_over_two_ranks_equals_the_single_process_one(tmp_path):
     for r in (0, 1):  # both ranks did model work
         assert (out / f"rank-{r}" / "calibration_progress" / "pt.jsonl").exists()
     assert len(merged["points"]) > 1 and 0 <= merged["best_trigger_rate"] <= 1
-    assert json.loads((out / "dpc_config.json").read_text()) == json.loads(json.dumps(single.config.to_dict()))
+    chosen = json.loads((out / "dpc_config.json").read_text())
+    assert chosen == json.loads(json.dumps(single.config.to_dict()))
 
 
 def test_sharding_is_by_id_and_covers_every_example():
