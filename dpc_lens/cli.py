@@ -22,7 +22,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .errors import DpcLensError
+from .errors import DpcLensError, InputError
 
 __all__ = ["main", "build_parser"]
 
@@ -253,6 +253,20 @@ def _dpc_config(args):
     return cfg
 
 
+def _ranks(args):
+    """This process's rank (torchrun / accelerate launch set RANK and WORLD_SIZE); with several
+    ranks and CUDA, each rank takes the GPU of its LOCAL_RANK unless --device says otherwise."""
+    from .distributed import rank_info
+
+    info = rank_info()
+    if info.world > 1 and getattr(args, "device", None) is None:
+        import torch
+
+        if torch.cuda.is_available():
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return info
+
+
 def _cmd_dpc(args) -> int:
     from .dpc import check_config_fits, print_summary, run_dpc
     from .runs import check_out_dir
@@ -263,9 +277,19 @@ def _cmd_dpc(args) -> int:
     cfg = _dpc_config(args)
     soft = SoftPrompt.from_peft(_testbed(args.soft_prompt, "soft_prompt"))
     check_config_fits(cfg, soft)
+    info = _ranks(args)
     model = _load(args)
-    _, summary = run_dpc(model, soft, exs, task, cfg, out_dir=args.out,
-                         resume=args.resume, progress=not args.no_progress)
+    if info.world > 1:  # under torchrun / accelerate launch: shard, rank 0 merges and reports
+        from .distributed import run_dpc_distributed
+
+        result = run_dpc_distributed(model, soft, exs, task, cfg, out_dir=args.out, resume=args.resume,
+                                     progress=not args.no_progress, info=info)
+        if result is None:
+            return 0
+        summary = result[1]
+    else:
+        _, summary = run_dpc(model, soft, exs, task, cfg, out_dir=args.out,
+                             resume=args.resume, progress=not args.no_progress)
     print_summary(summary)
     if args.plots:
         from .plotting import save_standard_figures
@@ -285,9 +309,18 @@ def _cmd_calibrate(args) -> int:
     cfg = _dpc_config(args)
     soft = SoftPrompt.from_peft(_testbed(args.soft_prompt, "soft_prompt"))
     check_config_fits(cfg, soft)
+    info = _ranks(args)
     model = _load(args)
-    cal = calibrate_dpc(model, soft, exs, task, cfg, progress=not args.no_progress,
-                        out_dir=args.out, resume=args.resume)
+    if info.world > 1:
+        from .distributed import calibrate_dpc_distributed
+
+        cal = calibrate_dpc_distributed(model, soft, exs, task, cfg, out_dir=args.out, resume=args.resume,
+                                        progress=not args.no_progress, info=info)
+        if cal is None:
+            return 0
+    else:
+        cal = calibrate_dpc(model, soft, exs, task, cfg, progress=not args.no_progress,
+                            out_dir=args.out, resume=args.resume)
     d = cal.to_dict()
     keep = ("best_point", "best_accuracy", "pt_accuracy", "gain", "corruption_oracle_accuracy",
             "n_generations")
@@ -352,6 +385,22 @@ def _cmd_iap(args) -> int:
     pool = PromptPool.from_file(args.prompts) if args.prompts else PromptPool.default()
     task, exs = _examples(args)
     dev = _examples(args, args.dev, args.dev_limit)[1] if args.dev else None
+    info = _ranks(args)
+    if info.world > 1:
+        if dev is not None:
+            raise InputError(
+                f"--dev under {info.world} ranks: calibrate IAP once in one process "
+                "(dpc-lens iap ... --dev), then run the test set over the ranks with --config "
+                "pointing at the calibrated config (OUT/dev/config.json).")
+        from .distributed import run_iap_distributed
+
+        result = run_iap_distributed(_load(args), exs, task, pool, cfg, out_dir=args.out, resume=args.resume,
+                                     progress=not args.no_progress, info=info)
+        if result is None:
+            return 0
+        print(format_summary(result[1]))
+        print(f"pairs: {os.path.join(args.out, 'pairs.jsonl')}")
+        return 0
     _, summary, fit = calibrate_and_run_iap(lambda: _load(args), exs, task, pool, cfg, dev=dev,
                                             out_dir=args.out, resume=args.resume,
                                             progress=not args.no_progress)

@@ -282,3 +282,25 @@ def test_rank_info_reads_the_launcher_environment(monkeypatch):
 
 
 
+
+
+def test_the_cli_shards_when_started_under_torchrun(tmp_path):
+    """`torchrun --nproc_per_node 2 -m dpc_lens dpc ...`: the same command line, sharded; rank 0
+    writes the merged records (in input order) and the summary."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={_free_port()}", "--master_addr=127.0.0.1", "-m", "dpc_lens", "dpc",
+           "--model", "testbed", "--soft-prompt", "testbed", "--data", "testbed", "--task", "arith",
+           "--limit", "8", "--out", str(out), "--no-progress"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    from dpc_lens.tasks import get_task, load_examples
+    from dpc_lens.testbed import shipped_artefacts
+
+    want = [e.id for e in load_examples(shipped_artefacts()["test"], get_task("arith"))[:8]]
+    merged = [json.loads(x)["id"] for x in (out / "records.jsonl").read_text().splitlines()]
+    assert merged == want
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ranks"] == 2 and summary["n"] == 8
+    assert (out / "rank-0" / "records.jsonl").exists() and (out / "rank-1" / "records.jsonl").exists()
