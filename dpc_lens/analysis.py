@@ -63,9 +63,14 @@ def measure_flows(
     """
     from . import saliency  # looked up at call time, so a test may count the passes
 
-    out: list[FlowMeasurement] = []
+    # length buckets: sequences of similar length share a pass (padding costs T^2 attention), the
+    # measurements come back in input order; each row's saliency is what it gets alone, to
+    # float rounding (tested: batched == one by one)
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    out: list[FlowMeasurement | None] = [None] * len(sequences)
     for s in tqdm(range(0, len(sequences), batch_size), desc=desc, disable=not progress, leave=False):
-        seqs, lays = sequences[s:s + batch_size], layouts[s:s + batch_size]
+        idx = order[s:s + batch_size]
+        seqs, lays = [sequences[i] for i in idx], [layouts[i] for i in idx]
         batch = PromptBatch.build(model, seqs, lays, soft)
         res = saliency.compute_saliency(model, batch, config)
         per_layer = res.flows(flow_names)  # name -> [layer, batch]
@@ -73,8 +78,8 @@ def measure_flows(
         if per_head_config is not None:
             hres = saliency.compute_saliency(model, batch, per_head_config)
             heads = hres.flows(flow_names)  # name -> [layer, batch, head]
-        for b in range(len(seqs)):
-            out.append(FlowMeasurement(
+        for b, i in enumerate(idx):
+            out[i] = (FlowMeasurement(
                 flows={n: [float(x) for x in v[:, b].double().cpu().tolist()] for n, v in per_layer.items()},
                 loss=float(res.loss[b]),
                 layers=tuple(res.layers),
@@ -83,4 +88,4 @@ def measure_flows(
                     n: [[float(x) for x in row] for row in v[:, b].double().cpu().tolist()]
                     for n, v in heads.items()},
             ))
-    return out
+    return out  # type: ignore[return-value]
