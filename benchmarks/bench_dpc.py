@@ -64,10 +64,17 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--testbed", choices=("reasoner", "real"), default="reasoner",
+                    help="the shipped 0.62 M reasoner (default) or SmolLM2-135M-Instruct + its soft prompt")
     args = ap.parse_args(argv)
-    art = shipped_artefacts()
+    if args.testbed == "real":
+        from dpc_lens.real_testbed import artefacts
+
+        art = artefacts()
+    else:
+        art = shipped_artefacts()
     if art is None:
-        raise SystemExit("needs the shipped reasoner, soft prompt and test set in dpc_lens/data")
+        raise SystemExit(f"the {args.testbed} test bed is not available")
     model = load_model(art["model"])
     adapter = as_adapter(model)
     soft = SoftPrompt.from_peft(art["soft_prompt"])
@@ -109,6 +116,7 @@ def main(argv=None) -> int:
                    else torch.cuda.get_device_name(adapter.device)),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                     "transformers": transformers.__version__, "torch_threads": torch.get_num_threads()},
+        "testbed": args.testbed,
         "model": {"n_layers": adapter.n_layers, "d_model": adapter.d_model, "n_heads": adapter.n_heads},
         "n_questions": len(exs), "repeats": args.repeats, "batch_size": cfg.generation.batch_size,
         "max_new_tokens": cfg.generation.max_new_tokens,
@@ -122,7 +130,8 @@ def main(argv=None) -> int:
         "meets_target": ratio <= 1 + trigger + 0.35,
     }
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"dpc_{adapter.device.type}.json")
+    suffix = "" if args.testbed == "reasoner" else "_real"
+    path = os.path.join(args.out, f"dpc_{adapter.device.type}{suffix}.json")
     with open(path, "w") as fh:
         json.dump(result, fh, indent=2)
     print(json.dumps({k: result[k] for k in ("median_seconds", "trigger_rate", "ratio_dpc_over_vanilla",

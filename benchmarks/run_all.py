@@ -73,14 +73,17 @@ def summary(device: str = "cpu") -> str:
             ratio = x["peak_extra_bytes"] / by[(shape, "plain", T)]["peak_extra_bytes"]
             lines.append(f"| P2 | normal saliency peak memory / plain ({shape}, T={T}) | {ratio:.3f} "
                          f"| <= 1.10 | {'yes' if ratio <= 1.10 else 'no'} | memory_{device}.json |")
-    dpc = _load(f"dpc_{device}.json")
-    if dpc:
+    for name in (f"dpc_{device}.json", f"dpc_{device}_real.json"):
+        dpc = _load(name)
+        if not dpc:
+            continue
         ph = dpc.get("dpc_phases_median_seconds", {})
         phases = ", ".join(f"{k} {v:.2f}s" for k, v in ph.items())
-        lines.append(f"| P3 | DPC / vanilla PT generation ({dpc['model']['n_layers']}-layer reasoner, "
+        bed = "SmolLM2" if dpc.get("testbed") == "real" else "reasoner"
+        lines.append(f"| P3 | DPC / vanilla PT generation ({dpc['model']['n_layers']}-layer {bed}, "
                      f"{dpc['n_questions']} questions, trigger rate {dpc['trigger_rate']:.3f}; {phases}) | "
                      f"{dpc['ratio_dpc_over_vanilla']:.2f} | <= {dpc['target_ratio']:.2f} | "
-                     f"{'yes' if dpc['meets_target'] else 'no'} | dpc_{device}.json |")
+                     f"{'yes' if dpc['meets_target'] else 'no'} | {name} |")
     thr = _load(f"throughput_{device}.json")
     if thr:
         for x in thr["rows"]:
