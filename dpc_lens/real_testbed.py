@@ -44,7 +44,7 @@ from collections.abc import Sequence
 from typing import Any
 
 __all__ = ["BUILD", "IAP_POOL", "gym_part", "arith_part", "make_real_mixture", "probe", "probe_pt", "regime",
-           "build", "data_dir", "artefacts", "DEMO_LIMIT", "EVIDENCE",
+           "build", "real_data_dir", "artefacts", "DEMO_LIMIT", "EVIDENCE",
            "regime_from_records"]
 
 #: everything the build depends on (seeds included); changing it changes the artefacts
@@ -234,7 +234,7 @@ def probe_pt(n: int = 60, *, out: str | None = None, progress: bool = True) -> d
     from .soft_prompt import SoftPrompt
 
     model = load_model("smollm2")
-    soft = SoftPrompt.from_peft(os.path.join(data_dir(), "soft_prompt"))
+    soft = SoftPrompt.from_peft(os.path.join(real_data_dir(), "soft_prompt"))
     cands = {f"gym +- 2 terms <={d} digit(s)": dict(BUILD["gym_config"], max_digits=d) for d in (1, 2)}
     result: dict[str, Any] = {}
     for name, cfg in cands.items():
@@ -279,7 +279,7 @@ def regime(base_correct: Sequence[bool], pt_correct: Sequence[bool],
     return out
 
 
-def data_dir() -> str:
+def real_data_dir() -> str:
     """Where the real test bed's artefacts live (``dpc_lens/data/real``)."""
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "real")
 
@@ -288,7 +288,7 @@ def artefacts(out_dir: str | None = None) -> dict[str, str] | None:
     """Paths of the real test bed (``model`` is the ``load_model`` name ``"smollm2"``), in the
     shape of :func:`dpc_lens.demo.shipped_artefacts`; None when the adapter or test split is
     missing."""
-    d = out_dir or data_dir()
+    d = out_dir or real_data_dir()
     paths = {"model": "smollm2", "soft_prompt": os.path.join(d, "soft_prompt"),
              "test": os.path.join(d, "test.jsonl"), "dev": os.path.join(d, "dev.jsonl"),
              "config": os.path.join(d, "dpc_config.json"), "task": "arith",
@@ -360,7 +360,7 @@ def build(out_dir: str | None = None, *, stages: Sequence[str] = ("pt", "splits"
     from .tasks import get_task
     from .tasks.io import write_jsonl
 
-    d = out_dir or data_dir()
+    d = out_dir or real_data_dir()
     os.makedirs(d, exist_ok=True)
     _write_json(os.path.join(d, "iap_pool.json"), list(IAP_POOL))
     regime_path = os.path.join(d, "regime.json")
@@ -440,7 +440,7 @@ def regime_from_records(records_path: str, split: str = "test", out_dir: str | N
     generating both answers a second time. Only the split's questions are counted, in order."""
     from .tasks import get_task
 
-    d = out_dir or data_dir()
+    d = out_dir or real_data_dir()
     exs = get_task("arith").load(os.path.join(d, f"{split}.jsonl"))
     recs: dict[str, dict] = {}
     with open(records_path, encoding="utf-8") as fh:

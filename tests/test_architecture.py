@@ -151,9 +151,8 @@ def test_no_module_over_the_line_limit():
 
 #: names that are a convention, not a copy: every script's entry point is ``main``
 _CONVENTIONAL = {"main"}
-#: known duplicates waiting on their owner: real_testbed.data_dir (the real test bed's folder)
-#: shares its name with dpc_lens.testbed.data_dir; real_testbed.py is being rewritten elsewhere
-_PENDING = {"data_dir": {"dpc_lens.real_testbed", "dpc_lens.testbed"}}
+#: known duplicates waiting on their owner (none left)
+_PENDING: dict[str, set[str]] = {}
 
 
 def test_no_function_defined_twice_under_one_name():

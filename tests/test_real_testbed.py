@@ -56,7 +56,7 @@ def test_iap_pool_has_the_papers_prompts():
 
 def test_shipped_artefacts_match_the_build_when_present():
     art = rt.artefacts()
-    regime = os.path.join(rt.data_dir(), "regime.json")
+    regime = os.path.join(rt.real_data_dir(), "regime.json")
     if art is None or not os.path.exists(regime):
         return  # not built in this checkout
     with open(regime, encoding="utf-8") as fh:
