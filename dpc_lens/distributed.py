@@ -107,6 +107,39 @@ def _init(info: RankInfo) -> bool:
     return True
 
 
+def _sharded(examples: Sequence[Any], out_dir: str | os.PathLike, *, resume: bool, info: RankInfo | None,
+             marker: str, run: Any, merge: Any, finished: Any = None) -> Any:
+    """The skeleton every data-parallel runner shares: join the launcher's process group,
+    refuse an existing rank directory without ``resume`` (``marker``: the file that says one
+    exists), run this rank's shard (``run(examples, rank_dir, resume_here, info)``; with
+    ``finished(out_dir)``, ids finished in any rank directory are skipped) and let rank 0
+    ``merge(out_dir)`` between barriers. Returns the merge on rank 0, ``None`` elsewhere."""
+    info = info or rank_info()
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    created = _init(info)
+    try:
+        mine_dir = os.path.join(out_dir, f"rank-{info.rank}")
+        here = os.path.exists(os.path.join(mine_dir, marker))
+        if here and not resume:
+            raise InputError(f"{mine_dir} already holds a run ({marker}): pass resume=True (--resume) to "
+                             "continue it, or choose another output directory.")
+        skip = finished(out_dir) if (resume and finished is not None) else set()
+        mine = [e for e in shard(examples, info) if e.id not in skip]
+        _barrier()  # every rank has read what is finished before any rank writes
+        if mine:
+            run(mine, mine_dir, here, info)
+        _barrier()
+        result = merge(out_dir) if info.is_main else None
+        _barrier()
+        return result
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
 def merge_dpc_runs(out_dir: str | os.PathLike, examples: Sequence[Any]) -> tuple[list[dict], dict]:
     """Rank 0's merge: every rank directory's records, one per id, in the order of
     ``examples``, into ``out_dir/records.jsonl``; their summary into ``out_dir/summary.json``."""
@@ -153,31 +186,12 @@ def run_dpc_distributed(
     """
     from .dpc import run_dpc
 
-    info = info or rank_info()
-    out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    created = _init(info)
-    try:
-        mine_dir = os.path.join(out_dir, f"rank-{info.rank}")
-        done = _finished_ids(out_dir) if resume else set()
-        if not resume and os.path.exists(os.path.join(mine_dir, "records.jsonl")):
-            raise InputError(f"{mine_dir}/records.jsonl already exists: pass resume=True (--resume) "
-                             "to continue that run, or choose another output directory.")
-        mine = [e for e in shard(examples, info) if e.id not in done]
-        here = os.path.exists(os.path.join(mine_dir, "records.jsonl"))
-        _barrier()  # every rank has read what is finished before any rank writes
-        if mine:
-            run_dpc(model, soft_prompt, mine, task, config, out_dir=mine_dir, resume=here,
-                    progress=progress and info.is_main, on_record=on_record)
-        _barrier()
-        result = merge_dpc_runs(out_dir, examples) if info.is_main else None
-        _barrier()
-        return result
-    finally:
-        if created:
-            import torch.distributed as dist
+    def run(mine, mine_dir, here, info):
+        run_dpc(model, soft_prompt, mine, task, config, out_dir=mine_dir, resume=here,
+                progress=progress and info.is_main, on_record=on_record)
 
-            dist.destroy_process_group()
+    return _sharded(examples, out_dir, resume=resume, info=info, marker="records.jsonl", run=run,
+                    merge=lambda out: merge_dpc_runs(out, examples), finished=_finished_ids)
 
 
 def _sum_costs(out_dir: str) -> dict[str, int]:
@@ -258,34 +272,15 @@ def run_iap_distributed(
     from .iap import run_iap
     from .model import as_adapter
 
-    info = info or rank_info()
-    out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    created = _init(info)
-    try:
-        mine_dir = os.path.join(out_dir, f"rank-{info.rank}")
-        here = os.path.exists(os.path.join(mine_dir, "pairs.jsonl"))
-        if here and not resume:
-            raise InputError(f"{mine_dir}/pairs.jsonl already exists: pass resume=True (--resume) "
-                             "to continue that run, or choose another output directory.")
-        mine = shard(examples, info)
-        _barrier()
-        if mine:
-            run_iap(model, mine, task, pool, config, standardizer=standardizer, out_dir=mine_dir,
-                    resume=here, progress=progress and info.is_main)
-        _barrier()
-        result = None
-        if info.is_main:
-            kv = bool(_as_generation_uses_cache(config) and as_adapter(model).supports_kv_cache)
-            result = merge_iap_runs(out_dir, examples, task, pool, config, standardizer=standardizer,
-                                    kv_cache_used=kv)
-        _barrier()
-        return result
-    finally:
-        if created:
-            import torch.distributed as dist
+    def run(mine, mine_dir, here, info):
+        run_iap(model, mine, task, pool, config, standardizer=standardizer, out_dir=mine_dir,
+                resume=here, progress=progress and info.is_main)
 
-            dist.destroy_process_group()
+    def merge(out):
+        kv = bool(_as_generation_uses_cache(config) and as_adapter(model).supports_kv_cache)
+        return merge_iap_runs(out, examples, task, pool, config, standardizer=standardizer, kv_cache_used=kv)
+
+    return _sharded(examples, out_dir, resume=resume, info=info, marker="pairs.jsonl", run=run, merge=merge)
 
 
 def _as_generation_uses_cache(config: Any) -> bool:
@@ -359,27 +354,10 @@ def calibrate_dpc_distributed(
     0 and ``None`` elsewhere."""
     from .dpc import calibrate_dpc
 
-    info = info or rank_info()
-    out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    created = _init(info)
-    try:
-        mine_dir = os.path.join(out_dir, f"rank-{info.rank}")
-        here = os.path.exists(os.path.join(mine_dir, "calibration_progress", "pt.jsonl"))
-        if here and not resume:
-            raise InputError(f"{mine_dir} holds a calibration already: pass resume=True (--resume) to "
-                             "continue it, or choose another output directory.")
-        mine = shard(examples, info)
-        _barrier()
-        if mine:
-            calibrate_dpc(model, soft_prompt, mine, task, base_config, grid, out_dir=mine_dir,
-                          resume=here, progress=progress and info.is_main)
-        _barrier()
-        result = merge_dpc_calibrations(out_dir, examples, base_config, grid) if info.is_main else None
-        _barrier()
-        return result
-    finally:
-        if created:
-            import torch.distributed as dist
+    def run(mine, mine_dir, here, info):
+        calibrate_dpc(model, soft_prompt, mine, task, base_config, grid, out_dir=mine_dir, resume=here,
+                      progress=progress and info.is_main)
 
-            dist.destroy_process_group()
+    return _sharded(examples, out_dir, resume=resume, info=info,
+                    marker=os.path.join("calibration_progress", "pt.jsonl"), run=run,
+                    merge=lambda out: merge_dpc_calibrations(out, examples, base_config, grid))

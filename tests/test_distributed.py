@@ -58,14 +58,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _torchrun(nproc, *target):
+    """``torchrun --nproc_per_node NPROC TARGET...`` on this machine's CPUs (gloo)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={_free_port()}", "--master_addr=127.0.0.1", *map(str, target)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
 def _launch(tmp_path, out, nproc, *, resume=False, kill_rank=-1, kill_after=0):
     script = tmp_path / "rank_script.py"
     script.write_text(SCRIPT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={_free_port()}", "--master_addr=127.0.0.1", str(script), str(out),
-           "1" if resume else "0", str(kill_rank), str(kill_after)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return _torchrun(nproc, script, out, "1" if resume else "0", kill_rank, kill_after)
 
 
 def _comparable(r):
@@ -167,10 +171,7 @@ def test_iap_over_two_ranks_equals_the_single_process_run(tmp_path):
     script = tmp_path / "iap_script.py"
     script.write_text(IAP_SCRIPT)
     out = tmp_path / "run"
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                        f"--master_port={_free_port()}", "--master_addr=127.0.0.1", str(script), str(out)],
-                       capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = _torchrun(2, script, out)
     assert p.returncode == 0, p.stderr[-3000:]
     art = shipped_artefacts()
     task = get_task("arith")
@@ -230,10 +231,7 @@ def test_calibration_over_two_ranks_equals_the_single_process_one(tmp_path):
     script = tmp_path / "cal_script.py"
     script.write_text(CAL_SCRIPT)
     out = tmp_path / "cal"
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                        f"--master_port={_free_port()}", "--master_addr=127.0.0.1", str(script), str(out)],
-                       capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = _torchrun(2, script, out)
     assert p.returncode == 0, p.stderr[-3000:]
     art = shipped_artefacts()
     task = get_task("arith")
@@ -288,12 +286,8 @@ def test_the_cli_shards_when_started_under_torchrun(tmp_path):
     """`torchrun --nproc_per_node 2 -m dpc_lens dpc ...`: the same command line, sharded; rank 0
     writes the merged records (in input order) and the summary."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={_free_port()}", "--master_addr=127.0.0.1", "-m", "dpc_lens", "dpc",
-           "--model", "testbed", "--soft-prompt", "testbed", "--data", "testbed", "--task", "arith",
-           "--limit", "8", "--out", str(out), "--no-progress"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = _torchrun(2, "-m", "dpc_lens", "dpc", "--model", "testbed", "--soft-prompt", "testbed",
+                  "--data", "testbed", "--task", "arith", "--limit", "8", "--out", out, "--no-progress")
     assert p.returncode == 0, p.stderr[-3000:]
     from dpc_lens.tasks import get_task, load_examples
     from dpc_lens.testbed import shipped_artefacts
