@@ -358,7 +358,8 @@ class ModelAdapter:
         """Within the block, a bridge whose TransformerLens components add nothing to decoding
         runs the Hugging Face modules they wrap directly (yields whether it does).
 
-        Taken only when no hook is registered on the model (hooks would be bypassed) and when a
+        Taken only when no hook is registered on the model's hook points (they would be
+        bypassed; a raw torch hook put on a bridge component by hand is bypassed too) and when a
         behaviour probe, once per model, found the direct path's logits *bitwise* equal to the
         bridge's (full pass, prefill and a cached step): so tokens never change, only speed
         (the bridge's per-module Python costs ~40% of a decoding step on small models; e.g.
