@@ -22,6 +22,7 @@ import contextlib
 import functools
 import inspect
 import os
+import warnings
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -80,6 +81,16 @@ _KV_PROBES: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
 _SWAPS: "weakref.WeakKeyDictionary[Any, list]" = weakref.WeakKeyDictionary()
 _DIRECT_EXACT: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
 _DIRECT: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()  # in a session now
+
+
+@contextlib.contextmanager
+def _quiet_cache_rename() -> Iterator[None]:
+    """TransformerLens 4.3's bridge hands transformers >= 5.24 the KV cache under its deprecated
+    name ``past_key_values``; that FutureWarning is about TL's call, not the user's, so it is not
+    printed on every decoding run (every other warning still is)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
+        yield
 
 
 def _attention_bridges(model: Any) -> list[Any]:
@@ -281,7 +292,8 @@ class ModelAdapter:
             kwargs["position_ids"] = position_ids
         if _DIRECT.get(self.model):
             return self._hf_direct(input_ids=tokens.to(self.device), **kwargs)
-        return self.model(tokens.to(self.device), return_type="logits_and_cache", **kwargs)
+        with _quiet_cache_rename():
+            return self.model(tokens.to(self.device), return_type="logits_and_cache", **kwargs)
 
     def prefill(
         self,
@@ -295,7 +307,8 @@ class ModelAdapter:
             kwargs["position_ids"] = position_ids
         if _DIRECT.get(self.model):
             return self._hf_direct(inputs_embeds=embeds, **kwargs)
-        return self.model(embeds, return_type="logits_and_cache", **kwargs)
+        with _quiet_cache_rename():
+            return self.model(embeds, return_type="logits_and_cache", **kwargs)
 
     def _hf_direct(self, **kwargs: Any) -> tuple[Tensor, Any]:
         """``(logits, cache)`` from the wrapped Hugging Face model itself (decoding_session)."""
