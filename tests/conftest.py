@@ -115,6 +115,35 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
+def make_arith_bed(root, *, n_questions: int = 5, init_range: float | None = None,
+                   soft_scale: float = 0.1):
+    """A tiny Llama with the arith tokenizer (n_ctx 256), a 4-token PEFT adapter and
+    ``n_questions`` arith test questions under ``root``: ``(root, model_dir, adapter, data)``.
+    The offline test bed the CLI, bad-input and run-safety tests run on."""
+    import transformers as tf
+
+    from dpc_lens.soft_prompt import SoftPrompt
+    from dpc_lens.tasks.arith import make_split
+    from dpc_lens.tasks.io import write_jsonl
+    from dpc_lens.testbed.reasoner import build_tokenizer
+
+    model_dir = root / "model"
+    tok = build_tokenizer()
+    tok.save_pretrained(model_dir)
+    extra = {} if init_range is None else {"initializer_range": init_range}
+    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, **extra)
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    adapter = root / "adapter"
+    SoftPrompt(torch.randn(4, 32, generator=torch.Generator().manual_seed(1)) * soft_scale).save_peft(adapter)
+    data = root / "test.jsonl"
+    write_jsonl(data, make_split("test", n_questions, seed=3))
+    return root, model_dir, adapter, data
+
+
 @pytest.fixture(scope="session")
 def tiny_llama():
     from dpc_lens.testing import boot_tiny

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 
 def test_import_is_light_and_every_export_resolves():
@@ -26,28 +25,9 @@ def test_import_is_light_and_every_export_resolves():
 
 @pytest.fixture(scope="module")
 def arith_setup(tmp_path_factory):
-    import transformers as tf
+    from conftest import make_arith_bed
 
-    from dpc_lens.soft_prompt import SoftPrompt
-    from dpc_lens.tasks.arith import make_split
-    from dpc_lens.tasks.io import write_jsonl
-    from dpc_lens.testbed.reasoner import build_tokenizer
-
-    root = tmp_path_factory.mktemp("cli")
-    model_dir = root / "model"
-    tok = build_tokenizer()
-    tok.save_pretrained(model_dir)
-    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    tf.LlamaForCausalLM(cfg).save_pretrained(model_dir)
-    adapter_dir = root / "adapter"
-    SoftPrompt(torch.randn(4, 32, generator=torch.Generator().manual_seed(1)) * 0.1).save_peft(adapter_dir)
-    data = root / "test.jsonl"
-    write_jsonl(data, make_split("test", 5, seed=3))
-    return root, model_dir, adapter_dir, data
+    return make_arith_bed(tmp_path_factory.mktemp("cli"))
 
 
 def test_cli_dpc_writes_records_summary_config_and_resumes(arith_setup, capsys):

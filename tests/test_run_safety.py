@@ -18,7 +18,6 @@ import sys
 import textwrap
 
 import pytest
-import torch
 
 from dpc_lens.errors import RunError
 
@@ -28,28 +27,10 @@ BATCH = 3
 
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory):
-    import transformers as tf
+    from conftest import make_arith_bed
 
-    from dpc_lens.soft_prompt import SoftPrompt
-    from dpc_lens.tasks.arith import make_split
-    from dpc_lens.tasks.io import write_jsonl
-    from dpc_lens.testbed.reasoner import build_tokenizer
-
-    root = tmp_path_factory.mktemp("safety")
-    model_dir = root / "model"
-    tok = build_tokenizer()
-    tok.save_pretrained(model_dir)
-    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id, initializer_range=0.3)
-    torch.manual_seed(0)
-    tf.LlamaForCausalLM(cfg).save_pretrained(model_dir)
-    adapter = root / "adapter"
-    SoftPrompt(torch.randn(4, 32, generator=torch.Generator().manual_seed(1)) * 0.5).save_peft(adapter)
-    data = root / "test.jsonl"
-    write_jsonl(data, make_split("test", N_QUESTIONS, seed=3))
-    return root, model_dir, adapter, data
+    return make_arith_bed(tmp_path_factory.mktemp("safety"), n_questions=N_QUESTIONS, init_range=0.3,
+                          soft_scale=0.5)
 
 
 def _argv(bed, out, *extra):
