@@ -95,8 +95,6 @@ IAP_POOL: tuple[str, ...] = (
     "Let's work this out in a step by step way to be sure we have the right answer.",
     "Take a deep breath and work on this problem step-by-step.",  # Yang et al., 2023 (OPRO)
     "Let's solve this problem by splitting it into steps.",       # Kojima et al.'s list
-    "First, let's think about this logically.",                   # Kojima et al.'s list
-    "Let's think about this carefully.",
     "Just give the answer.",
     "Let's be concise and answer directly.",
     "Answer quickly without explaining.",
