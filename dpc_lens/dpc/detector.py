@@ -46,6 +46,7 @@ from torch import Tensor
 
 from dpc_lens.errors import ConfigError, InputError
 from dpc_lens.layers import LayerSpec, normalize_layer_spec, resolve_layers
+from dpc_lens.validate import check_keys
 from dpc_lens.validate import is_int as _is_int
 from dpc_lens.validate import is_real as _is_real
 
@@ -381,12 +382,7 @@ class DetectorConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DetectorConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown DetectorConfig fields {unknown}; known fields: {sorted(known)}."
-            )
+        check_keys(d, [f.name for f in fields(cls)], "DetectorConfig")
         return cls(**d)
 
 

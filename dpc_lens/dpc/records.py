@@ -9,7 +9,6 @@ unknown or misspelt key instead of failing later on a missing one.
 
 from __future__ import annotations
 
-import difflib
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -17,18 +16,13 @@ from typing import Any
 
 from ..errors import DataError
 from ..runs import read_records
+from ..validate import check_keys
 
 __all__ = ["AnswerRecord", "DPCRecord", "ANSWER_KINDS", "read_dpc_records"]
 
 
 def _unknown_keys(d: Mapping[str, Any], known: Sequence[str], what: str) -> None:
-    extra = [k for k in d if k not in known]
-    if not extra:
-        return
-    k = extra[0]
-    close = difflib.get_close_matches(str(k), known, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise DataError(f"{what} has an unknown key {k!r}{hint}; its keys are {list(known)}.")
+    check_keys(d, known, what, error=DataError)
 
 
 def _mapping(value: Any, what: str) -> Mapping[str, Any]:

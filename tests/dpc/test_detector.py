@@ -523,8 +523,10 @@ def test_config_is_frozen_hashable_and_round_trips():
         cfg.R = 0.1  # type: ignore[misc]
     back = DetectorConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert back == cfg and back.deep_layers == (0.5, 1.0)
-    with pytest.raises(ConfigError, match=r"unknown DetectorConfig fields \['r'\]"):
+    with pytest.raises(ConfigError, match=r"DetectorConfig has an unknown key 'r'; its keys are"):
         DetectorConfig.from_dict({"r": 0.5})
+    with pytest.raises(ConfigError, match=r"unknown key 'beta_mod' \(did you mean 'beta_mode'\?\)"):
+        DetectorConfig.from_dict({"beta_mod": "fixed"})
     defaults = DetectorConfig()
     assert (defaults.statistic, defaults.R, defaults.top_k, defaults.sink) == (
         "normalized",
