@@ -54,13 +54,22 @@ def test_iap_pool_has_the_papers_prompts():
     assert "Don't think. Just feel." in rt.IAP_POOL
 
 
-def test_shipped_artefacts_match_the_build_when_present():
+def test_shipped_artefacts_match_the_build(tmp_path):
+    """The committed artefacts are what ``build`` makes from :data:`BUILD`: the recorded build
+    settings, the IAP pool, and the dev/test splits byte for byte (regenerated here from the
+    seeds, with reasoning-gym and dpc_lens's generator)."""
+    from dpc_lens.tasks.io import write_jsonl
+
     art = rt.artefacts()
-    regime = os.path.join(rt.real_data_dir(), "regime.json")
-    if art is None or not os.path.exists(regime):
-        return  # not built in this checkout
-    with open(regime, encoding="utf-8") as fh:
+    assert art is not None, "the real test bed's adapter or test split is missing from dpc_lens/data/real"
+    with open(art["regime"], encoding="utf-8") as fh:
         report = json.load(fh)
     assert report["build"] == json.loads(json.dumps(rt.BUILD))
-    with open(art["dev"], encoding="utf-8") as fh:
-        assert sum(1 for _ in fh) == rt.BUILD["dev"]["n"]
+    with open(os.path.join(rt.real_data_dir(), "iap_pool.json"), encoding="utf-8") as fh:
+        assert json.load(fh) == list(rt.IAP_POOL)
+    for split in ("dev", "test"):
+        fresh = tmp_path / f"{split}.jsonl"
+        write_jsonl(fresh, rt._split(split))
+        assert fresh.read_bytes() == open(art[split], "rb").read(), \
+            f"{split}.jsonl differs from its rebuild from BUILD's seeds"
+        assert sum(1 for _ in open(art[split], encoding="utf-8")) == rt.BUILD[split]["n"]
