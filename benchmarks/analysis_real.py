@@ -132,6 +132,12 @@ def _correct_vs_wrong(evidence_records: list[dict]) -> dict:
                    and r.get("deep_soft_to_rationale") is not None])
     bad = np.array([r["deep_soft_to_rationale"] for r in evidence_records if not r["pt"]
                     and r.get("deep_soft_to_rationale") is not None])
+    return _two_groups(ok, bad)
+
+
+def _two_groups(ok: np.ndarray, bad: np.ndarray) -> dict:
+    """Means and medians of the PT-correct and PT-wrong groups, and a bootstrap 95% interval of
+    the difference of means (each group resampled on its own, 2000 times)."""
     g = np.random.default_rng(0)
     diffs = np.sort([g.choice(bad, len(bad)).mean() - g.choice(ok, len(ok)).mean() for _ in range(2000)])
     return {"pt_correct": {"n": len(ok), "mean": float(ok.mean()), "median": float(np.median(ok))},
@@ -216,6 +222,15 @@ def cmd_report() -> dict:
             "source": f"evidence_real.json records, layers {ev['deep_soft_to_rationale_flow']['layers']}",
             **_correct_vs_wrong(ev_recs)},
     }
+    from dpc_lens.plotting.dpc import correct_wrong_data
+
+    for kind in ("raw", "proportion"):
+        d = correct_wrong_data(recs, proportions=kind == "proportion")
+        report[f"deep_soft_to_rationale_correct_vs_wrong_{kind}_100"] = {
+            "source": f"dpc_real_analysis records (n = {len(recs)}), layers {list(d['layers'])}, "
+                      + ("share of soft->rationale among the three DPC flows per layer"
+                         if kind == "proportion" else "mean saliency"),
+            **_two_groups(d["correct"], d["wrong"])}
     if os.path.exists(os.path.join(HEADS, "pairs.jsonl")):
         heads = _head_maps()
         report["iap_head_maps"] = {"source": "benchmarks/results/iap_real/heads", **heads}
@@ -236,7 +251,9 @@ def cmd_report() -> dict:
         print(f"{f}: peak layer {d['peak_layer']} (top3 {d['top3_layers']}); thirds "
               f"{d['shallow_third_mean']:.3g} / {d['middle_third_mean']:.3g} / {d['deep_third_mean']:.3g}; "
               f"layers 2-10 hold {100 * d['layers_2_10_share']:.0f}%")
-    print(json.dumps(report["deep_soft_to_rationale_correct_vs_wrong"]))
+    for k in ("deep_soft_to_rationale_correct_vs_wrong", "deep_soft_to_rationale_correct_vs_wrong_raw_100",
+              "deep_soft_to_rationale_correct_vs_wrong_proportion_100", "dpc_vs_controls"):
+        print(k, json.dumps({x: y for x, y in report[k].items() if x != "source"}))
     return report
 
 
