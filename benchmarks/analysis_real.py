@@ -150,7 +150,7 @@ def _dpc_vs_controls(evidence_records: list[dict]) -> dict:
     """Paired-bootstrap intervals of DPC against the two corruption controls on the same
     questions: corrupt the located token always, and corrupt random tokens (per question, the
     mean over the draws)."""
-    from evidence_table import paired_bootstrap
+    from dpc_lens.evaluation import paired_bootstrap
 
     dpc = [float(r["rows"]["DPC, calibrated trigger"]) for r in evidence_records]
     out = {}

@@ -41,7 +41,7 @@ from dpc_lens.dpc import (
     random_rows_for,
     resolve_layers,
 )
-from dpc_lens.evaluation import grade
+from dpc_lens.evaluation import grade, paired_bootstrap
 from dpc_lens.generation import generate
 from dpc_lens.model import as_adapter, load_model
 from dpc_lens.patching import corrupt_soft_prompt
@@ -49,16 +49,6 @@ from dpc_lens.soft_prompt import SoftPrompt
 from dpc_lens.tasks import get_task, load_examples
 from dpc_lens.testbed import shipped_artefacts
 from dpc_lens.testbed.demo import DEMO_RANDOM_DRAWS
-
-
-def paired_bootstrap(a: list[bool], b: list[bool], n: int = 2000,
-                     seed: int = 0) -> tuple[float, float, float]:
-    """Mean of ``a - b`` and its 95% percentile interval over questions resampled with replacement."""
-    x = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, len(x), (n, len(x)), generator=g)
-    means = x[idx].mean(1).sort().values
-    return float(x.mean()), float(means[int(0.025 * n)]), float(means[int(0.975 * n) - 1])
 
 
 def _artefacts(testbed: str) -> dict[str, str]:

@@ -19,10 +19,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from .errors import InputError
 from .tasks import answer_of
 from .tasks.base import Example
 
-__all__ = ["grade", "answer_record", "prompt_text", "fraction_true", "base_or_pt_oracle", "any_right_oracle"]
+__all__ = ["grade", "answer_record", "prompt_text", "fraction_true", "base_or_pt_oracle", "any_right_oracle",
+           "paired_bootstrap"]
 
 
 def grade(task: Any, text: str, example: Example) -> tuple[str | None, bool]:
@@ -57,3 +59,26 @@ def base_or_pt_oracle(records: Sequence[Mapping[str, Any]]) -> float:
 def any_right_oracle(correct: Sequence[Iterable[Any]]) -> float:
     """Share of questions with at least one right answer among their candidates."""
     return fraction_true(any(bool(x) for x in c) for c in correct)
+
+
+def paired_bootstrap(a: Sequence[Any], b: Sequence[Any], n_resamples: int = 2000,
+                     seed: int = 0) -> tuple[float, float, float]:
+    """``(mean of a - b, low, high)``: the mean paired difference of two methods' per-question
+    scores (``bool`` verdicts or numbers such as a mean over random draws) and its 95% percentile
+    interval over ``n_resamples`` resamples of the questions with replacement (the same
+    questions for both methods). Deterministic given ``seed``."""
+    import torch
+
+    if len(a) != len(b) or not len(a):
+        raise InputError(f"paired_bootstrap needs two equally long, non-empty score lists (one per "
+                         f"question, same order); got {len(a)} and {len(b)}.")
+    if n_resamples < 40:
+        raise InputError(f"paired_bootstrap: n_resamples must be >= 40 for a 95% interval, got "
+                         f"{n_resamples}.")
+    x = torch.tensor([float(v) for v in a], dtype=torch.float64) - \
+        torch.tensor([float(v) for v in b], dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(x), (n_resamples, len(x)), generator=g)
+    means = x[idx].mean(1).sort().values
+    return (float(x.mean()), float(means[int(0.025 * n_resamples)]),
+            float(means[int(0.975 * n_resamples) - 1]))

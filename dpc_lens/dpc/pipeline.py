@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from ..analysis import measure_flows
 from ..errors import ConfigError, DataError, InputError
-from ..evaluation import answer_record, base_or_pt_oracle, prompt_text
+from ..evaluation import answer_record, base_or_pt_oracle, paired_bootstrap, prompt_text
 from ..generation import Generation, GenerationConfig, encode_prompts, generate
 from ..model import as_adapter
 from ..patching import CorruptionConfig, corrupt_soft_prompt, random_rows
@@ -575,6 +575,11 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "wrong_to_right": sum(1 for r in fired if not r["pt"]["correct"] and r["dpc"]["correct"]),
         "right_to_wrong": sum(1 for r in fired if r["pt"]["correct"] and not r["dpc"]["correct"]),
     }
+    # how sure the run is: DPC - PT, paired over the same questions (seeded, so a resumed or
+    # merged run reports the same interval)
+    d, lo, hi = paired_bootstrap([r["dpc"]["correct"] for r in records],
+                                 [r["pt"]["correct"] for r in records])
+    out["dpc_minus_pt"] = {"diff": d, "ci95": [lo, hi], "method": "paired bootstrap, 2000 resamples"}
     located = [r for r in records if r.get("located_rows")]
     n_sink = sum(1 for r in located if r["located_rows"][0] == 0)
     out["sink_rate"] = (n_sink / len(located)) if located else None

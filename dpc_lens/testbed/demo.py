@@ -118,8 +118,15 @@ def explain_summary(summary: dict, *, model: str, config: str) -> list[str]:
     if "dpc" in acc and "pt" in acc:
         diff = 100 * (acc["dpc"] - acc["pt"])
         verdict = ("DPC beat PT" if diff > 0 else "DPC tied PT" if diff == 0 else "DPC did not beat PT")
+        ci = summary.get("dpc_minus_pt", {}).get("ci95")
+        sure = ""
+        if ci is not None:
+            lo, hi = 100 * ci[0], 100 * ci[1]
+            sure = (f", 95% interval [{lo:+.1f}, {hi:+.1f}]"
+                    + ("; it includes 0: no evidence either way on this many questions"
+                       if lo <= 0 <= hi else ""))
         out.append(f"on this run: {verdict} ({100 * acc['dpc']:.1f}% vs {100 * acc['pt']:.1f}%, "
-                   f"{diff:+.1f} points over {summary.get('n', 0)} questions)")
+                   f"{diff:+.1f} points over {summary.get('n', 0)} questions{sure})")
     return out
 
 

@@ -185,6 +185,10 @@ def test_summary_matches_counts_from_records(full_run):
     fired = [r for r in records if r["dpc"]["fired"]]
     located = [r for r in records if r["located_rows"]]
     assert 0 < acc["pt"] < 1 and acc["base"] > 0  # the counts below are not all zero
+    summary = dict(summary)
+    sure = summary.pop("dpc_minus_pt")  # the interval itself: tests/test_evaluation.py
+    assert sure["diff"] == pytest.approx(acc["dpc"] - acc["pt"])
+    assert sure["ci95"][0] <= sure["diff"] <= sure["ci95"][1]
     assert summary == {
         "n": n,
         "accuracy": acc,
