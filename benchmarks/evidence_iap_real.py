@@ -18,7 +18,13 @@ evaluates on test (:func:`dpc_lens.iap.run_iap` with the dev standardiser) and w
 ``benchmarks/results/evidence_iap_real.json``: every single prompt, plain majority vote,
 IAP-ss, IAP-mv (with generations and backward passes per question) and the oracle, each with
 a paired-bootstrap 95% interval of its difference against the zero-shot CoT baseline
-("Let's think step by step.") and against the single prompt that was best on dev.
+("Let's think step by step.") and against the single prompt that was best on dev, and
+``score_diagnostics``: how well each standardised flow (and the calibrated score) tells right
+answers from wrong ones (AUC pooled over pairs and within questions).
+
+The committed ``iap_real/{dev,test}/pairs.jsonl.gz`` hold every pair (rationale, per-layer
+flows, verdict); ``gunzip`` them in place and ``finish`` re-evaluates without generating
+anything (``resume`` reuses every pair; the ``parts`` directory is not committed).
 """
 
 from __future__ import annotations
@@ -75,8 +81,12 @@ def cmd_pairs(split: str, start: int, stop: int, progress: bool) -> None:
 
 def _gather(split: str) -> None:
     """Concatenate the parts' pairs of ``split`` into ``ROOT/<split>/pairs.jsonl`` (resume then
-    reuses every one of them; duplicates are dropped by the reader)."""
-    parts = sorted(d for d in os.listdir(os.path.join(ROOT, "parts")) if d.startswith(split + "-"))
+    reuses every one of them; duplicates are dropped by the reader). Without parts (a fresh
+    clone), the existing ``pairs.jsonl`` is used as it is."""
+    parts_dir = os.path.join(ROOT, "parts")
+    if not os.path.isdir(parts_dir) and os.path.exists(os.path.join(ROOT, split, "pairs.jsonl")):
+        return
+    parts = sorted(d for d in os.listdir(parts_dir) if d.startswith(split + "-"))
     dst = os.path.join(ROOT, split)
     os.makedirs(dst, exist_ok=True)
     settings = None
@@ -93,6 +103,40 @@ def _gather(split: str) -> None:
     if settings is None:
         raise SystemExit(f"no part of {split} under {ROOT}/parts: run the `pairs` command first")
     shutil.copy(os.path.join(ROOT, "parts", parts[0], "pair_settings.json"), dst)
+
+
+def _auc(pos: list[float], neg: list[float]) -> float | None:
+    """P(a score of a right answer > one of a wrong answer), ties counting half."""
+    if not pos or not neg:
+        return None
+    wins = sum((p > q) + 0.5 * (p == q) for p in pos for q in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def score_diagnostics(rows: list[dict]) -> dict:
+    """Does each standardised flow (and the calibrated scores) tell right answers from wrong
+    ones? ``pooled``: AUC over every test pair; ``within_question``: over pairs of prompts of the
+    same question with one right and one wrong answer (what a per-question choice relies on);
+    0.5 is chance."""
+    out = {}
+    keys = [("z", f) for f in rows[0]["z"]] + [("scores_ss", None), ("scores_mv", None)]
+    for key, flow in keys:
+        def vals(r, key=key, flow=flow):
+            return r["z"][flow] if flow else r[key]
+
+        pos = [v for r in rows for v, c in zip(vals(r), r["correct"]) if c and v is not None]
+        neg = [v for r in rows for v, c in zip(vals(r), r["correct"]) if not c and v is not None]
+        wins = n = 0.0
+        for r in rows:
+            vs = vals(r)
+            for i, ci in enumerate(r["correct"]):
+                for j, cj in enumerate(r["correct"]):
+                    if ci and not cj and vs[i] is not None and vs[j] is not None:
+                        wins += (vs[i] > vs[j]) + 0.5 * (vs[i] == vs[j])
+                        n += 1
+        out[flow or key] = {"pooled_auc": _auc(pos, neg),
+                            "within_question_auc": wins / n if n else None, "within_question_pairs": int(n)}
+    return out
 
 
 def cmd_finish(n_dev: int, n_test: int, progress: bool) -> dict:
@@ -141,6 +185,7 @@ def cmd_finish(n_dev: int, n_test: int, progress: bool) -> dict:
         "chosen": {"iap_ss": cal.best_ss, "iap_mv": cal.best_mv},
         "dev": {"baselines": cal.baselines, "best_single_prompt": best_dev},
         "table": table,
+        "score_diagnostics": score_diagnostics(rows),
         "mean_prompts_tried_ss": summary["mean_prompts_tried_ss"],
         "iap_ss_fallback_rate": summary["iap_ss_fallback_rate"],
         "kv_cache_used": summary["kv_cache_used"],
