@@ -105,6 +105,71 @@ def cmd_instance() -> None:
                    "shallow_layers": list(decision.shallow_layers)}, fh, indent=1)
 
 
+def cmd_flows(start: int, stop: int) -> None:
+    """Per-layer DPC flows of the PT generation for test questions ``start:stop`` (generation +
+    one saliency pass each, no corrupted regeneration), appended to
+    ``analysis_flows/<start>-<stop>.jsonl``; the PT verdict is checked against the evidence run's."""
+    from dpc_lens.dpc import DPCConfig, analyse
+    from dpc_lens.evaluation import grade
+    from dpc_lens.soft_prompt import SoftPrompt
+
+    art = artefacts()
+    task = get_task(art["task"])
+    exs = task.load(art["test"])[start:stop]
+    model = load_model(art["model"])
+    soft = SoftPrompt.from_peft(art["soft_prompt"])
+    cfg = DPCConfig.load(art["config"])
+    ev = {}
+    for line in open(os.path.join(RESULTS, "evidence_real.json.records.jsonl"), encoding="utf-8"):
+        r = json.loads(line)
+        ev[r["id"]] = r
+    out = os.path.join(RESULTS, "analysis_flows", f"{start}-{stop}.jsonl")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w", encoding="utf-8") as fh:
+        for a, e in zip(analyse(model, soft, [e.question for e in exs], cfg), exs, strict=True):
+            _, correct = grade(task, a.generation.text, e)
+            if correct != ev[e.id]["pt"]:
+                raise SystemExit(f"{e.id}: PT verdict {correct} differs from the evidence run's")
+            flows = {k: [float(x) for x in v] for k, v in a.flows.items()}
+            fh.write(json.dumps({"id": e.id, "pt_correct": correct, "flows": flows}) + "\n")
+
+
+def _flows_300() -> list[dict]:
+    """``{id, pt_correct, flows}`` of every test question with flows: the 100-question DPC run's
+    records, then the ``flows`` parts (later questions)."""
+    from dpc_lens.dpc import read_dpc_records
+
+    rows = [{"id": r.id, "pt_correct": r.pt.correct, "flows": dict(r.flows)}
+            for r in read_dpc_records(os.path.join(DPC_RUN, "records.jsonl")) if not r.skipped and r.flows]
+    d = os.path.join(RESULTS, "analysis_flows")
+    seen = {r["id"] for r in rows}
+    for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+        for line in open(os.path.join(d, name), encoding="utf-8"):
+            r = json.loads(line)
+            if r["id"] not in seen and r["flows"]:
+                rows.append(r)
+                seen.add(r["id"])
+    return rows
+
+
+def _share_correct_vs_wrong(rows: list[dict], layers: list[int]) -> dict:
+    """Share of soft->rationale among the three DPC flows per layer, averaged over ``layers``,
+    PT-correct vs PT-wrong."""
+    names = ("soft->question", "soft->rationale", "question->rationale")
+    vals = {True: [], False: []}
+    for r in rows:
+        f = np.array([r["flows"][n] for n in names], dtype=np.float64)[:, layers]
+        vals[bool(r["pt_correct"])].append(float(np.nanmean(f[1] / f.sum(0))))
+    return _two_groups(np.array(vals[True]), np.array(vals[False]))
+
+
+class _Flows:
+    """A record-like holder of per-layer flows (what :func:`_per_layer` reads)."""
+
+    def __init__(self, flows):
+        self.flows = flows
+
+
 def _per_layer(records) -> dict:
     names = ("soft->question", "soft->rationale", "question->rationale")
     rs = [r for r in records if r.flows]
@@ -231,6 +296,18 @@ def cmd_report() -> dict:
                       + ("share of soft->rationale among the three DPC flows per layer"
                          if kind == "proportion" else "mean saliency"),
             **_two_groups(d["correct"], d["wrong"])}
+    rows = _flows_300()
+    if len(rows) > len(recs):
+        layers = list(correct_wrong_data(recs, proportions=True)["layers"])
+        check = _share_correct_vs_wrong(rows[:len(recs)], layers)
+        lib = report["deep_soft_to_rationale_correct_vs_wrong_proportion_100"]
+        assert abs(check["pt_wrong"]["mean"] - lib["pt_wrong"]["mean"]) < 1e-12, "two routes disagree"
+        report[f"deep_soft_to_rationale_correct_vs_wrong_proportion_{len(rows)}"] = {
+            "source": (f"first {len(rows)} test questions (dpc_real_analysis + analysis_flows), "
+                       f"layers {layers}"),
+            **_share_correct_vs_wrong(rows, layers)}
+        report["per_layer_flows_all"] = {"source": f"first {len(rows)} test questions",
+                                         **_per_layer([_Flows(r["flows"]) for r in rows])}
     if os.path.exists(os.path.join(HEADS, "pairs.jsonl")):
         heads = _head_maps()
         report["iap_head_maps"] = {"source": "benchmarks/results/iap_real/heads", **heads}
@@ -261,6 +338,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
+    fl = sub.add_parser("flows")
+    fl.add_argument("--start", type=int, required=True)
+    fl.add_argument("--stop", type=int, required=True)
     h = sub.add_parser("heads")
     h.add_argument("--n", type=int, default=24)
     h.add_argument("--no-progress", action="store_true")
@@ -269,6 +349,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.cmd == "heads":
         cmd_heads(a.n, not a.no_progress)
+    elif a.cmd == "flows":
+        cmd_flows(a.start, a.stop)
     elif a.cmd == "instance":
         cmd_instance()
     else:
