@@ -6,6 +6,8 @@ Inputs, each made by a resumable run (one torch thread each)::
         # DPC records with per-layer flows of 100 test questions, and the standard figures
     python benchmarks/evidence_table.py --testbed real --no-variants --random-draws 3
         # 600 test questions: accumulation / deep-flow-change / deep soft->rationale per question
+    python benchmarks/analysis_real.py flows --start 100 --stop 200   # and 200..300
+        # per-layer flows of more test questions (PT generation + one saliency pass each)
     python benchmarks/analysis_real.py heads --n 24
         # IAP pairs with per-head flows for a good and a bad prompt (iap_real/heads/)
     python benchmarks/analysis_real.py instance
