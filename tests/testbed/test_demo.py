@@ -47,6 +47,10 @@ def test_demo_runs_end_to_end_on_a_reduced_set(tmp_path, capsys):
     assert summary["accuracy"]["dpc"] == sum(r["dpc"]["correct"] for r in recs) / 12
     # the shipped prompt-tuned reasoner answers at least some of them (a real model, not random)
     assert summary["accuracy"]["oracle"] > 0
+    # how sure the run is, printed with the verdict (12 questions: the interval is wide)
+    lo, hi = summary["dpc_minus_pt"]["ci95"]
+    assert f"95% interval [{100 * lo:+.1f}, {100 * hi:+.1f}]" in out
+    assert ("it includes 0" in out) == (lo <= 0 <= hi)
 
 
 def test_default_model_prefers_the_users_checkpoint(monkeypatch, tmp_path):
