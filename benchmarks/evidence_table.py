@@ -45,6 +45,7 @@ from dpc_lens.evaluation import grade, paired_bootstrap
 from dpc_lens.generation import generate
 from dpc_lens.model import as_adapter, load_model
 from dpc_lens.patching import corrupt_soft_prompt
+from dpc_lens.runs import read_records
 from dpc_lens.soft_prompt import SoftPrompt
 from dpc_lens.tasks import get_task, load_examples
 from dpc_lens.testbed import shipped_artefacts
@@ -228,15 +229,7 @@ def main(argv=None) -> int:
                 raise SystemExit(f"{rec_path} holds a run with other settings; pass --fresh to start over")
     with open(set_path, "w") as fh:
         json.dump(settings, fh, indent=2)
-    done = {}
-    if os.path.exists(rec_path):
-        with open(rec_path) as fh:
-            for line in fh:
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                done[r["id"]] = r
+    done = {r["id"]: r for r in read_records(rec_path)}  # a torn last line is redone
     n_corrupted = 0
     todo = [e for e in exs if e.id not in done]
     result = None

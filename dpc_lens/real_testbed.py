@@ -318,16 +318,9 @@ def _correctness(model: Any, soft: Any, examples: Sequence, path: str, *, progre
     """Graded answers of ``examples`` (``soft`` None: base), cached as JSONL at ``path`` and
     resumed from it (one line per finished batch of questions)."""
     from .prompt_tuning import evaluate_accuracy  # noqa: F401  (same grading as _evaluate)
+    from .runs import read_records
 
-    done: dict[str, dict] = {}
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                done[rec["id"]] = rec
+    done: dict[str, dict] = {rec["id"]: rec for rec in read_records(path)}
     todo = [e for e in examples if e.id not in done]
     chunk = 4 * BUILD["batch_size"]
     for s in range(0, len(todo), chunk):
@@ -440,14 +433,9 @@ def regime_from_records(records_path: str, split: str = "test", out_dir: str | N
 
     d = out_dir or real_data_dir()
     exs = get_task("arith").load(os.path.join(d, f"{split}.jsonl"))
-    recs: dict[str, dict] = {}
-    with open(records_path, encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            recs[r["id"]] = r
+    from .runs import read_records
+
+    recs: dict[str, dict] = {r["id"]: r for r in read_records(records_path)}
     done = [e for e in exs if e.id in recs]
     if not done:
         raise RuntimeError(f"{records_path} has no question of {split}.jsonl")
