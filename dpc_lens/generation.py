@@ -27,10 +27,10 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 import torch
-from tqdm.auto import tqdm
 
 from .errors import ConfigError, InputError
 from .model import as_adapter
+from .progress import bar
 from .segments import PromptBatch, SegmentLayout
 
 __all__ = ["GenerationConfig", "Generation", "generate", "encode_prompts"]
@@ -209,7 +209,7 @@ def generate(
     config: GenerationConfig | None = None,
     *,
     add_bos: bool = False,
-    progress: bool = True,
+    progress: bool | None = None,
     desc: str = "generate",
 ) -> list[Generation]:
     """Generate a continuation for every prompt, with the soft prompt (if any) first.
@@ -221,7 +221,8 @@ def generate(
             with one of those per prompt (same length), or None.
         config: :class:`GenerationConfig` (greedy, 64 new tokens by default).
         add_bos: prepend the tokenizer's BOS to every prompt (after the soft prompt, as PEFT).
-        progress: show a tqdm bar over batches.
+        progress: a tqdm bar over batches: ``True`` on, ``False`` off, ``None`` (default) on
+            when stderr is a terminal (:func:`dpc_lens.progress.progress_on`).
 
     Returns one :class:`Generation` per prompt, in order.
     """
@@ -249,7 +250,7 @@ def generate(
     per_row_soft = isinstance(soft_prompt, (list, tuple))
     results: list[Generation | None] = [None] * len(seqs)
     starts = range(0, len(seqs), cfg.batch_size)
-    for s in tqdm(starts, desc=desc, disable=not progress or len(seqs) <= cfg.batch_size, leave=False):
+    for s in bar(starts, progress=progress, desc=desc, disable=len(seqs) <= cfg.batch_size, leave=False):
         idx = order[s:s + cfg.batch_size]
         soft = [soft_prompt[i] for i in idx] if per_row_soft else soft_prompt
         for i, g in zip(idx, _generate_batch(adapter, [seqs[i] for i in idx], soft, cfg, gen)):

@@ -536,6 +536,7 @@ def load_model(
     device_map: str | dict[str, Any] | None = None,
     max_memory: dict[Any, Any] | None = None,
     offload_folder: str | os.PathLike | None = None,
+    progress: bool | None = None,
 ) -> Any:
     """Load a Hugging Face checkpoint (local directory or hub id) as a TransformerLens model.
 
@@ -552,6 +553,9 @@ def load_model(
     ``name_or_path`` may also be a GGUF file, a directory holding one, or ``"smollm2"`` (the
     embedded SmolLM2-135M-Instruct): converted once into a cached Hugging Face directory, see
     :mod:`dpc_lens.checkpoints`.
+
+    ``progress``: transformers' loading bars (and a GGUF conversion's) follow dpc_lens's rule
+    (:func:`dpc_lens.progress.progress_on`): ``None`` shows them only when stderr is a terminal.
 
     Raises :class:`ModelError` when the weights are neither a local directory nor reachable.
     """
@@ -572,6 +576,10 @@ def load_model(
             )
         if family != "bridge":
             raise ModelError("device_map needs family='bridge' (HookedTransformer loads onto one device).")
+        if isinstance(device_map, dict):
+            for module, where in device_map.items():
+                if where != "disk":
+                    check_device(where, name=f"device_map[{module!r}]")
     else:
         device = check_device(device)
         if device is None:
@@ -584,10 +592,13 @@ def load_model(
             raise InputError(
                 f"Unknown dtype {dtype!r}; expected one of float32, bfloat16, float16."
             ) from None
-    from .checkpoints import boot_in_memory, resolve_source
+    from .checkpoints import resolve_source
 
     # "smollm2" or a GGUF file/directory -> a converted HF directory (or an in-memory model)
-    source = resolve_source(name_or_path)
+    from .progress import hf_progress, progress_on
+
+    show = progress_on(progress)
+    source = resolve_source(name_or_path, progress=show)
     in_memory = not isinstance(source, str)
     name_or_path = name_or_path if in_memory else source
     is_local = in_memory or os.path.isdir(name_or_path)
@@ -595,36 +606,17 @@ def load_model(
         raise ModelError(f"Model directory {name_or_path!r} does not exist. Pass an existing "
                          "local directory with config.json and weights, or a hub id.")
     try:
-        if family == "hooked":
-            ht = hooked_transformer_class()
-            if ht is None:
-                raise ModelError(
-                    "HookedTransformer does not exist in TransformerLens >= 4; use family='bridge' "
-                    "or install 'transformer-lens<4'."
-                )
-            kwargs: dict[str, Any] = {"device": device}
-            if dtype is not None:
-                kwargs["dtype"] = dtype
-            model = ht.from_pretrained(name_or_path, **kwargs)
-        else:
-            from transformer_lens.model_bridge import TransformerBridge
-
-            if device_map is not None:
-                from .checkpoints import load_dispatched
-
-                hf, tok = (source if in_memory else
-                           load_dispatched(name_or_path, device_map, max_memory=max_memory,
-                                           offload_folder=offload_folder, dtype=dtype))
-                model = boot_in_memory(hf, tok)
-            else:
-                kwargs = {"device": device}
-                if dtype is not None:
-                    kwargs["dtype"] = dtype
-                model = (TransformerBridge.boot_transformers(name_or_path, **kwargs)
-                         if not in_memory else boot_in_memory(*source, **kwargs))
+        with hf_progress(show):
+            model = _boot(name_or_path, source, in_memory, family, device, dtype, device_map,
+                          max_memory, offload_folder)
     except (ModelError, InputError):
         raise
-    except (OSError, ValueError) as exc:
+    except Exception as exc:
+        refused = _refused_pickle(exc, name_or_path if is_local and not in_memory else None)
+        if refused is not None:
+            raise refused from None
+        if not isinstance(exc, (OSError, ValueError)):
+            raise
         where = "local directory" if is_local else "Hugging Face hub id"
         raise ModelError(
             f"Could not load model {name_or_path!r} as a {where}: {exc}. If the machine is "
@@ -636,3 +628,68 @@ def load_model(
         p.requires_grad_(False)
     as_adapter(model)  # validates attention support
     return model
+
+
+def _boot(name_or_path: str, source: Any, in_memory: bool, family: str, device: Any, dtype: Any,
+          device_map: Any, max_memory: Any, offload_folder: Any) -> Any:
+    """The TransformerLens model of a resolved source (the body of :func:`load_model`)."""
+    from .checkpoints import boot_in_memory
+
+    if family == "hooked":
+        ht = hooked_transformer_class()
+        if ht is None:
+            raise ModelError(
+                "HookedTransformer does not exist in TransformerLens >= 4; use family='bridge' "
+                "or install 'transformer-lens<4'."
+            )
+        kwargs: dict[str, Any] = {"device": device}
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        return ht.from_pretrained(name_or_path, **kwargs)
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if device_map is not None:
+        from .checkpoints import load_dispatched
+
+        hf, tok = (source if in_memory else
+                   load_dispatched(name_or_path, device_map, max_memory=max_memory,
+                                   offload_folder=offload_folder, dtype=dtype))
+        return boot_in_memory(hf, tok)
+    kwargs = {"device": device}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    return (TransformerBridge.boot_transformers(name_or_path, **kwargs)
+            if not in_memory else boot_in_memory(*source, **kwargs))
+
+
+def _refused_pickle(exc: BaseException, directory: str | None) -> ModelError | None:
+    """The dpc_lens error for a checkpoint whose pickle torch's safe loader refused (``None`` when
+    ``exc`` is something else). torch's own message advises switching the protection off, which
+    is the one thing not to do with a file that tries to run code; this one says the file was
+    refused and how to get safetensors weights instead."""
+    import pickle
+
+    chain, e = [], exc
+    while e is not None and len(chain) < 8:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    text = "\n".join(str(e) for e in chain)
+    if not (any(isinstance(e, pickle.UnpicklingError) for e in chain)
+            or "Weights only load failed" in text or "Unsupported global" in text):
+        return None
+    why = next((ln.strip() for ln in text.splitlines()
+                if "GLOBAL" in ln or "Unsupported global" in ln or "Unsupported operand" in ln), "")
+    why = f" (torch's safe loader: {why})" if why and "weights_only" not in why else ""
+    files = []
+    if directory is not None and os.path.isdir(directory):
+        files = sorted(f for f in os.listdir(directory) if f.endswith((".bin", ".pt", ".pth")))
+    where = (", ".join(os.path.join(directory, f) for f in files) if files
+             else (directory or "the checkpoint"))
+    return ModelError(
+        f"Refused to load {where}: the file is a pickle that holds Python objects other than "
+        f"tensors{why}, and unpickling such a file can run arbitrary code, so dpc_lens refused it "
+        "before anything in it could run. Use the model's safetensors weights instead: download "
+        "model.safetensors from where the model is published, or, if you trust the file, convert "
+        "it once to safetensors in the program that wrote it (model.save_pretrained(dir) writes "
+        "model.safetensors), then pass that directory."
+    )

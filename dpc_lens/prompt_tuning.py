@@ -491,7 +491,7 @@ def train_soft_prompt(
     *,
     dev_examples: Sequence[Any] | None = None,
     init: SoftPrompt | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     callback: Callable[[TrainRecord, SoftPrompt], bool | None] | None = None,
 ) -> PromptTuningResult:
     """Tune a soft prompt on ``examples`` with the model frozen (see the module docstring).
@@ -506,7 +506,7 @@ def train_soft_prompt(
         dev_examples: a dev split for early stopping and choosing the best prompt.
         init: start from this prompt instead of ``config.init`` (its length must equal
             ``config.n_tokens``).
-        progress: show a tqdm bar over steps.
+        progress: a tqdm bar over steps (``None``: only when stderr is a terminal).
         callback: called after every step with the step's :class:`TrainRecord` and a detached
             copy of the current prompt; returning ``True`` stops training there. An exception
             it raises propagates (the model is restored first).
@@ -516,7 +516,7 @@ def train_soft_prompt(
         ``result.soft_prompt.save_peft(dir)`` writes the adapter, ``result.save(file)`` the
         history as JSON, ``result.save_adapter(dir)`` both.
     """
-    from tqdm.auto import tqdm
+    from .progress import bar as progress_bar
 
     cfg = config or PromptTuningConfig()
     adapter = as_adapter(model)
@@ -553,8 +553,7 @@ def train_soft_prompt(
         if dev_enc:
             best_loss = _dev_loss(adapter, dev_enc, soft, cfg.dev_batch_size)
             history.append(TrainRecord(0, None, best_loss, time.perf_counter() - t0))
-        bar = tqdm(range(1, cfg.steps + 1), desc="prompt tuning", disable=not progress,
-                   leave=False)
+        bar = progress_bar(range(1, cfg.steps + 1), progress=progress, desc="prompt tuning", leave=False)
         try:
             for step in bar:
                 idx = next(batches)
@@ -579,7 +578,7 @@ def train_soft_prompt(
                         stale += 1
                 record = TrainRecord(step, train_loss, dev_loss, time.perf_counter() - t0)
                 history.append(record)
-                if progress:
+                if not bar.disable:
                     post = {"loss": f"{train_loss:.4f}"}
                     if best_loss is not None:
                         post["best_dev"] = f"{best_loss:.4f}"
@@ -655,7 +654,7 @@ def evaluate_accuracy(
     *,
     add_bos: bool = True,
     template: str = "{question}",
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> AccuracyResult:
     """Generate an answer for every example (soft prompt first, if any) and score it.
 

@@ -182,7 +182,7 @@ def _template(model: Any) -> str:
     return chat_prompt_template(as_adapter(model).tokenizer)
 
 
-def _evaluate(model: Any, soft: Any, examples: Sequence, *, progress: bool = True):
+def _evaluate(model: Any, soft: Any, examples: Sequence, *, progress: bool | None = None):
     """Accuracy of ``examples`` with ``soft`` (``None``: the base model) under the test bed's
     prompt layout: ``[soft] chat_template(question)``, no extra BOS (the template opens with
     ``<|im_start|>``, SmolLM2's BOS)."""
@@ -193,7 +193,7 @@ def _evaluate(model: Any, soft: Any, examples: Sequence, *, progress: bool = Tru
                              add_bos=False, template=_template(model), progress=progress)
 
 
-def probe(n: int = 50, *, out: str | None = None, progress: bool = True) -> dict:
+def probe(n: int = 50, *, out: str | None = None, progress: bool | None = None) -> dict:
     """Base zero-shot accuracy of each candidate part on ``n`` questions (seed 12345)."""
     from .model import load_model
 
@@ -225,7 +225,7 @@ def probe(n: int = 50, *, out: str | None = None, progress: bool = True) -> dict
     return result
 
 
-def probe_pt(n: int = 60, *, out: str | None = None, progress: bool = True) -> dict:
+def probe_pt(n: int = 60, *, out: str | None = None, progress: bool | None = None) -> dict:
     """Base and PT answers (the built adapter) of candidate gym parts on ``n`` questions each
     (seed 54321): which part, mixed with arith, puts base and PT close with flips both ways."""
     from .model import load_model
@@ -337,7 +337,7 @@ def _correctness(model: Any, soft: Any, examples: Sequence, path: str, *, progre
 
 
 def build(out_dir: str | None = None, *, stages: Sequence[str] = ("pt", "splits", "dev", "calibrate", "test"),
-          progress: bool = True) -> dict:
+          progress: bool | None = None) -> dict:
     """Run the build stages in order; each writes its artefacts into ``out_dir`` and a stage whose
     outputs exist is not redone (delete them to rebuild). Returns ``regime.json``'s content.
 

@@ -80,6 +80,11 @@ class SoftPrompt:
         return SoftPrompt(embeddings, dict(self.config))
 
     def to(self, device=None, dtype=None) -> "SoftPrompt":
+        """A copy on ``device`` and/or in ``dtype`` (checked: a device this machine lacks is an
+        :class:`InputError`, as in :func:`~dpc_lens.load_model`)."""
+        from .validate import check_device
+
+        check_device(device)
         return self.with_embeddings(self.embeddings.detach().to(device=device, dtype=dtype))
 
     def clone(self) -> "SoftPrompt":
@@ -132,6 +137,9 @@ class SoftPrompt:
         The ``.bin`` file is read with ``torch.load(weights_only=True)``, which refuses
         anything but tensors (no arbitrary pickle code runs).
         """
+        from .validate import check_device
+
+        check_device(device)  # before reading anything
         path = os.fspath(path)
         cfg_path = os.path.join(path, _CONFIG)
         if not os.path.isdir(path):

@@ -14,7 +14,7 @@ import torch
 
 from .errors import ConfigError, DpcLensError, InputError
 
-__all__ = ["check_device", "check_count", "check_keys", "is_int", "is_real"]
+__all__ = ["check_device", "cli_device_words", "check_count", "check_keys", "is_int", "is_real"]
 
 
 def check_keys(d: Any, known: Sequence[str], what: str, *, required: Sequence[str] = (),
@@ -45,31 +45,53 @@ def is_real(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def check_device(device: Any) -> Any:
-    """``device`` if this machine has it; else an :class:`InputError` saying what exists."""
+def check_device(device: Any, *, name: str = "device") -> Any:
+    """``device`` if this machine has it; else an :class:`InputError` saying what exists.
+
+    The one device check of dpc_lens (:func:`~dpc_lens.load_model`, ``SoftPrompt.to``,
+    ``SoftPrompt.from_peft``, the CLI's ``--device``). Messages speak Python
+    (``device='cuda'``); the CLI rewrites them to its ``--device cuda``. ``name`` is the
+    argument's name as the caller spells it.
+    """
     if device is None:
         return None
+    shown = f"{name}={device!r}" if not isinstance(device, torch.device) else f"{name}={str(device)!r}"
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise InputError(
+            f"{name}={device!r} is a {type(device).__name__}, not a device. Expected a string "
+            f"such as {name}='cpu', {name}='cuda', {name}='cuda:0' or {name}='mps' (or a "
+            "torch.device)."
+        )
     try:
         dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
+    except (RuntimeError, TypeError, ValueError):
         raise InputError(
-            f"--device {device!r} is not a device name ({exc}). Expected cpu, cuda, cuda:N or mps."
+            f"{shown} is not a device name. Expected cpu, cuda, cuda:N or mps, e.g. {name}='cpu'."
         ) from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise InputError(
-                f"--device {device} asks for CUDA but this machine has no usable CUDA GPU (torch "
-                f"{torch.__version__}, cuda build: {torch.version.cuda}). Use --device cpu, or "
-                "leave --device out to pick CUDA only when present."
+                f"{shown} asks for CUDA but this machine has no usable CUDA GPU (torch "
+                f"{torch.__version__}, cuda build: {torch.version.cuda}). Use {name}='cpu', or "
+                f"leave {name} out (None) to pick CUDA only when present."
             )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise InputError(
-                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                f"{shown}: this machine has {torch.cuda.device_count()} CUDA device(s) "
                 f"(cuda:0..cuda:{torch.cuda.device_count() - 1}). Pick one of them."
             )
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise InputError(f"--device {device}: MPS is not available here. Use --device cpu.")
+        raise InputError(f"{shown}: MPS is not available here. Use {name}='cpu'.")
     return device
+
+
+def cli_device_words(message: str) -> str:
+    """A library message rewritten for the command line: ``device='cuda:0'`` becomes
+    ``--device cuda:0`` and "leave device out (None)" becomes "leave --device out"."""
+    import re
+
+    message = re.sub(r"\bdevice=(['\"])(.*?)\1", r"--device \2", message)
+    return message.replace("leave device out (None)", "leave --device out")
 
 
 def check_count(value: Any, flag: str, *, minimum: int = 1, allow_none: bool = True) -> Any:

@@ -12,7 +12,7 @@ from pathlib import Path
 import dpc_lens
 
 ROOT = Path(dpc_lens.__file__).parent
-PURE = {"errors", "_typing", "validate", "layers", "flows", "hook_names"}
+PURE = {"errors", "_typing", "validate", "layers", "flows", "hook_names", "progress"}
 CORE = {"model", "checkpoints", "segments", "soft_prompt", "saliency", "generation", "patching",
         "runs", "evaluation", "analysis", "prompt_tuning", "tasks", "testing"}
 WINGS = {"dpc", "iap"}

@@ -215,7 +215,7 @@ def test_device_cuda_without_cuda_and_a_bad_device_name(bed, tmp_path, capsys):
 
 def test_bad_device_name_through_the_cli(bed, tmp_path, capsys):
     err = cli_error(dpc_argv(bed, tmp_path / "o", "--device", "gpu0"), capsys, InputError)
-    assert "'gpu0' is not a device name" in err and "cpu, cuda" in err
+    assert "--device gpu0 is not a device name" in err and "cpu, cuda" in err
 
 
 def test_load_model_given_a_number():

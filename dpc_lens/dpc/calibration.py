@@ -46,13 +46,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import DataError, InputError
 from ..evaluation import any_right_oracle, grade, prompt_text
 from ..generation import encode_prompts, generate
 from ..model import as_adapter
 from ..patching import corrupt_soft_prompt
+from ..progress import bar
 from ..runs import append_jsonl, read_json, repair_jsonl, resume_run, write_json
 from ..soft_prompt import SoftPrompt
 from .detector import DetectorInputs
@@ -332,7 +332,7 @@ def calibrate_dpc(
     base_config: DPCConfig | None = None,
     grid: CalibrationGrid | None = None,
     *,
-    progress: bool = True,
+    progress: bool | None = None,
     out_dir: str | os.PathLike | None = None,
     resume: bool = False,
 ) -> DPCCalibration:
@@ -439,8 +439,7 @@ def _calibrate_locked(adapter, soft_prompt, examples, ids, task, cfg, grid, prog
         else:
             todo.append(i)
     step = cfg.generation.batch_size
-    for s in tqdm(range(0, len(todo), step), desc="PT generate + saliency", disable=not progress,
-                  leave=False):
+    for s in bar(range(0, len(todo), step), progress=progress, desc="PT generate + saliency", leave=False):
         idx = todo[s:s + step]
         gens = generate(adapter, [prompts[i] for i in idx], soft_prompt, cfg.generation,
                         progress=False)
@@ -471,8 +470,7 @@ def _calibrate_locked(adapter, soft_prompt, examples, ids, task, cfg, grid, prog
     order_todo = [pr for pr in order if pr not in table]
     t0 = time.perf_counter()
     step = cfg.generation.batch_size
-    for s in tqdm(range(0, len(order_todo), step), desc="corrupted generate", disable=not progress,
-                  leave=False):
+    for s in bar(range(0, len(order_todo), step), progress=progress, desc="corrupted generate", leave=False):
         chunk = order_todo[s:s + step]
         softs = [corrupt_soft_prompt(soft_prompt, rows, cfg.corruption) for _, rows in chunk]
         gens = generate(adapter, [prompts[i] for i, _ in chunk], softs, cfg.generation,

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ..analysis import measure_flows
 from ..errors import ConfigError, DataError, InputError
@@ -39,6 +38,7 @@ from ..evaluation import answer_record, base_or_pt_oracle, paired_bootstrap, pro
 from ..generation import Generation, GenerationConfig, encode_prompts, generate
 from ..model import as_adapter
 from ..patching import CorruptionConfig, corrupt_soft_prompt, random_rows
+from ..progress import bar as progress_bar
 from ..runs import (
     append_jsonl,
     check_unique_ids,
@@ -198,7 +198,7 @@ def analyse(
     config: DPCConfig | None = None,
     *,
     generations: Sequence[Generation] | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> list[Analysis]:
     """Generate with the soft prompt (unless ``generations`` are given) and measure saliency.
 
@@ -396,7 +396,7 @@ def run_dpc(
     out_dir: str | os.PathLike | None = None,
     resume: bool = False,
     chunk_size: int | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     on_record: Callable[[dict], None] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Run DPC and its baselines over ``examples``; return ``(records, summary)``.
@@ -481,7 +481,7 @@ def _run_dpc_locked(adapter, soft_prompt, examples, ids, task, cfg, out_dir, rec
     regen_batch = cfg.generation.batch_size
     n_soft = soft_prompt.n_tokens
     new: list[dict] = []
-    bar = tqdm(total=len(todo), desc="DPC", disable=not progress)
+    bar = progress_bar(total=len(todo), progress=progress, desc="DPC")
 
     def emit(rec: dict) -> None:
         if rec_path is not None:

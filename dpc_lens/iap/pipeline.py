@@ -398,7 +398,7 @@ def score_pairs(
     chat_template: ChatTemplateMode = "auto",
     separator: str = " ",
     saliency_batch_size: int = 8,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> list[PairRecord]:
     """Generate a rationale for every (question, prompt) pair and measure its IAP flows.
 
@@ -476,7 +476,7 @@ def _collect_pairs(
     Returns the records in question-major pool order and the work done now
     (``generations``, ``backward_passes``, ``saliency_passes``, ``pairs_reused``).
     """
-    from tqdm.auto import tqdm
+    from dpc_lens.progress import bar as progress_bar
 
     examples = list(examples)
     if not examples:
@@ -511,7 +511,7 @@ def _collect_pairs(
     cost = {"generations": 0, "backward_passes": 0, "saliency_passes": 0,
             "pairs_reused": len(examples) * len(pool) - len(items)}
     step = max(cfg.generation.batch_size, cfg.saliency_batch_size)
-    bar = tqdm(total=len(items), desc=desc, disable=not progress)
+    bar = progress_bar(total=len(items), progress=progress, desc=desc)
     try:
         for s in range(0, len(items), step):
             chunk = items[s:s + step]
@@ -708,7 +708,7 @@ def calibrate_iap(
     m_grid: Sequence[int] = DEFAULT_M_GRID,
     out_dir: str | Path | None = None,
     resume: bool = False,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> IAPCalibration:
     """Fit the standardiser and calibrate lam, tau and m on labelled dev ``examples``.
 
@@ -751,7 +751,7 @@ def run_iap(
     standardizer: FlowStandardizer | None = None,
     out_dir: str | Path | None = None,
     resume: bool = False,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """IAP-ss, IAP-mv and the baselines over ``examples``; returns ``(pair records, summary)``.
 
@@ -823,7 +823,7 @@ def calibrate_and_run_iap(
     dev: Sequence[Any] | None = None,
     out_dir: str | Path,
     resume: bool = False,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any], Any]:
     """What ``dpc-lens iap`` does: lock ``out_dir`` for the whole run, load the model
     (``load()``, inside the lock, so a refused run costs no model load), fit the standardiser

@@ -29,7 +29,7 @@ __all__ = ["build_testbed", "TESTBED_GENERATION"]
 TESTBED_GENERATION = {"max_new_tokens": 64, "batch_size": 32}
 
 
-def build_testbed(data_dir: str | None = None, *, steps: int = 600, progress: bool = True,
+def build_testbed(data_dir: str | None = None, *, steps: int = 600, progress: bool | None = None,
                   n_dev: int = 300, n_test: int = 600) -> dict:
     """Train the soft prompt, write the splits and calibrate; return the measurements."""
     from ..dpc import DPCConfig, calibrate_dpc

@@ -23,7 +23,7 @@ from . import shipped_artefacts
 __all__ = ["run_demo", "explain_summary", "DEMO_RANDOM_DRAWS"]
 
 
-def run_demo(out_dir: str = "runs/demo", *, limit: int | None = None, progress: bool = True,
+def run_demo(out_dir: str = "runs/demo", *, limit: int | None = None, progress: bool | None = None,
              plots: bool = False, testbed: str | None = None) -> int:
     """Run the demo; return a process exit code.
 
