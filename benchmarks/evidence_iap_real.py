@@ -19,8 +19,10 @@ evaluates on test (:func:`dpc_lens.iap.run_iap` with the dev standardiser) and w
 IAP-ss, IAP-mv (with generations and backward passes per question) and the oracle, each with
 a paired-bootstrap 95% interval of its difference against the zero-shot CoT baseline
 ("Let's think step by step.") and against the single prompt that was best on dev, and
-``score_diagnostics``: how well each standardised flow (and the calibrated score) tells right
-answers from wrong ones (AUC pooled over pairs and within questions).
+``score_diagnostics``, ``degenerate`` and ``warnings`` as :func:`dpc_lens.iap.run_iap`'s
+summary gives them (:mod:`dpc_lens.iap.diagnostics`: within-question and pooled AUC of each
+standardised flow and of the calibrated score, with bootstrap intervals over questions; what the
+calibrated config reduces to), and the same for dev.
 
 The committed ``iap_real/{dev,test}/pairs.jsonl.gz`` hold every pair (rationale, per-layer
 flows, verdict); ``gunzip`` them in place and ``finish`` re-evaluates without generating
@@ -38,9 +40,9 @@ import time
 
 import torch
 
-from dpc_lens.evaluation import paired_bootstrap
 from dpc_lens.generation import GenerationConfig
 from dpc_lens.iap import IAPRunConfig, PromptPool, calibrate_iap, run_iap
+from dpc_lens.iap.diagnostics import paired_differences
 from dpc_lens.model import load_model
 from dpc_lens.real_testbed import BUILD, real_data_dir
 from dpc_lens.tasks import get_task
@@ -105,40 +107,6 @@ def _gather(split: str) -> None:
     shutil.copy(os.path.join(ROOT, "parts", parts[0], "pair_settings.json"), dst)
 
 
-def _auc(pos: list[float], neg: list[float]) -> float | None:
-    """P(a score of a right answer > one of a wrong answer), ties counting half."""
-    if not pos or not neg:
-        return None
-    wins = sum((p > q) + 0.5 * (p == q) for p in pos for q in neg)
-    return wins / (len(pos) * len(neg))
-
-
-def score_diagnostics(rows: list[dict]) -> dict:
-    """Does each standardised flow (and the calibrated scores) tell right answers from wrong
-    ones? ``pooled``: AUC over every test pair; ``within_question``: over pairs of prompts of the
-    same question with one right and one wrong answer (what a per-question choice relies on);
-    0.5 is chance."""
-    out = {}
-    keys = [("z", f) for f in rows[0]["z"]] + [("scores_ss", None), ("scores_mv", None)]
-    for key, flow in keys:
-        def vals(r, key=key, flow=flow):
-            return r["z"][flow] if flow else r[key]
-
-        pos = [v for r in rows for v, c in zip(vals(r), r["correct"]) if c and v is not None]
-        neg = [v for r in rows for v, c in zip(vals(r), r["correct"]) if not c and v is not None]
-        wins = n = 0.0
-        for r in rows:
-            vs = vals(r)
-            for i, ci in enumerate(r["correct"]):
-                for j, cj in enumerate(r["correct"]):
-                    if ci and not cj and vs[i] is not None and vs[j] is not None:
-                        wins += (vs[i] > vs[j]) + 0.5 * (vs[i] == vs[j])
-                        n += 1
-        out[flow or key] = {"pooled_auc": _auc(pos, neg),
-                            "within_question_auc": wins / n if n else None, "within_question_pairs": int(n)}
-    return out
-
-
 def cmd_finish(n_dev: int, n_test: int, progress: bool) -> dict:
     t0 = time.perf_counter()
     for split in ("dev", "test"):
@@ -148,28 +116,33 @@ def cmd_finish(n_dev: int, n_test: int, progress: bool) -> dict:
     model = load_model("smollm2")
     fit = calibrate_iap(model, dev, task, pool, cfg, out_dir=os.path.join(ROOT, "dev"), resume=True,
                         progress=progress)
-    _, summary = run_iap(model, test, task, pool, fit.config, standardizer=fit.standardizer,
+    _, summary = run_iap(model, test, task, pool, fit.config, calibration=fit,
                          out_dir=os.path.join(ROOT, "test"), resume=True, progress=progress)
     with open(os.path.join(ROOT, "test", "questions.jsonl"), encoding="utf-8") as fh:
         rows = [json.loads(line) for line in fh]
     texts = [p.text for p in pool]
     cal = fit.calibration
-    dev_single = list(cal.baselines["single"])  # accuracy of each prompt on dev, pool order
-    best_dev = texts[max(range(len(texts)), key=dev_single.__getitem__)]
-    per_method = {f"single: {t}": [r["correct"][k] for r in rows] for k, t in enumerate(texts)}
-    per_method["majority vote"] = [r["majority"]["correct"] for r in rows]
-    per_method["IAP-ss"] = [r["iap_ss"]["correct"] for r in rows]
-    per_method["IAP-mv"] = [r["iap_mv"]["correct"] for r in rows]
-    per_method["oracle (some prompt right)"] = [r["oracle"] for r in rows]
-    refs = {"vs_cot": per_method[f"single: {BASELINE}"],
-            "vs_best_dev_single": per_method[f"single: {best_dev}"]}
+    refs_used = summary["reference_prompts"]  # the library's: the first prompt, the best on dev
+    best_dev = refs_used["best_single"]
+    if refs_used["first"] != BASELINE or refs_used["best_single_chosen_on"] != "dev":
+        raise SystemExit(f"unexpected reference prompts {refs_used}: the pool must start with {BASELINE!r}")
+    # IAP-ss, IAP-mv, majority and the oracle: the library's own paired differences (run_iap's
+    # summary); each single prompt through the same function, on the same questions
+    singles = {f"single: {t}": [r["correct"][k] for r in rows] for k, t in enumerate(texts)}
+    refs = {"vs_first_prompt": singles[f"single: {BASELINE}"],
+            "vs_best_single": singles[f"single: {best_dev}"]}
+    diffs = {**paired_differences(singles, refs), **{
+        name: summary["paired_differences"][key] for name, key in
+        (("majority vote", "majority"), ("IAP-ss", "iap_ss"), ("IAP-mv", "iap_mv"),
+         ("oracle (some prompt right)", "oracle"))}}
+    acc = summary["accuracy"]
+    accuracy = {**{f"single: {t}": acc["single"][t] for t in texts}, "majority vote": acc["majority"],
+                "IAP-ss": acc["iap_ss"], "IAP-mv": acc["iap_mv"], "oracle (some prompt right)": acc["oracle"]}
     cost = summary["cost_per_question"]
     table = []
-    for name, xs in per_method.items():
-        row = {"method": name, "accuracy": sum(xs) / len(xs)}
-        for ref, ys in refs.items():
-            d, lo, hi = paired_bootstrap(xs, ys)
-            row[ref] = {"diff": d, "ci95": [lo, hi]}
+    for name, a in accuracy.items():
+        row = {"method": name, "accuracy": a,
+               "vs_cot": diffs[name]["vs_first_prompt"], "vs_best_dev_single": diffs[name]["vs_best_single"]}
         key = {"majority vote": "majority", "IAP-ss": "iap_ss", "IAP-mv": "iap_mv"}.get(name, "single")
         if not name.startswith("oracle"):
             row["generations_per_question"] = cost[key]["generations"]
@@ -185,7 +158,11 @@ def cmd_finish(n_dev: int, n_test: int, progress: bool) -> dict:
         "chosen": {"iap_ss": cal.best_ss, "iap_mv": cal.best_mv},
         "dev": {"baselines": cal.baselines, "best_single_prompt": best_dev},
         "table": table,
-        "score_diagnostics": score_diagnostics(rows),
+        "score_diagnostics": summary["score_diagnostics"],
+        "degenerate": summary["degenerate"],
+        "warnings": summary["warnings"],
+        "dev_score_diagnostics": cal.score_diagnostics,
+        "dev_degenerate": cal.degenerate,
         "mean_prompts_tried_ss": summary["mean_prompts_tried_ss"],
         "iap_ss_fallback_rate": summary["iap_ss_fallback_rate"],
         "kv_cache_used": summary["kv_cache_used"],
@@ -201,16 +178,34 @@ def cmd_finish(n_dev: int, n_test: int, progress: bool) -> dict:
 
 
 def format_table(result: dict) -> str:
+    """The README's table and the score diagnostics, from the evidence JSON alone."""
+    def ci(v):
+        return f"{100 * v['diff']:+.1f} [{100 * v['ci95'][0]:+.1f}, {100 * v['ci95'][1]:+.1f}]"
+
+    best = result["baselines_for_intervals"]["vs_best_dev_single"]
     lines = [f"IAP on SmolLM2-135M-Instruct, n = {result['n_test']} test questions "
              f"(calibrated on {result['n_dev']} dev)", "",
-             "| method | accuracy | vs 'Let's think step by step.' [95% CI] | gens / bwd per question |",
-             "|---|---|---|---|"]
+             f"| method | accuracy | vs 'Let's think step by step.' [95% CI] | vs {best!r} (best on dev) "
+             "[95% CI] | gens / bwd per question |",
+             "|---|---|---|---|---|"]
     for r in result["table"]:
-        v = r["vs_cot"]
         cost = (f"{r['generations_per_question']:.2f} / {r['backward_passes_per_question']:.2f}"
                 if "generations_per_question" in r else "-")
-        lines.append(f"| {r['method']} | {100 * r['accuracy']:.1f} | {100 * v['diff']:+.1f} "
-                     f"[{100 * v['ci95'][0]:+.1f}, {100 * v['ci95'][1]:+.1f}] | {cost} |")
+        lines.append(f"| {r['method']} | {100 * r['accuracy']:.1f} | {ci(r['vs_cot'])} | "
+                     f"{ci(r['vs_best_dev_single'])} | {cost} |")
+    for split, key in (("test", "score_diagnostics"), ("dev", "dev_score_diagnostics")):
+        lines += ["", f"Within-question / pooled AUC on {split} [95% CI over questions]:", "",
+                  "| score | within-question AUC | (right, wrong) pairs | pooled AUC |", "|---|---|---|---|"]
+        for name, d in (result.get(key) or {}).items():
+            w, p = d["within_question_ci95"], d["pooled_ci95"]
+            lines.append(f"| {name} | {d['within_question_auc']:.3f} [{w[0]:.3f}, {w[1]:.3f}] | "
+                         f"{d['within_question_pairs']} | {d['pooled_auc']:.3f} [{p[0]:.3f}, {p[1]:.3f}] |")
+    lines.append("")
+    for split, key in (("test", "degenerate"), ("dev", "dev_degenerate")):
+        for line in (result.get(key) or {}).values():
+            lines.append(f"- degenerate ({split}): {line}")
+    for line in result.get("warnings") or ():
+        lines.append(f"- warning: {line}")
     return "\n".join(lines)
 
 

@@ -231,7 +231,8 @@ def _examples(args, path=None, limit=None):
 
     task = get_task(args.task)
     which = "dev" if getattr(args, "command", "") == "calibrate" else "test"
-    src = path or _testbed(args.data, which)
+    # --dev testbed is the shipped dev set, --data testbed the test set (dev set for calibrate)
+    src = _testbed(path, "dev") if path else _testbed(args.data, which)
     exs = load_examples(src, task)
     lim = limit if path else getattr(args, "limit", None)
     if lim is not None:
@@ -413,7 +414,12 @@ def _cmd_iap(args) -> int:
                                             out_dir=args.out, resume=args.resume,
                                             progress=_bars(args))
     if fit is not None:
-        print(f"dev calibration: IAP-ss {fit.calibration.best_ss}  IAP-mv {fit.calibration.best_mv}")
+        cal = fit.calibration
+        print(f"dev calibration ({cal.n_questions} questions): IAP-ss {cal.best_ss}  IAP-mv {cal.best_mv}")
+        for line in (cal.degenerate or {}).values():
+            print(f"dev calibration: {line}")
+        for line in cal.warnings:
+            print(f"dev calibration warning: {line}")
     print(format_summary(summary))
     print(f"pairs: {os.path.join(args.out, 'pairs.jsonl')}")
     return 0
@@ -428,14 +434,14 @@ _CLI_WORDS = (("resume=True (--resume)", "--resume"), ("Pass --resume (resume=Tr
 
 
 def _cli_message(msg: str) -> str:
+    from .validate import cli_device_words
+
     for api, cli in _CLI_WORDS:
         msg = msg.replace(api, cli)
     return cli_device_words(msg)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .validate import cli_device_words
-
     """Entry point of ``dpc-lens`` and ``python -m dpc_lens``; returns the exit code (2 for a
     usage or input error, whose message says what was wrong and how to fix it)."""
     try:

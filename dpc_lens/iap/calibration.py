@@ -133,6 +133,15 @@ class CalibrationResult:
             (oracle: some prompt's answer is correct; ``single`` is ``None`` when questions
             have pools of different sizes).
         n_questions: dev questions used. mu: the fixed prompt->rationale weight used.
+        score_diagnostics: whether each z-scored flow and the chosen scores rank a right answer
+            above a wrong one on dev, within a question and pooled, with bootstrap intervals
+            (:func:`dpc_lens.iap.diagnostics.score_diagnostics`; keys: the z-scored flows, and
+            ``"score"`` when IAP-ss and IAP-mv chose the same lam, else ``"score_ss"`` and
+            ``"score_mv"``).
+        degenerate: what the chosen settings reduce to on dev, one plain line per case
+            (:func:`dpc_lens.iap.diagnostics.degenerate_choices`), or ``None``.
+        grids: the lam, tau and m grids searched.
+        warnings: plain lines for a score that does not rank prompts on dev.
     """
 
     best_ss: Mapping[str, float]
@@ -142,6 +151,10 @@ class CalibrationResult:
     baselines: Mapping[str, Any]
     n_questions: int
     mu: float = 0.0
+    score_diagnostics: Mapping[str, Any] | None = None
+    degenerate: Mapping[str, str] | None = None
+    grids: Mapping[str, Any] | None = None
+    warnings: tuple[str, ...] = ()
 
     def config(self, strategy: Literal["iap_ss", "iap_mv"], base: IAPConfig | None = None) -> IAPConfig:
         """``base`` (default :class:`IAPConfig`) with the best lam and tau (IAP-ss) or lam and
@@ -166,6 +179,10 @@ class CalibrationResult:
             "baselines": dict(self.baselines),
             "n_questions": self.n_questions,
             "mu": self.mu,
+            "score_diagnostics": None if self.score_diagnostics is None else dict(self.score_diagnostics),
+            "degenerate": None if self.degenerate is None else dict(self.degenerate),
+            "grids": None if self.grids is None else dict(self.grids),
+            "warnings": list(self.warnings),
         }
 
     @classmethod
@@ -179,6 +196,11 @@ class CalibrationResult:
                 baselines=dict(d["baselines"]),
                 n_questions=int(d["n_questions"]),
                 mu=float(d.get("mu", 0.0)),
+                # absent from calibrations saved before these were measured
+                score_diagnostics=d.get("score_diagnostics"),
+                degenerate=d.get("degenerate"),
+                grids=d.get("grids"),
+                warnings=tuple(d.get("warnings") or ()),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"CalibrationResult.from_dict: malformed data ({e!r}).") from None
@@ -300,6 +322,32 @@ def calibrate(
         "majority": sum(ok(q, majority_vote(r.answers)) for q, r in enumerate(recs)) / n,
         "oracle": sum(any(ok(q, a) for a in r.answers) for q, r in enumerate(recs)) / n,
     }
+    # Does the score rank prompts on dev, and what do the chosen settings reduce to?
+    from .diagnostics import FALLBACK, degenerate_choices, diagnostic_warnings, score_diagnostics
+
+    correct = [[ok(q, a) for a in r.answers] for q, r in enumerate(recs)]
+    tables: dict[str, list[list[float]]] = {
+        "question->prompt": [list(r.z_qp) for r in recs],
+        "question->rationale": [list(r.z_qr) for r in recs],
+    }
+    if all(r.z_pr is not None for r in recs):
+        tables["prompt->rationale"] = [list(r.z_pr) for r in recs]
+    if b_ss["lam"] == b_mv["lam"]:  # one score serves both strategies
+        score_names = ["score"]
+        tables["score"] = scores_by_lam[b_ss["lam"]]
+    else:
+        score_names = ["score_ss", "score_mv"]
+        tables["score_ss"] = scores_by_lam[b_ss["lam"]]
+        tables["score_mv"] = scores_by_lam[b_mv["lam"]]
+    diag = score_diagnostics(tables, correct)
+    k_pool = max(len(r.answers) for r in recs)
+    degenerate = degenerate_choices(
+        tau=b_ss["tau"], scores_ss=scores_by_lam[b_ss["lam"]], m=b_mv["m"], n_prompts=k_pool,
+        chosen={"lam": b_ss["lam"], "tau": b_ss["tau"],
+                **({"lam_mv": b_mv["lam"]} if b_mv["lam"] != b_ss["lam"] else {})},
+        grids={"lam": lams, "tau": taus, "lam_mv": lams},
+    )
+    warns = diagnostic_warnings(diag, score_names, FALLBACK)
     return CalibrationResult(
         best_ss={"lam": b_ss["lam"], "tau": b_ss["tau"], "accuracy": b_ss["accuracy"],
                  "mean_tried": b_ss["mean_tried"]},
@@ -309,4 +357,8 @@ def calibrate(
         baselines=baselines,
         n_questions=n,
         mu=mu,
+        score_diagnostics=diag,
+        degenerate=degenerate,
+        grids={"lam": lams, "tau": taus, "m": ms},
+        warnings=tuple(warns),
     )

@@ -583,6 +583,8 @@ def evaluate(
     standardizer: FlowStandardizer,
     config: IAPRunConfig,
     task: Any,
+    *,
+    calibration: CalibrationResult | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Every strategy on cached pairs: per-question decisions and the summary table.
 
@@ -597,6 +599,20 @@ def evaluate(
     Cost per question, as a deployment would pay it (generations = backward passes = prompts
     that must be generated and scored): IAP-ss ``n_tried`` (it stops at the first prompt with
     S >= tau), IAP-mv and majority the pool size, a single prompt 1 generation and no backward.
+
+    Whether the score can choose (:mod:`dpc_lens.iap.diagnostics`), in the summary:
+
+    * ``score_diagnostics``: within-question and pooled AUC of each z-scored flow and of the
+      IAP-ss and IAP-mv scores on this run's pairs, with bootstrap intervals over questions;
+    * ``degenerate``: what the chosen config reduces to on these questions (IAP-ss = the first
+      prompt or the argmax, IAP-mv = the argmax or plain majority; with ``calibration``, a
+      calibrated value at the edge of its grid), or ``None``;
+    * ``paired_differences``: IAP-ss, IAP-mv, majority and the oracle against the first prompt
+      and against the single prompt best on dev (``calibration``'s; without it, the best on this
+      run's own questions, in-sample, and ``reference_prompts`` says so), each the mean paired
+      difference with its paired-bootstrap 95% interval;
+    * ``warnings``: one line for each score whose within-question interval includes 0.5;
+    * ``dev``: with ``calibration``, its own diagnostics, degenerate cases and grids.
     """
     n_prompts = len(pool)
     if len(pairs) % n_prompts:
@@ -661,7 +677,80 @@ def evaluate(
         },
         "pool": [p.to_dict() for p in pool],
     }
+    if rows:
+        summary.update(choice_diagnostics(rows, pool, config, calibration))
     return rows, summary
+
+
+def choice_diagnostics(
+    rows: Sequence[Mapping[str, Any]],
+    pool: PromptPool,
+    config: IAPRunConfig,
+    calibration: CalibrationResult | None = None,
+) -> dict[str, Any]:
+    """The summary's ``score_diagnostics``, ``degenerate``, ``paired_differences``,
+    ``reference_prompts``, ``warnings`` (and ``dev`` with a ``calibration``) from
+    :func:`evaluate`'s per-question rows (see there)."""
+    from .diagnostics import (
+        FALLBACK,
+        degenerate_choices,
+        diagnostic_warnings,
+        paired_differences,
+        score_diagnostics,
+    )
+
+    correct = [[bool(c) for c in r["correct"]] for r in rows]
+    tables = {flow: [list(r["z"][flow]) for r in rows] for flow in IAP_FLOWS}
+    same = (config.ss.lam, config.ss.mu) == (config.mv.lam, config.mv.mu)
+    score_names = ["score"] if same else ["score_ss", "score_mv"]
+    if same:  # one score serves both strategies
+        tables["score"] = [list(r["scores_ss"]) for r in rows]
+    else:
+        tables["score_ss"] = [list(r["scores_ss"]) for r in rows]
+        tables["score_mv"] = [list(r["scores_mv"]) for r in rows]
+    diag = score_diagnostics(tables, correct)
+    texts = [p.text for p in pool]
+    dev_single = (list(calibration.baselines.get("single") or []) if calibration is not None else [])
+    if len(dev_single) == len(texts):
+        best = texts[max(range(len(texts)), key=dev_single.__getitem__)]
+        chosen_on = "dev"
+    else:
+        acc = [sum(c[k] for c in correct) for k in range(len(texts))]
+        best = texts[max(range(len(texts)), key=acc.__getitem__)]
+        chosen_on = "this run's own questions (in-sample: no dev calibration was given)"
+    k_best = texts.index(best)
+    refs = {"vs_first_prompt": [c[0] for c in correct], "vs_best_single": [c[k_best] for c in correct]}
+    methods = {
+        "iap_ss": [bool(r["iap_ss"]["correct"]) for r in rows],
+        "iap_mv": [bool(r["iap_mv"]["correct"]) for r in rows],
+        "majority": [bool(r["majority"]["correct"]) for r in rows],
+        "oracle": [bool(r["oracle"]) for r in rows],
+    }
+    chosen = grids = None
+    if calibration is not None and calibration.grids:
+        chosen = {"lam": config.ss.lam, "tau": config.ss.tau,
+                  **({"lam_mv": config.mv.lam} if config.mv.lam != config.ss.lam else {})}
+        grids = {"lam": calibration.grids.get("lam", ()), "tau": calibration.grids.get("tau", ()),
+                 "lam_mv": calibration.grids.get("lam", ())}
+    degenerate = degenerate_choices(
+        tau=config.ss.tau, scores_ss=[list(r["scores_ss"]) for r in rows], m=config.mv.m,
+        n_prompts=len(texts),
+        first_prompt=texts[0], chosen=chosen, grids=grids,
+    )
+    out: dict[str, Any] = {
+        "score_diagnostics": diag,
+        "degenerate": degenerate,
+        "reference_prompts": {"first": texts[0], "best_single": best, "best_single_chosen_on": chosen_on},
+        "paired_differences": paired_differences(methods, refs),
+        "warnings": diagnostic_warnings(diag, score_names, FALLBACK),
+    }
+    if calibration is not None:
+        out["dev"] = {"n_questions": calibration.n_questions,
+                      "best_ss": dict(calibration.best_ss), "best_mv": dict(calibration.best_mv),
+                      "score_diagnostics": calibration.score_diagnostics,
+                      "degenerate": calibration.degenerate, "grids": calibration.grids,
+                      "warnings": list(calibration.warnings), "baselines": dict(calibration.baselines)}
+    return out
 
 
 @dataclass(frozen=True)
@@ -749,6 +838,7 @@ def run_iap(
     config: IAPRunConfig | IAPConfig | None = None,
     *,
     standardizer: FlowStandardizer | None = None,
+    calibration: IAPCalibration | CalibrationResult | None = None,
     out_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool | None = None,
@@ -766,25 +856,42 @@ def run_iap(
        (``summary.json``), with the standardiser (``standardizer.json``) and the run config
        (``config.json``) beside them.
 
+    ``calibration`` (what :func:`calibrate_iap` returned, or its ``.calibration``) names the
+    single prompt best on dev for the summary's paired differences, the grids for its
+    grid-edge remarks, and carries the dev diagnostics into ``summary["dev"]``; an
+    :class:`IAPCalibration` also supplies the standardiser when ``standardizer`` is not given.
+    The summary says whether the score ranks prompts at all (:func:`evaluate`); when it does not,
+    a :class:`~dpc_lens.iap.diagnostics.IAPScoreWarning` is issued too.
+
     With ``out_dir`` the directory is locked for the run (:class:`dpc_lens.runs.RunLock`).
     """
     cfg = _as_run_config(config)
     pool = _as_pool(pool)
+    if calibration is not None and not isinstance(calibration, (IAPCalibration, CalibrationResult)):
+        raise InputError(
+            f"calibration must be what calibrate_iap returned (an IAPCalibration) or a "
+            f"CalibrationResult (e.g. CalibrationResult.load(path)), got {type(calibration).__name__}."
+        )
+    if isinstance(calibration, IAPCalibration):
+        standardizer = standardizer if standardizer is not None else calibration.standardizer
+        calibration = calibration.calibration
     if standardizer is not None and not isinstance(standardizer, FlowStandardizer):
         raise InputError(
             f"standardizer must be a FlowStandardizer (e.g. FlowStandardizer.load(path)), got "
             f"{type(standardizer).__name__}."
         )
     if out_dir is None:
-        return _run_iap(model, examples, task, pool, cfg, standardizer, out_dir, resume, progress)
+        return _run_iap(model, examples, task, pool, cfg, standardizer, out_dir, resume, progress,
+                        calibration)
     from dpc_lens.runs import RunLock, check_out_dir
 
     out_dir = check_out_dir(out_dir)
     with RunLock(out_dir, "iap"):
-        return _run_iap(model, examples, task, pool, cfg, standardizer, out_dir, resume, progress)
+        return _run_iap(model, examples, task, pool, cfg, standardizer, out_dir, resume, progress,
+                        calibration)
 
 
-def _run_iap(model, examples, task, pool, cfg, standardizer, out_dir, resume, progress):
+def _run_iap(model, examples, task, pool, cfg, standardizer, out_dir, resume, progress, calibration=None):
     from dpc_lens.model import as_adapter
 
     pairs, cost = _collect_pairs(as_adapter(model), examples, task, pool, cfg, out_dir=out_dir,
@@ -799,7 +906,8 @@ def _run_iap(model, examples, task, pool, cfg, standardizer, out_dir, resume, pr
     else:
         std = standardizer
         std_note = {"fitted_on": "dev", "note": "Standardiser fitted on a separate dev split."}
-    rows, summary = evaluate(pairs, pool, std, cfg, task)
+    rows, summary = evaluate(pairs, pool, std, cfg, task, calibration=calibration)
+    _warn(summary)
     summary["standardizer"] = {**std_note, **std.to_dict()}
     summary["this_run"] = {**cost, "pairs": len(pairs)}
     summary["config"] = cfg.to_dict()
@@ -840,25 +948,73 @@ def calibrate_and_run_iap(
             fit = calibrate_iap(model, dev, task, pool, cfg, out_dir=Path(out_dir) / "dev", resume=resume,
                                 progress=progress)
             cfg, std = fit.config, fit.standardizer
-        pairs, summary = _run_iap(model, examples, task, _as_pool(pool), cfg, std, out_dir, resume, progress)
+        pairs, summary = _run_iap(model, examples, task, _as_pool(pool), cfg, std, out_dir, resume, progress,
+                                  None if fit is None else fit.calibration)
     return pairs, summary, fit
 
 
+def _warn(summary: Mapping[str, Any]) -> None:
+    import warnings
+
+    from .diagnostics import IAPScoreWarning
+
+    for line in summary.get("warnings") or ():
+        warnings.warn(line, IAPScoreWarning, stacklevel=4)  # the caller of run_iap
+
+
 def format_summary(summary: Mapping[str, Any]) -> str:
-    """The accuracy and cost table of a :func:`run_iap` summary as plain text."""
+    """A :func:`run_iap` summary as plain text: the accuracy and cost table with each method's
+    paired-bootstrap difference against the first prompt and the best single prompt, whether
+    the score ranks prompts (within-question AUC), what the chosen config reduces to, and the
+    warnings."""
     acc = summary["accuracy"]
     cost = summary["cost_per_question"]
+    diffs = summary.get("paired_differences") or {}
+
+    def delta(name: str, ref: str) -> str:
+        d = diffs.get(name, {}).get(ref)
+        if d is None:
+            return ""
+        lo, hi = d["ci95"]
+        return f"{100 * d['diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+    w = 46
     lines = [f"n = {summary['n_questions']} questions x {summary['n_prompts']} prompts",
-             f"{'method':<58} {'accuracy':>9} {'gen/q':>6} {'bwd/q':>6}"]
+             f"{'method':<{w}} {'accuracy':>9} {'gen/q':>6} {'bwd/q':>6}  {'vs first prompt [95% CI]':<25}"
+             f"{'vs best single [95% CI]'}"]
     for text, a in acc["single"].items():
-        lines.append(f"{'single: ' + text:<58.58} {100 * a:>8.1f}% {1:>6} {0:>6}")
+        lines.append(f"{'single: ' + text:<{w}.{w}} {100 * a:>8.1f}% {1:>6} {0:>6}")
     for name in ("majority", "iap_ss", "iap_mv"):
         c = cost[name]
         gen, bwd = c["generations"], c["backward_passes"]
-        lines.append(f"{name:<58} {100 * acc[name]:>8.1f}% {gen:>6.2f} {bwd:>6.2f}")
-    lines.append(f"{'oracle (some prompt right)':<58} {100 * acc['oracle']:>8.1f}%")
+        lines.append(f"{name:<{w}} {100 * acc[name]:>8.1f}% {gen:>6.2f} {bwd:>6.2f}  "
+                     f"{delta(name, 'vs_first_prompt'):<25}{delta(name, 'vs_best_single')}")
+    lines.append(f"{'oracle (some prompt right)':<{w}} {100 * acc['oracle']:>8.1f}% {'':>6} {'':>6}  "
+                 f"{delta('oracle', 'vs_first_prompt'):<25}{delta('oracle', 'vs_best_single')}")
+    refs = summary.get("reference_prompts")
+    if refs:
+        lines.append(f"first prompt: {refs['first']!r}; best single: {refs['best_single']!r} "
+                     f"(chosen on {refs['best_single_chosen_on']})")
     lines.append(f"IAP-ss mean prompts tried: {summary['mean_prompts_tried_ss']:.2f} "
                  f"of {summary['n_prompts']}")
+    diag = summary.get("score_diagnostics")
+    if diag:
+        lines.append("does the score rank prompts? within-question AUC [95% CI] over (right, wrong) "
+                     "prompt pairs of one question; pooled AUC over all answers; 0.5 = chance")
+        for name, d in diag.items():
+            if d["within_question_auc"] is None:
+                lines.append(f"  {name:<21} no question has both a right and a wrong answer")
+                continue
+            lo, hi = d["within_question_ci95"] or (float("nan"), float("nan"))
+            pooled = d["pooled_auc"]
+            plo, phi = d["pooled_ci95"] or (float("nan"), float("nan"))
+            lines.append(f"  {name:<21} {d['within_question_auc']:.3f} [{lo:.3f}, {hi:.3f}] "
+                         f"({d['within_question_pairs']} pairs, {d['verdict']})   pooled "
+                         f"{pooled:.3f} [{plo:.3f}, {phi:.3f}]")
+    for line in (summary.get("degenerate") or {}).values():
+        lines.append(f"degenerate: {line}")
+    for line in summary.get("warnings") or ():
+        lines.append(f"warning: {line}")
     note = summary.get("standardizer", {}).get("note")
     if note:
         lines.append(f"standardiser: {note}")

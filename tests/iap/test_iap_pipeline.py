@@ -397,3 +397,82 @@ def test_run_iap_errors_say_how_to_fix(model, files, tmp_path):
         run_iap(model, exs, task, POOL, standardizer={"mean": {}}, progress=False)
     with pytest.raises(InputError, match="unique"):
         run_iap(model, exs + exs, task, POOL, progress=False)
+
+
+def test_summary_diagnostics_equal_a_hand_computation_from_the_pairs(cli_run):
+    """``score_diagnostics``, ``paired_differences`` and ``degenerate`` of the CLI run, recomputed
+    here from ``pairs.jsonl``, ``standardizer.json``, ``config.json`` and the dev calibration."""
+    pairs = read_jsonl(cli_run / "pairs.jsonl")
+    summary = json.loads((cli_run / "summary.json").read_text())
+    cfg = json.loads((cli_run / "config.json").read_text())
+    std = json.loads((cli_run / "standardizer.json").read_text())
+    dev_cal = json.loads((cli_run / "dev" / "calibration.json").read_text())
+    by_q: dict[str, list[dict]] = {}
+    for r in pairs:
+        by_q.setdefault(r["id"], []).append(r)
+    groups = [sorted(rows, key=lambda r: r["prompt_index"]) for rows in by_q.values()]
+
+    def z(r, f):
+        return (r["flow_means"][f] - std["mean"][f]) / std["std"][f]
+
+    def within(vals):  # slow loop: (right, wrong) prompt pairs of one question, ties half
+        wins = n = 0.0
+        for rows in groups:
+            for a in rows:
+                for b in rows:
+                    if a["correct"] and not b["correct"]:
+                        va, vb = vals(a), vals(b)
+                        wins += 1.0 if va > vb else 0.5 if va == vb else 0.0
+                        n += 1
+        return (wins / n if n else None), int(n)
+
+    diag = summary["score_diagnostics"]
+    assert set(IAP_FLOWS) <= set(diag)
+    for f in IAP_FLOWS:
+        value, n = within(lambda r, f=f: z(r, f))
+        assert diag[f]["within_question_pairs"] == n
+        assert diag[f]["within_question_auc"] == (None if value is None else pytest.approx(value))
+    assert n > 0  # the golds make some questions mixed (module docstring)
+    same = (cfg["ss"]["lam"], cfg["ss"]["mu"]) == (cfg["mv"]["lam"], cfg["mv"]["mu"])
+    assert ("score" in diag) == same and ("score_ss" in diag) != same
+    c = cfg["ss"]
+    value, _ = within(lambda r: c["lam"] * z(r, FLOW_QP) + (1 - c["lam"]) * z(r, FLOW_QR) + c["mu"] * z(r, FLOW_PR))
+    assert diag["score" if same else "score_ss"]["within_question_auc"] == pytest.approx(value)
+
+    # paired differences: the mean is the accuracy difference on the same questions
+    acc = summary["accuracy"]
+    refs = summary["reference_prompts"]
+    assert refs["first"] == POOL[0] and refs["best_single_chosen_on"] == "dev"
+    assert refs["best_single"] == POOL[max(range(3), key=lambda k: dev_cal["baselines"]["single"][k])]
+    diffs = summary["paired_differences"]
+    for name in ("iap_ss", "iap_mv", "majority"):
+        d = diffs[name]["vs_first_prompt"]
+        assert d["diff"] == pytest.approx(acc[name] - acc["single"][POOL[0]])
+        assert d["ci95"][0] <= d["diff"] <= d["ci95"][1]
+        assert diffs[name]["vs_best_single"]["diff"] == pytest.approx(acc[name] - acc["single"][refs["best_single"]])
+    assert diffs["oracle"]["vs_first_prompt"]["diff"] == pytest.approx(acc["oracle"] - acc["single"][POOL[0]])
+
+    # degenerate: IAP-mv's m against the pool size, by hand
+    deg = summary["degenerate"] or {}
+    m = cfg["mv"]["m"]
+    assert ("iap_mv" in deg) == (m == 1 or m >= 3)
+    assert summary["dev"]["degenerate"] == dev_cal["degenerate"]
+    assert summary["dev"]["score_diagnostics"] == dev_cal["score_diagnostics"]
+    assert isinstance(summary["warnings"], list)
+
+
+def test_run_iap_warns_when_the_score_does_not_rank(model, files):
+    """On the random model the score cannot rank prompts: run_iap says so with an IAPScoreWarning
+    naming the within-question AUC, and the summary holds the same line."""
+    from dpc_lens.iap.diagnostics import IAPScoreWarning
+    from dpc_lens.tasks import load_examples
+
+    task = get_task("arith")
+    exs = load_examples(str(files / "test.jsonl"), task)
+    cfg = IAPRunConfig(generation=GenerationConfig(max_new_tokens=MAX_NEW))
+    with pytest.warns(IAPScoreWarning, match="does not rank prompts within a question") as rec:
+        _, summary = run_iap(model, exs, task, POOL, cfg, progress=False)
+    assert [str(w.message) for w in rec if w.category is IAPScoreWarning] == summary["warnings"]
+    assert summary["reference_prompts"]["best_single_chosen_on"].startswith("this run's own questions")
+    with pytest.raises(InputError, match="calibration must be what calibrate_iap returned"):
+        run_iap(model, exs, task, POOL, cfg, calibration={"lam": 0.5}, progress=False)
