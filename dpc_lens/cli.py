@@ -168,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "questions.jsonl     per-question decisions",
                                       "summary.json, config.json, standardizer.json, pair_settings.json",
                                       "dev/                with --dev: the dev calibration's pairs",
+                                      "figures/            with --plots: score ranking, paired differences",
                                       ".dpc_lens.lock      while the run is going"))
     _add_common(p)
     p.add_argument("--prompts", default=None,
@@ -186,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"generation batch size (default: the config's, built-in {gen.batch_size})")
     p.add_argument("--per-head", action="store_true", help="also keep layer x head flow maps (default: off)")
+    p.add_argument("--plots", action="store_true",
+                   help="also write the score-ranking and paired-difference figures (default: off)")
     p.add_argument("--chat-template", choices=("auto", "never", "always"), default=None,
                    help="wrap prompts in the tokenizer's chat template "
                         "(default: the config's, built-in auto)")
@@ -421,6 +424,11 @@ def _cmd_iap(args) -> int:
         for line in cal.warnings:
             print(f"dev calibration warning: {line}")
     print(format_summary(summary))
+    if args.plots:
+        from .plotting.iap import save_iap_figures
+
+        for path in save_iap_figures(args.out):
+            print(f"figure: {path}")
     print(f"pairs: {os.path.join(args.out, 'pairs.jsonl')}")
     return 0
 

@@ -25,6 +25,8 @@ figure                     data                            input
 :func:`plot_trigger`       :func:`trigger_data`            one record / trigger dict / decision
 :func:`plot_head_maps`     :func:`head_map_data`           a result with ``per_head=True``
 :func:`plot_before_after`  :func:`before_after_data`       records
+:func:`plot_score_auc`     :func:`score_auc_data`          an IAP summary (``summary.json``)
+:func:`plot_paired_differences` :func:`paired_difference_data` an IAP summary
 =========================  ==============================  =====================================
 
 :func:`save` writes a figure as PNG or SVG (by the file extension); :func:`save_standard_figures`
@@ -49,6 +51,13 @@ from .dpc import (
     plot_trigger,
     save_standard_figures,
     trigger_data,
+)
+from .iap import (
+    paired_difference_data,
+    plot_paired_differences,
+    plot_score_auc,
+    save_iap_figures,
+    score_auc_data,
 )
 from .saliency import (
     DPC_FLOWS,
@@ -86,5 +95,10 @@ __all__ = [
     "save",
     "save_standard_figures",
     "interactive_saliency",
+    "score_auc_data",
+    "plot_score_auc",
+    "paired_difference_data",
+    "plot_paired_differences",
+    "save_iap_figures",
 ]
 

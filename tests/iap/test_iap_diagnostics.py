@@ -148,7 +148,8 @@ def test_degenerate_iap_mv_and_grid_edges():
     assert "lowest value" in d["tau_edge"] and "widen tau_grid" in d["tau_edge"]
     d = degenerate_choices(chosen={"lam": 1.0, "tau": 1.0}, grids=grids)
     assert "z(question->prompt) alone" in d["lam_edge"] and "highest value" in d["tau_edge"]
-    d = degenerate_choices(chosen={"lam": 0.5, "lam_mv": 0.5}, grids={"lam": [0.25, 0.5], "lam_mv": [0.25, 0.5]})
+    d = degenerate_choices(chosen={"lam": 0.5, "lam_mv": 0.5},
+                           grids={"lam": [0.25, 0.5], "lam_mv": [0.25, 0.5]})
     assert "widen lam_grid" in d["lam_edge"] and "widen lam_grid" in d["lam_mv_edge"]
     assert degenerate_choices(chosen={"lam": 0.5, "tau": 0.0}, grids=grids) is None
     assert degenerate_choices(chosen={"tau": 0.0}, grids={"tau": [0.0]}) is None  # one-value grid: no edge
@@ -197,5 +198,5 @@ def test_iap_score_warning_is_a_user_warning_category():
     assert issubclass(IAPScoreWarning, UserWarning)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        warnings.warn("x", IAPScoreWarning)
+        warnings.warn("x", IAPScoreWarning, stacklevel=1)
     assert w[0].category is IAPScoreWarning

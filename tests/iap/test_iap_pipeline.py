@@ -436,7 +436,8 @@ def test_summary_diagnostics_equal_a_hand_computation_from_the_pairs(cli_run):
     same = (cfg["ss"]["lam"], cfg["ss"]["mu"]) == (cfg["mv"]["lam"], cfg["mv"]["mu"])
     assert ("score" in diag) == same and ("score_ss" in diag) != same
     c = cfg["ss"]
-    value, _ = within(lambda r: c["lam"] * z(r, FLOW_QP) + (1 - c["lam"]) * z(r, FLOW_QR) + c["mu"] * z(r, FLOW_PR))
+    value, _ = within(lambda r: c["lam"] * z(r, FLOW_QP) + (1 - c["lam"]) * z(r, FLOW_QR)
+                      + c["mu"] * z(r, FLOW_PR))
     assert diag["score" if same else "score_ss"]["within_question_auc"] == pytest.approx(value)
 
     # paired differences: the mean is the accuracy difference on the same questions
@@ -449,7 +450,8 @@ def test_summary_diagnostics_equal_a_hand_computation_from_the_pairs(cli_run):
         d = diffs[name]["vs_first_prompt"]
         assert d["diff"] == pytest.approx(acc[name] - acc["single"][POOL[0]])
         assert d["ci95"][0] <= d["diff"] <= d["ci95"][1]
-        assert diffs[name]["vs_best_single"]["diff"] == pytest.approx(acc[name] - acc["single"][refs["best_single"]])
+        best = acc["single"][refs["best_single"]]
+        assert diffs[name]["vs_best_single"]["diff"] == pytest.approx(acc[name] - best)
     assert diffs["oracle"]["vs_first_prompt"]["diff"] == pytest.approx(acc["oracle"] - acc["single"][POOL[0]])
 
     # degenerate: IAP-mv's m against the pool size, by hand
