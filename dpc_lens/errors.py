@@ -16,6 +16,7 @@ __all__ = [
     "HookError",
     "SaliencyError",
     "RunError",
+    "DpcLensWarning",
 ]
 
 
@@ -50,3 +51,8 @@ class SaliencyError(DpcLensError):
 class RunError(InputError):
     """An output directory cannot take this run: it is locked by another run, not writable, or
     holds another command's results (the message names the holder or the path and the fix)."""
+
+
+class DpcLensWarning(UserWarning):
+    """A result that is well defined but probably not what was meant (a flow that causality
+    forbids, text that tokenizes to unknown tokens only)."""

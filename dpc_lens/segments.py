@@ -137,6 +137,7 @@ def encode_pieces(tokenizer: Any, pieces: Iterable[Piece]) -> tuple[list[int], S
             if tokenizer is None:
                 raise InputError("Text pieces need a tokenizer; pass token ids instead.")
             toks = list(tokenizer(piece, add_special_tokens=False)["input_ids"])
+            _warn_if_all_unknown(tokenizer, name, piece, toks)
         elif isinstance(piece, (list, tuple)) or (isinstance(piece, torch.Tensor) and piece.dim() == 1):
             toks = [int(t) for t in piece]
             if isinstance(piece, (list, tuple)) and not all(
@@ -174,6 +175,14 @@ class PromptBatch:
     layouts: tuple[SegmentLayout, ...]
     pad_lengths: tuple[int, ...]
     n_soft: int
+
+    def __repr__(self) -> str:
+        names: list[str] = []
+        for lay in self.layouts:
+            names.extend(n for n in lay.spans if n not in names)
+        return (f"PromptBatch(batch={self.batch_size}, pos={self.seq_len}, "
+                f"d_model={int(self.embeds.shape[-1])}, n_soft={self.n_soft}, segments={names}, "
+                f"pads={list(self.pad_lengths)}, dtype={self.embeds.dtype}, device={self.embeds.device})")
 
     @property
     def batch_size(self) -> int:
@@ -312,6 +321,20 @@ class PromptBatch:
             seqs.append(ids)
             lays.append(SegmentLayout(lay.spans, lay.length, tuple(required)))
         return cls.build(adapter, seqs, lays, soft)
+
+
+def _warn_if_all_unknown(tokenizer: Any, name: str, text: str, toks: Sequence[int]) -> None:
+    """Text whose every token is the tokenizer's ``<unk>`` carries nothing of its words: say so."""
+    import warnings
+
+    from .errors import DpcLensWarning
+
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if toks and unk is not None and all(int(t) == int(unk) for t in toks):
+        warnings.warn(
+            f"Piece {name!r} ({text[:40]!r}) tokenizes to {len(toks)} unknown token(s) (<unk>) "
+            "only: the model sees none of its words. Check the text uses this tokenizer's "
+            "alphabet (or the right tokenizer is loaded).", DpcLensWarning, stacklevel=4)
 
 
 def _vocab_size(adapter: Any) -> int | None:

@@ -1,0 +1,158 @@
+"""SaliencyConfig (what a saliency pass computes, its memory modes, validation) and the default
+loss, :func:`target_nll`."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+
+from .._typing import Float, Tensor
+from ..errors import ConfigError, InputError
+from ..layers import LayerSpec, normalize_layer_spec, resolve_layers
+from ..segments import PromptBatch
+
+__all__ = ["SaliencyConfig", "target_nll", "LossFn"]
+
+LossFn = Callable[[Tensor, PromptBatch], Tensor]
+
+
+@dataclass(frozen=True)
+class SaliencyConfig:
+    """What the saliency pass computes.
+
+    Attributes:
+        layers: which layers to measure, in the one layer grammar of :mod:`dpc_lens.layers`
+            (indices, negative allowed; a fraction pair; ``"shallow"`` / ``"deep"``), or ``None``
+            for all layers.
+        per_head: keep the head axis (IAP's layer x head maps).
+        signed: no absolute value.
+        include_diagonal: keep ``I[i, i]`` (default: zeroed, as Wang et al.).
+        fp32: accumulate in float32 under bf16/fp16 models.
+        loss_segments: segments whose tokens the default teacher-forced NLL is taken over.
+        flow_segments: segments to compute pairwise flows between; ``None`` = every segment in
+            the batch's layouts.
+        column_targets: if set, per-source-token column scores summed over these target rows
+            (raw and row-normalised).
+        row_sources: if set, per-target-token incoming flow from these sources, with each row's
+            total incoming flow.
+        keep_full: also keep the full ``[q, k]`` map of every layer (memory ``L x B x T^2``).
+        memory: ``"normal"`` keeps every layer's attention graph for the backward pass (what a
+            plain forward+backward keeps: ``layers x heads x T^2``); ``"lean"`` recomputes each
+            block during the backward (activation checkpointing per block), so only the residual
+            stream between blocks and one block's graph are alive at a time, for about one more
+            forward pass of time; ``"auto"`` (default) is normal unless an estimate of the normal
+            pass's attention memory exceeds 80% of the free memory of the model's device.
+            Saliency is the same in every mode.
+        loss_fp64: the default loss takes its log-softmax over the scored rows in float64 (those
+            rows only: a small cost next to the pass); ``False`` keeps float32 (float64 models
+            stay float64 either way).
+    """
+
+    layers: LayerSpec | None = None
+    per_head: bool = False
+    signed: bool = False
+    include_diagonal: bool = False
+    fp32: bool = True
+    loss_segments: tuple[str, ...] = ("rationale", "answer")
+    flow_segments: tuple[str, ...] | None = None
+    column_targets: tuple[str, ...] | None = None
+    row_sources: tuple[str, ...] | None = None
+    keep_full: bool = False
+    memory: str = "auto"
+    loss_fp64: bool = True
+
+    def __post_init__(self) -> None:
+        if self.memory not in ("auto", "normal", "lean"):
+            raise ConfigError(
+                f"SaliencyConfig.memory must be 'auto', 'normal' or 'lean', got {self.memory!r}."
+            )
+        for name in ("loss_segments", "flow_segments", "column_targets", "row_sources"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, tuple):
+                if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__"):
+                    raise ConfigError(f"SaliencyConfig.{name} must be a sequence, got {v!r}.")
+                object.__setattr__(self, name, tuple(v))
+        if self.layers is not None:
+            spec = normalize_layer_spec(self.layers, "SaliencyConfig.layers")
+            object.__setattr__(self, "layers", spec)
+        if not self.loss_segments:
+            raise ConfigError(
+                "SaliencyConfig.loss_segments is empty; name the segments the loss is taken over."
+            )
+
+    def resolved_layers(self, n_layers: int) -> list[int]:
+        """The layers this config measures in an ``n_layers``-layer model (sorted; the one layer
+        grammar of :mod:`dpc_lens.layers`)."""
+        if self.layers is None:
+            return list(range(n_layers))
+        try:
+            return resolve_layers(self.layers, n_layers)
+        except ConfigError as err:
+            raise ConfigError(f"SaliencyConfig.layers: {err}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "SaliencyConfig":
+        from ..validate import check_keys
+
+        check_keys(d, [f.name for f in fields(cls)], "SaliencyConfig")
+        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+        return cls(**kw)
+
+
+def target_nll(
+    logits: Float[Tensor, "batch pos d_vocab"],
+    batch: PromptBatch,
+    segments: Sequence[str] = ("rationale", "answer"),
+    *,
+    dtype: torch.dtype | None = None,
+) -> Float[Tensor, " batch"]:
+    """Teacher-forced mean NLL per example of the tokens in ``segments``.
+
+    Token at position ``t`` is scored by the logits at ``t - 1``. Positions of segments an
+    example lacks are skipped; an example with no target token raises :class:`InputError`.
+    """
+    B, T, _ = logits.shape
+    tmask = batch.union_mask(segments).to(logits.device)
+    tmask[:, 0] = 0.0  # the first position has no prediction
+    if (tmask.sum(-1) == 0).any():
+        bad = (tmask.sum(-1) == 0).nonzero().flatten().tolist()
+        raise InputError(
+            f"Examples {bad} have no tokens in the loss segments {list(segments)}; the saliency "
+            "loss needs a rationale (or set loss_segments to segments the examples have)."
+        )
+    targets = batch.token_ids.clamp(min=0)[:, 1:].to(logits.device)
+    # never below fp32, never downcast fp64; ``dtype`` (e.g. float64) raises it further
+    work = torch.promote_types(logits.dtype, dtype or torch.float32)
+    w = tmask[:, 1:]
+    # log-softmax only at the scored positions: the full [batch, T, vocab] copy costs
+    # 8 x 139 x 49,152 x 4 B = 219 MB on SmolLM2, and most positions are not scored
+    rows = w > 0
+    logp = torch.log_softmax(logits[:, :-1][rows].to(work), dim=-1)
+    tok_lp = torch.zeros(w.shape, dtype=work, device=logits.device)
+    tok_lp[rows] = logp.gather(-1, targets[rows].unsqueeze(-1)).squeeze(-1)
+    return -(tok_lp * w).sum(-1) / w.sum(-1)
+
+
+def _as_config(config: Any) -> SaliencyConfig:
+    if config is None:
+        return SaliencyConfig()
+    if isinstance(config, SaliencyConfig):
+        return config
+    if isinstance(config, Mapping):
+        return SaliencyConfig.from_dict(config)
+    raise ConfigError(
+        f"config must be a SaliencyConfig or a dict of its fields, got {type(config).__name__}; "
+        "e.g. SaliencyConfig(layers='deep') or {'layers': 'deep'}."
+    )
+
+
+def _did_you_mean(name: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    return f" Did you mean {close[0]!r}?" if close else ""

@@ -1,0 +1,141 @@
+"""Why no gradient reached a layer: one function, :func:`diagnose`, one message per cause."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["diagnose"]
+
+
+_SUB_ORDER = (
+    ("hook_resid_pre", 0), ("hook_in", 0), ("ln1.", 1), ("hook_attn_in", 1), ("hook_q_input", 1),
+    ("hook_k_input", 1), ("hook_v_input", 1), ("attn.hook_in", 1), ("attn.q", 2), ("attn.k", 2),
+    ("attn.v", 2), ("attn.hook_q", 2), ("attn.hook_k", 2), ("attn.hook_v", 2), ("attn.hook_rot", 2),
+    ("attn.hook_attn_scores", 3), ("attn.hook_pattern", 4), ("attn", 5), ("hook_attn_out", 6),
+    ("hook_resid_mid", 7), ("hook_mlp_in", 7), ("ln2.", 8), ("mlp", 9), ("hook_mlp_out", 10),
+    ("hook_resid_post", 11), ("hook_out", 11),
+)
+
+
+def _hook_position(name: str, n_layers: int) -> tuple[float, int]:
+    """Where a hook point sits in the forward: ``(block, order inside the block)``."""
+    parts = name.split(" / ")[0].split(".")
+    if parts[0] == "blocks" and len(parts) > 2 and parts[1].isdigit():
+        rest = ".".join(parts[2:])
+        for prefix, order in _SUB_ORDER:
+            if rest.startswith(prefix):
+                return float(parts[1]), order
+        return float(parts[1]), 5
+    if parts[0] in ("ln_final", "unembed", "hook_unembed"):
+        return float(n_layers), 0
+    return -1.0, 0
+
+
+def _measurable_after(name: str, layers: Sequence[int], n_layers: int) -> list[int]:
+    """The requested layers whose pattern comes after hook ``name`` in the forward."""
+    pos = _hook_position(name, n_layers)
+    return [l for l in layers if (float(l), 4) > pos]
+
+
+def _other_hooks(adapter: Any, ours: set[str]) -> list[str]:
+    """Hook points with a non-permanent forward hook besides dpc_lens's capture, each named by
+    every name the model knows it by (a bridge's legacy TransformerLens alias first)."""
+    names: dict[int, list[str]] = {}
+    points: dict[int, Any] = {}
+    for name, hp in adapter.hook_dict.items():
+        names.setdefault(id(hp), []).append(name)
+        points[id(hp)] = hp
+    out: list[str] = []
+    for key, hp in points.items():
+        n = sum(not getattr(h, "is_permanent", False) for h in getattr(hp, "fwd_hooks", []))
+        aliases = names[key]
+        if any(a in ours for a in aliases):
+            n -= 1
+        if n > 0:
+            canonical = getattr(hp, "name", None)
+            aliases.sort(key=lambda a: a == canonical)
+            out.append(" / ".join(aliases))
+    return out
+
+
+def diagnose(store: Any, p: Any = None) -> str | None:
+    """Why the latest (or the given) pass of ``store`` (a :class:`SaliencyStore`) has no saliency
+    for some requested layer, as one message per cause; ``None`` when every layer delivered its gradient.
+
+    The causes, each with its own message and fix: no pass ran yet; the hooks ran only with
+    gradients off (``torch.no_grad()``, ``generate()``, ``torch.inference_mode()``: the hooks are
+    inert there); the forward ran but no backward followed while the hooks were registered; a
+    hook of the caller's cut the graph between some layers and the loss (named, with the layers
+    that can be measured); the model's pattern hook is off the path to the loss (SPEC section 5).
+    """
+    if p is None:
+        if not store.passes:
+            if store.gradless_forwards:
+                where = ("torch.inference_mode()" if store._gradless_inference
+                         else "torch.no_grad() (generate() runs there too)")
+                return (
+                    f"The saliency hooks fired {store.gradless_forwards} time(s), always with "
+                    f"gradients off, under {where}, where they are inert, so no saliency was "
+                    "recorded. Run the forward and its backward with gradients on, inside the "
+                    "with block: with model.hooks(fwd_hooks=hooks): loss = ...; loss.backward()."
+                )
+            return (
+                "No forward pass has run through these saliency hooks yet, so there is no result. "
+                "Register them and run a forward and its backward first: with "
+                "model.hooks(fwd_hooks=hooks): loss = loss_fn(model(...)); loss.backward(); then "
+                "call store.result() (or use compute_saliency, which does all of it)."
+            )
+        p = store.passes[-1]
+    layers = store.layers
+    missing = [l for l in layers if l not in p.per_layer]
+    if not missing:
+        return None
+    delivered = [l for l in layers if l in p.per_layer]
+    n_layers = store.adapter.n_layers if store.adapter is not None else max(layers) + 1
+    not_fired = [l for l in missing if l not in p.hooked]
+    if not_fired and not p.hooked:
+        return (
+            f"Pass {p.index}: the saliency hooks of layers {not_fired} never fired with gradients on; "
+            "was the forward stopped early (stop_at_layer) or only some hooks registered?"
+        )
+    if p.cut_by:
+        cut = p.cut_by[0]
+        can = _measurable_after(cut, layers, n_layers)
+        return (
+            f"Layers {missing} delivered no attention gradient: your hook {cut!r} returns a "
+            "tensor that is not computed from its input (e.g. a detached patch from a cache), so "
+            "the loss does not depend on anything before it. Saliency can be measured only after "
+            f"that hook: pass SaliencyConfig(layers={can}), or keep the patch in the graph."
+        )
+    later_leaf = [l for l in p.leafed if any(l > m for m in missing)]
+    if delivered and later_leaf:
+        first = min(later_leaf)
+        last_missing = max(m for m in missing if m < first)
+        lo, hi = (float(last_missing), 4), (float(first), 4)
+        between = [h for h in p.other_hooks if lo < _hook_position(h, n_layers) <= hi]
+        who = (f"your hook {between[0]!r}" if len(between) == 1 else
+               f"one of your hooks {between}" if between else "a hook of yours (or a detach in a "
+               "module)")
+        can = _measurable_after(between[0], layers, n_layers) if len(between) == 1 else \
+            [l for l in layers if l >= first]
+        return (
+            f"Layers {missing} delivered no attention gradient: {who} cut the graph between layer "
+            f"{last_missing}'s attention and the loss (it returns a tensor not computed from its "
+            "input, e.g. a detached patch), so the loss does not depend on the earlier layers. "
+            f"Saliency can be measured only after the cut: pass SaliencyConfig(layers={can})."
+        )
+    if not p.backward_ran and not delivered:
+        return (
+            f"Layers {missing} delivered no attention gradient: the forward of pass {p.index} ran "
+            "but no backward pass reached the patterns while the hooks were registered. Call "
+            "loss.backward() (or torch.autograd.grad) inside the same with block as the forward, "
+            "before the hooks are removed, then store.result()."
+        )
+    return (
+        f"Layers {missing} delivered no attention gradient although the backward pass ran. This "
+        "model's attention pattern hook is not on the path to the loss (its attention is computed "
+        "elsewhere and only reported to hook_pattern; SPEC section 5), so dpc_lens cannot measure "
+        "saliency there."
+        + (f" Layers {delivered} can be measured: SaliencyConfig(layers={delivered})." if delivered else "")
+    )
