@@ -50,6 +50,9 @@ from dpc_lens.validate import check_keys
 from dpc_lens.validate import is_int as _is_int
 from dpc_lens.validate import is_real as _is_real
 
+from .locate import LocatorProfile, apply_sink_policy, argmax_locate, z_locate
+from .sinks import SINK_ATTENTION_THRESHOLD, detect_sinks, sinks_by_band
+
 
 def _require_keys(d: Any, what: str, keys: Sequence[str]) -> None:
     """A saved ``what`` (a ``to_dict`` JSON) has every key its ``from_dict`` reads; else a
@@ -85,6 +88,8 @@ __all__ = [
     "BetaMode",
     "SinkMode",
     "AccumulationMeasure",
+    "SinkSource",
+    "Locator",
     "resolve_layers",
     "DetectorInputs",
     "DetectorConfig",
@@ -100,11 +105,15 @@ Statistic = Literal["raw", "normalized"]
 BetaMode = Literal["first_half_mean", "fixed"]
 SinkMode = Literal["keep", "exclude", "normalize"]
 AccumulationMeasure = Literal["max_share", "max_over_mean", "concentration"]
+SinkSource = Literal["position0", "detected"]
+Locator = Literal["argmax", "z"]
 
 _STATISTICS: tuple[str, ...] = get_args(Statistic)
 _BETA_MODES: tuple[str, ...] = get_args(BetaMode)
 _SINK_MODES: tuple[str, ...] = get_args(SinkMode)
 _MEASURES: tuple[str, ...] = get_args(AccumulationMeasure)
+_SINK_SOURCES: tuple[str, ...] = get_args(SinkSource)
+_LOCATORS: tuple[str, ...] = get_args(Locator)
 
 # --------------------------------------------------------------------------------------------
 # Inputs and config
@@ -151,6 +160,12 @@ class DetectorInputs:
             I_l(i, j')`` -- the share of row i's incoming flow that comes from the soft prompt,
             in [0, 1].
 
+        soft_attention: optional ``[layer, soft]``; the attention each soft position receives
+            from the question and rationale, as a multiple of a typical token's
+            (:mod:`dpc_lens.dpc.sinks`); ``None`` when not measured. Sink detection reads it.
+        soft_residual: optional ``[layer, soft]``; each soft position's residual-stream norm
+            entering the layer, as a multiple of the median position's.
+
     Dim 0 covers all the model's layers (``n_layers``); the detector picks its layer sets.
     All four must be finite and non-negative. The rationale axis may have length 0 (empty
     generation); :func:`deep_flow` then returns a defined no-trigger result.
@@ -163,8 +178,19 @@ class DetectorInputs:
     soft_columns_norm: Float[Tensor, "layer soft"]
     rationale_rows: Float[Tensor, "layer rat"]
     rationale_rows_norm: Float[Tensor, "layer rat"]
+    soft_attention: Float[Tensor, "layer soft"] | None = None
+    soft_residual: Float[Tensor, "layer soft"] | None = None
 
     def __post_init__(self) -> None:
+        for name in ("soft_attention", "soft_residual"):
+            t = getattr(self, name)
+            if t is not None:
+                _check_matrix(t, name, "layer soft")
+                if t.shape != self.soft_columns.shape:
+                    raise InputError(
+                        f"{name} has shape {tuple(t.shape)} but soft_columns has "
+                        f"{tuple(self.soft_columns.shape)}; both are [n_layers, n_soft]."
+                    )
         _check_matrix(self.soft_columns, "soft_columns", "layer soft")
         _check_matrix(self.soft_columns_norm, "soft_columns_norm", "layer soft")
         _check_matrix(self.rationale_rows, "rationale_rows", "layer rat")
@@ -219,19 +245,24 @@ class DetectorInputs:
         return self.rationale_rows_norm if statistic == "normalized" else self.rationale_rows
 
     def to_tensors(self) -> dict[str, Tensor]:
-        """The four tensors by field name (for ``safetensors.torch.save_file`` caching)."""
-        return {f.name: getattr(self, f.name).contiguous() for f in fields(self)}
+        """The tensors by field name (for ``safetensors.torch.save_file`` caching); the optional
+        sink tensors only when measured."""
+        return {f.name: getattr(self, f.name).contiguous() for f in fields(self)
+                if getattr(self, f.name) is not None}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, Tensor]) -> DetectorInputs:
         """Inverse of :meth:`to_tensors`."""
-        missing = [f.name for f in fields(cls) if f.name not in tensors]
+        required = [f.name for f in fields(cls) if f.name not in _OPTIONAL_INPUTS]
+        missing = [name for name in required if name not in tensors]
         if missing:
             raise InputError(
-                f"cached detector inputs lack {missing}; expected all of "
-                f"{[f.name for f in fields(cls)]}."
+                f"cached detector inputs lack {missing}; expected all of {required}."
             )
-        return cls(**{f.name: tensors[f.name] for f in fields(cls)})
+        return cls(**{f.name: tensors[f.name] for f in fields(cls) if f.name in tensors})
+
+
+_OPTIONAL_INPUTS = ("soft_attention", "soft_residual")
 
 
 def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> None:
@@ -285,6 +316,23 @@ class DetectorConfig:
             4.0 on ``max_over_mean``: the top column carries at least four times an even share
             (the SPEC's small model showed 5x: 31% vs 6.25% with 16 tokens). Bounds: > 0 and
             <= 1 for ``max_share``/``concentration``, >= 1 for ``max_over_mean``.
+        sink_source: which soft positions the ``sink`` policy treats as sinks: ``"position0"``
+            (default; the SPEC's assumption that sinks sit first) or ``"detected"`` (the
+            positions that receive at least ``sink_threshold`` times a typical token's attention,
+            averaged over the shallow layers, wherever they sit; :mod:`dpc_lens.dpc.sinks`).
+            ``"detected"`` needs inputs measured with their attention (``soft_attention``,
+            which :func:`~dpc_lens.dpc.analyse` records).
+        sink_threshold: attention multiple at or above which a soft position is a sink
+            (default 10: the trained SmolLM2 sink row takes ~100x, an ordinary row ~1x).
+        sink_residual_threshold: also call a position a sink when its residual norm, averaged
+            over the shallow layers, is at least this multiple of the median position's
+            (e.g. 3.0); ``None`` (default) uses attention alone.
+        locator: how the tokens to corrupt are chosen (:mod:`dpc_lens.dpc.locate`):
+            ``"argmax"`` (default, the paper's: the top-k column scores after the sink policy)
+            or ``"z"`` (the top-k z-scores of each position's share against the dev profile).
+        locator_profile: for ``locator="z"`` only: the
+            :class:`~dpc_lens.dpc.locate.LocatorProfile` fitted on dev inputs with this config's
+            ``statistic`` and ``shallow_layers``.
     """
 
     shallow_layers: LayerSpec = "shallow"
@@ -299,8 +347,14 @@ class DetectorConfig:
     require_accumulation: bool = False
     accumulation_measure: AccumulationMeasure = "max_over_mean"
     accumulation_threshold: float = 4.0
+    sink_source: SinkSource = "position0"
+    sink_threshold: float = SINK_ATTENTION_THRESHOLD
+    sink_residual_threshold: float | None = None
+    locator: Locator = "argmax"
+    locator_profile: LocatorProfile | None = None
 
     def __post_init__(self) -> None:
+        self._check_sinks_and_locator()
         object.__setattr__(
             self, "shallow_layers", normalize_layer_spec(self.shallow_layers, "shallow_layers")
         )
@@ -372,11 +426,59 @@ class DetectorConfig:
             )
         object.__setattr__(self, "accumulation_threshold", t)
 
+    def _check_sinks_and_locator(self) -> None:
+        _check_choice(self.sink_source, "sink_source", _SINK_SOURCES)
+        st = _check_real(self.sink_threshold, "sink_threshold")
+        if st <= 0:
+            raise ConfigError(f"sink_threshold={st} must be > 0 (a multiple of a typical token's "
+                              f"attention received; default {SINK_ATTENTION_THRESHOLD}).")
+        object.__setattr__(self, "sink_threshold", st)
+        if self.sink_residual_threshold is not None:
+            rt = _check_real(self.sink_residual_threshold, "sink_residual_threshold")
+            if rt <= 0:
+                raise ConfigError(f"sink_residual_threshold={rt} must be > 0 (a multiple of the "
+                                  "median residual norm, e.g. 3.0), or None to use attention alone.")
+            object.__setattr__(self, "sink_residual_threshold", rt)
+        _check_choice(self.locator, "locator", _LOCATORS)
+        prof = self.locator_profile
+        if isinstance(prof, Mapping):
+            from .locate import LocatorProfile as _LP
+
+            prof = _LP.from_dict(prof)
+            object.__setattr__(self, "locator_profile", prof)
+        if self.locator == "z":
+            if prof is None:
+                raise ConfigError("locator='z' needs locator_profile, the dev split's per-position "
+                                  "share profile: LocatorProfile.fit(dev_inputs, statistic, "
+                                  "shallow_layers); or use locator='argmax'.")
+            if self.sink == "normalize":
+                raise ConfigError("locator='z' already compares each position with its dev profile, "
+                                  "so sink='normalize' has nothing left to do; use sink='keep' or "
+                                  "'exclude'.")
+            shallow = normalize_layer_spec(self.shallow_layers, "shallow_layers")
+            if prof.statistic != self.statistic or prof.shallow_layers != shallow:
+                raise ConfigError(
+                    f"locator_profile was fitted with statistic={prof.statistic!r}, shallow_layers="
+                    f"{prof.shallow_layers!r}, but this config uses statistic={self.statistic!r}, "
+                    f"shallow_layers={shallow!r}; refit the profile with these settings."
+                )
+        elif prof is not None:
+            raise ConfigError("locator_profile is only used with locator='z'; set locator='z' or "
+                              "leave locator_profile=None.")
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dict; layer specs become a name, a list of ints or a list of two floats."""
+        """JSON-safe dict; layer specs become a name, a list of ints or a list of two floats.
+
+        The sink-detection and locator fields are left out while at their defaults, so a config
+        saved before they existed reads back and compares equal (resume checks, records)."""
         out: dict[str, Any] = {}
         for f in fields(self):
             v = getattr(self, f.name)
+            if f.name in _NEW_FIELDS and v == f.default:
+                continue
+            if f.name == "locator_profile":
+                out[f.name] = v.to_dict()
+                continue
             out[f.name] = list(v) if isinstance(v, tuple) else v
         return out
 
@@ -384,6 +486,10 @@ class DetectorConfig:
     def from_dict(cls, d: dict[str, Any]) -> DetectorConfig:
         check_keys(d, [f.name for f in fields(cls)], "DetectorConfig")
         return cls(**d)
+
+
+#: DetectorConfig fields added with sink detection and the locators (issue 19)
+_NEW_FIELDS = ("sink_source", "sink_threshold", "sink_residual_threshold", "locator", "locator_profile")
 
 
 # --------------------------------------------------------------------------------------------
@@ -415,6 +521,9 @@ class AccumulationStats:
             score, ties broken by the lower position.
         top_is_position0: whether the top located token is soft position 0 (an attention sink
             suspect; :func:`sink_rate` counts these).
+        sink_positions: the positions the sink policy treated as sinks (``(0,)`` for
+            ``sink_source="position0"``; the detected ones otherwise, possibly none).
+        locator: the locator that chose ``top_indices``; ``z``: its z-scores (``locator="z"``).
     """
 
     layers: tuple[int, ...]
@@ -429,6 +538,9 @@ class AccumulationStats:
     normalized_entropy: float
     top_indices: tuple[int, ...]
     top_is_position0: bool
+    sink_positions: tuple[int, ...] = (0,)
+    locator: str = "argmax"
+    z: Tensor | None = None
 
     @property
     def concentration(self) -> float:
@@ -454,6 +566,9 @@ class AccumulationStats:
             "normalized_entropy": self.normalized_entropy,
             "top_indices": list(self.top_indices),
             "top_is_position0": self.top_is_position0,
+            "sink_positions": list(self.sink_positions),
+            "locator": self.locator,
+            **({"z": _tensor_list(self.z)} if self.z is not None else {}),
         }
 
     @classmethod
@@ -472,6 +587,10 @@ class AccumulationStats:
             normalized_entropy=float(d["normalized_entropy"]),
             top_indices=tuple(int(x) for x in d["top_indices"]),
             top_is_position0=bool(d["top_is_position0"]),
+            # records written before sink detection existed: position 0 was the sink slot
+            sink_positions=tuple(int(x) for x in d.get("sink_positions", (0,))),
+            locator=str(d.get("locator", "argmax")),
+            z=torch.tensor(d["z"], dtype=torch.float64) if d.get("z") is not None else None,
         )
 
 
@@ -498,6 +617,10 @@ def accumulation(
     sink: SinkMode = "keep",
     top_k: int = 1,
     sink_scale: float | None = None,
+    *,
+    sink_positions: Sequence[int] = (0,),
+    locator: Locator = "argmax",
+    profile: LocatorProfile | None = None,
 ) -> AccumulationStats:
     """Information accumulation in the shallow layers (SPEC section 3, step 3).
 
@@ -505,12 +628,15 @@ def accumulation(
 
         c_j        = sum_{l in S} columns[l, j]
         sink       keep:      s = c
-                   exclude:   s = c with position 0 dropped (n_counted = P - 1)
-                   normalize: s = c with s_0 = c_0 / sink_scale
+                   exclude:   s = c with the sink positions dropped (n_counted = P - #sinks)
+                   normalize: s = c with s_j = c_j / sink_scale for each sink j
+                   (sinks: ``sink_positions``, position 0 by default)
         max_share  = max_j s_j / sum_j s_j
         max/mean   = max_j s_j / mean_j s_j         (= n_counted * max_share)
         p_j        = s_j / sum s;   H = -sum_j p_j ln p_j;   H_norm = H / ln(n_counted)
-        top_k      = the k positions with the largest s_j (ties -> lower position first)
+        top_k      = the k positions with the largest s_j (ties -> lower position first);
+                     with locator="z", the k counted positions with the largest
+                     z_j = (c_j / sum c - profile.mean_j) / profile.std_j
 
     With ``columns = soft_columns`` (sums over question and rationale rows) c is the paper's
     column score; with ``soft_columns_norm`` it is the sum of per-row shares. Computed in
@@ -527,18 +653,12 @@ def accumulation(
     chosen = _check_layers(layers, n_layers, "accumulation")
     if not _is_int(top_k) or top_k < 1:
         raise InputError(f"top_k={top_k!r} must be an int >= 1.")
+    _check_choice(locator, "locator", _LOCATORS)
     c = columns.detach().to(device="cpu", dtype=torch.float64)[chosen].sum(dim=0)
-    scores = c.clone()
-    counted = torch.ones(n_soft, dtype=torch.bool)
-    if sink == "exclude":
-        counted[0] = False
-        scores[0] = 0.0
-    elif sink == "normalize":
-        if sink_scale is None or not sink_scale > 0:
-            raise InputError(
-                f"sink='normalize' needs sink_scale > 0, got {sink_scale!r}; see fit_sink_scale()."
-            )
-        scores[0] = scores[0] / float(sink_scale)
+    sinks = tuple(sorted({int(j) for j in sink_positions}))
+    scores, counted = apply_sink_policy(c, sinks, sink, sink_scale)
+    if locator == "z" and profile is None:
+        raise InputError("locator='z' needs the dev profile (LocatorProfile.fit).")
     n_counted = int(counted.sum())
     if n_counted < top_k:
         raise InputError(
@@ -557,10 +677,11 @@ def accumulation(
     plogp = torch.where(p > 0, p * torch.log(torch.where(p > 0, p, torch.ones_like(p))), 0.0)
     entropy = float(-plogp.sum())
     norm_entropy = entropy / math.log(n_counted) if n_counted > 1 else 0.0
-    # Stable descending sort keeps the lower position first among equal scores.
-    ranked = torch.where(counted, scores, torch.tensor(-math.inf, dtype=torch.float64))
-    order = torch.sort(ranked, descending=True, stable=True).indices[:top_k]
-    top = tuple(int(i) for i in order.tolist())
+    z = None
+    if locator == "z":
+        top, z = z_locate(c, profile, top_k, counted)  # type: ignore[arg-type]
+    else:
+        top = argmax_locate(scores, top_k, counted)  # stable: ties -> lower position first
     return AccumulationStats(
         layers=tuple(chosen),
         sink=sink,
@@ -574,6 +695,9 @@ def accumulation(
         normalized_entropy=min(max(norm_entropy, 0.0), 1.0),
         top_indices=top,
         top_is_position0=top[0] == 0,
+        sink_positions=sinks,
+        locator=locator,
+        z=z,
     )
 
 
@@ -738,6 +862,9 @@ class TriggerDecision:
         flow_triggered: ``deep_flow.defined and deep_flow.affected_share > config.R``.
         fired: ``flow_triggered and (accumulation_present or not config.require_accumulation)``.
         reason: one human-readable sentence saying why it fired or not.
+        sinks: the soft positions that are sinks in each band of layers
+            (:func:`~dpc_lens.dpc.sinks.sinks_by_band`), when the inputs carry attention received;
+            ``None`` otherwise.
     """
 
     config: DetectorConfig
@@ -751,6 +878,7 @@ class TriggerDecision:
     flow_triggered: bool
     fired: bool
     reason: str
+    sinks: list[dict[str, Any]] | None = None
 
     @property
     def corrupt_indices(self) -> tuple[int, ...]:
@@ -771,6 +899,7 @@ class TriggerDecision:
             "flow_triggered": self.flow_triggered,
             "fired": self.fired,
             "reason": self.reason,
+            **({"sinks": self.sinks} if self.sinks is not None else {}),
         }
 
     @classmethod
@@ -788,6 +917,7 @@ class TriggerDecision:
             flow_triggered=bool(d["flow_triggered"]),
             fired=bool(d["fired"]),
             reason=str(d["reason"]),
+            sinks=d.get("sinks"),
         )
 
 
@@ -824,7 +954,9 @@ def dynamic_trigger(
     shallow = _resolve_field(config, "shallow_layers", inputs.n_layers)
     deep = _resolve_field(config, "deep_layers", inputs.n_layers)
     acc = accumulation(
-        inputs.columns(config.statistic), shallow, config.sink, config.top_k, config.sink_scale
+        inputs.columns(config.statistic), shallow, config.sink, config.top_k, config.sink_scale,
+        sink_positions=sink_positions(inputs, config, shallow), locator=config.locator,
+        profile=config.locator_profile,
     )
     flow = deep_flow(inputs.rows(config.statistic), deep, config.beta_mode, config.beta_value)
     value = acc.measure(config.accumulation_measure)
@@ -864,7 +996,33 @@ def dynamic_trigger(
         flow_triggered=flow_triggered,
         fired=fired,
         reason=reason,
+        sinks=(sinks_by_band(inputs.soft_attention, config.sink_threshold)
+               if inputs.soft_attention is not None else None),
     )
+
+
+def sink_positions(inputs: DetectorInputs, config: DetectorConfig,
+                   shallow: Sequence[int] | None = None) -> tuple[int, ...]:
+    """The soft positions ``config``'s sink policy treats as sinks for this instance:
+    ``(0,)`` for ``sink_source="position0"``; for ``"detected"``, the positions whose attention
+    multiple (and, with ``sink_residual_threshold``, residual multiple), averaged over the shallow
+    layers, reaches the threshold (:func:`~dpc_lens.dpc.sinks.detect_sinks`).
+
+    Raises:
+        InputError: ``"detected"`` on inputs measured without attention received.
+    """
+    if config.sink_source == "position0":
+        return (0,)
+    if inputs.soft_attention is None:
+        raise InputError(
+            "sink_source='detected' needs the attention each soft position receives, but these "
+            "detector inputs were measured without it (soft_attention is None); re-run "
+            "dpc_lens.dpc.analyse, which records it, or use sink_source='position0'."
+        )
+    layers = list(shallow) if shallow is not None else _resolve_field(config, "shallow_layers",
+                                                                     inputs.n_layers)
+    return detect_sinks(inputs.soft_attention, layers, config.sink_threshold,
+                        inputs.soft_residual, config.sink_residual_threshold)
 
 
 # --------------------------------------------------------------------------------------------

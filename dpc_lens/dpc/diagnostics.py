@@ -2,12 +2,16 @@
 the located token is the attention sink (:func:`sink_rate`), the paper's Fig. 5 contingency of
 accumulation x deep-flow change (:func:`accumulation_deepflow_contingency`), threshold sweeps
 without recomputation (:func:`fires_at_thresholds`) and the reference scale of
-``sink="normalize"`` (:func:`fit_sink_scale`)."""
+``sink="normalize"`` (:func:`fit_sink_scale`); whether the detector adapts to each instance
+(:func:`instance_adaptivity`, :func:`adaptivity_warning`, :func:`locating_vs_modal`) and how well
+the trigger's statistic separates the questions it should fire on (:func:`trigger_auc`)."""
 
 from __future__ import annotations
 
+import math
 import statistics
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -24,9 +28,16 @@ from .detector import (
     DetectorInputs,
     TriggerDecision,
     _check_choice,
+    sink_positions,
 )
 
-__all__ = ["sink_rate", "accumulation_deepflow_contingency", "fires_at_thresholds", "fit_sink_scale"]
+__all__ = ["sink_rate", "accumulation_deepflow_contingency", "fires_at_thresholds", "fit_sink_scale",
+           "instance_adaptivity", "adaptivity_warning", "locating_vs_modal", "trigger_auc",
+           "ADAPTIVITY_WARNING_SHARE"]
+
+#: one located position taking more than this share of the questions means the detector is not
+#: instance-adaptive (issue 19: soft row 2 on 100% of SmolLM2's test questions)
+ADAPTIVITY_WARNING_SHARE = 0.8
 
 
 def _check_decisions(decisions: Sequence[TriggerDecision], name: str) -> list[TriggerDecision]:
@@ -136,12 +147,14 @@ def fires_at_thresholds(
 
 
 def fit_sink_scale(inputs: Sequence[DetectorInputs], config: DetectorConfig | None = None) -> float:
-    """Reference scale for ``sink="normalize"``: how much larger column 0 usually is.
+    """Reference scale for ``sink="normalize"``: how much larger a sink column usually is.
 
     For each reference instance, with ``c`` the soft-column sums over ``config.shallow_layers``
-    of the ``config.statistic`` tensor::
+    of the ``config.statistic`` tensor and S its sink positions (``(0,)`` for
+    ``sink_source="position0"``, else the detected ones; instances without a detected sink are
+    skipped)::
 
-        ratio = c_0 / mean(c_1 .. c_{P-1})
+        ratio = mean(c_j, j in S) / mean(c_j, j not in S)     (= c_0 / mean(c_1 .. c_{P-1}))
         sink_scale = median over instances of ratio
 
     The median keeps a few instances with real accumulation on position 0 from inflating the
@@ -168,13 +181,23 @@ def fit_sink_scale(inputs: Sequence[DetectorInputs], config: DetectorConfig | No
             )
         layers = resolve_layers(config.shallow_layers, x.n_layers)
         c = x.columns(config.statistic).detach().to("cpu", torch.float64)[layers].sum(dim=0)
-        rest = float(c[1:].mean())
+        sinks = list(sink_positions(x, config, layers))
+        others = [j for j in range(x.n_soft) if j not in sinks]
+        if not sinks or not others:
+            continue
+        rest = float(c[others].mean())
         if rest <= 0:
             raise InputError(
-                f"fit_sink_scale: item {k} has no flow into soft columns 1..P-1 in "
+                f"fit_sink_scale: item {k} has no flow into its non-sink soft columns in "
                 f"layers {layers}; it cannot serve as a reference."
             )
-        ratios.append(float(c[0]) / rest)
+        ratios.append(float(c[sinks].mean()) / rest)
+    if not ratios:
+        raise InputError(
+            "fit_sink_scale: no reference instance has both a sink and an ordinary soft position "
+            f"(sink_source={config.sink_source!r}, sink_threshold={config.sink_threshold}); there "
+            "is no sink to normalise, use sink='keep'."
+        )
     scale = float(statistics.median(ratios))
     if scale <= 0:
         raise InputError(
@@ -182,3 +205,99 @@ def fit_sink_scale(inputs: Sequence[DetectorInputs], config: DetectorConfig | No
             "there is no sink to normalise, use sink='keep'."
         )
     return scale
+
+
+def instance_adaptivity(located: Sequence[int | None]) -> dict[str, Any]:
+    """How the top located soft position spreads over the questions (``None``: nothing located).
+
+    Returns ``n`` (questions with a located position), ``histogram`` (position -> count, as
+    string keys for JSON), ``distinct_positions``, ``modal_position`` (the commonest; ties -> the
+    lower position), ``modal_share`` (its count / n), ``entropy`` ``H = -sum_p q_p ln q_p`` in
+    nats over the located positions, and ``normalized_entropy`` ``H / ln(distinct)`` (0 when one
+    position). A detector that adapts to each instance spreads; one that always finds the same
+    token (an attention sink) has ``modal_share`` near 1 and entropy near 0.
+    """
+    pos = [int(p) for p in located if p is not None]
+    if not pos:
+        return {"n": 0, "histogram": {}, "distinct_positions": 0, "modal_position": None,
+                "modal_share": None, "entropy": None, "normalized_entropy": None}
+    counts = Counter(pos)
+    n = len(pos)
+    modal = min(counts, key=lambda p: (-counts[p], p))
+    h = -sum((c / n) * math.log(c / n) for c in counts.values())
+    k = len(counts)
+    return {"n": n, "histogram": {str(p): counts[p] for p in sorted(counts)}, "distinct_positions": k,
+            "modal_position": modal, "modal_share": counts[modal] / n, "entropy": h,
+            "normalized_entropy": h / math.log(k) if k > 1 else 0.0}
+
+
+def adaptivity_warning(adaptivity: Mapping[str, Any], sinks: Sequence[int] = (),
+                       threshold: float = ADAPTIVITY_WARNING_SHARE) -> str | None:
+    """One plain warning line when one position takes more than ``threshold`` of the questions
+    (``adaptivity`` from :func:`instance_adaptivity`), naming the likely sink: the modal position,
+    with the positions detected as sinks (``sinks``) when given; ``None`` otherwise."""
+    share = adaptivity.get("modal_share")
+    if share is None or share <= threshold:
+        return None
+    pos = adaptivity["modal_position"]
+    if pos in sinks:
+        why = f"soft position {pos} is a detected attention sink"
+    elif sinks:
+        why = (f"soft position {pos} is the likely sink (detected sinks: "
+               f"{', '.join(map(str, sinks))})")
+    else:
+        why = f"soft position {pos} is the likely attention sink"
+    return (f"warning: the detector is not instance-adaptive here: it located soft position {pos} on "
+            f"{100 * share:.0f}% of {adaptivity['n']} questions; {why}. Try sink_source='detected' "
+            "with sink='exclude', or locator='z'.")
+
+
+def locating_vs_modal(located_correct: Sequence[Any], modal_correct: Sequence[Any],
+                      n_resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Does per-question locating beat always corrupting the modal position, on the same
+    questions under the same trigger? ``diff = mean(located) - mean(modal)`` with its paired
+    bootstrap 95% interval (:func:`~dpc_lens.evaluation.paired_bootstrap`)."""
+    from ..evaluation import paired_bootstrap
+
+    d, lo, hi = paired_bootstrap(located_correct, modal_correct, n_resamples, seed)
+    return {"n": len(located_correct), "located": sum(map(float, located_correct)) / len(located_correct),
+            "modal": sum(map(float, modal_correct)) / len(modal_correct), "diff": d, "ci95": [lo, hi],
+            "method": f"paired bootstrap, {n_resamples} resamples"}
+
+
+def trigger_auc(scores: Sequence[float], labels: Sequence[bool | None], n_resamples: int = 2000,
+                seed: int = 0) -> dict[str, Any]:
+    """Area under the ROC curve of a trigger statistic for a binary label, with a bootstrap 95%
+    interval.
+
+    ``AUC = P(score_pos > score_neg) + 1/2 P(score_pos = score_neg)`` over all (positive,
+    negative) pairs (ties count half); 0.5 is chance. Instances whose label is ``None`` are left
+    out. The interval resamples the instances with replacement (``n_resamples`` times, seeded);
+    a resample holding no positive or no negative is skipped. Returns ``auc`` (``None`` when a
+    class is empty), ``ci95``, ``n_pos``, ``n_neg``.
+    """
+    if len(scores) != len(labels):
+        raise InputError(f"trigger_auc: {len(scores)} scores for {len(labels)} labels.")
+    keep = [(float(s), bool(y)) for s, y in zip(scores, labels) if y is not None]
+    pos = torch.tensor([s for s, y in keep if y], dtype=torch.float64)
+    neg = torch.tensor([s for s, y in keep if not y], dtype=torch.float64)
+    out: dict[str, Any] = {"n_pos": int(pos.numel()), "n_neg": int(neg.numel()), "auc": None,
+                           "ci95": None, "method": f"bootstrap over instances, {n_resamples} resamples"}
+    if not pos.numel() or not neg.numel():
+        return out
+    kern = (pos[:, None] > neg[None, :]).double() + 0.5 * (pos[:, None] == neg[None, :]).double()
+    out["auc"] = float(kern.mean())
+    g = torch.Generator().manual_seed(seed)
+    n = len(keep)
+    is_pos = torch.tensor([y for _, y in keep])
+    idx = torch.randint(0, n, (n_resamples, n), generator=g)
+    w = torch.zeros(n_resamples, n, dtype=torch.float64).scatter_add_(
+        1, idx, torch.ones(n_resamples, n, dtype=torch.float64))
+    wp, wn = w[:, is_pos], w[:, ~is_pos]
+    denom = wp.sum(1) * wn.sum(1)
+    ok = denom > 0
+    aucs = (((wp @ kern) * wn).sum(1)[ok] / denom[ok]).sort().values
+    m = int(aucs.numel())
+    if m >= 40:
+        out["ci95"] = [float(aucs[int(0.025 * m)]), float(aucs[int(0.975 * m) - 1])]
+    return out
