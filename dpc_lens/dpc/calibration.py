@@ -359,8 +359,12 @@ def calibrate_dpc(
             grid that does not fit the model (see :func:`sweep_triggers`); RunError: the output
             directory is locked, not writable, or holds another calibration without ``resume``.
     """
-    cfg = base_config or DPCConfig()
-    grid = grid or CalibrationGrid()
+    from ..tasks import resolve_task
+    from ..validate import as_config
+
+    task = resolve_task(task)  # a name or a task object, checked before any model work
+    cfg = as_config(base_config, DPCConfig, "base_config")
+    grid = as_config(grid, CalibrationGrid, "grid")
     adapter = as_adapter(model)
     if not isinstance(soft_prompt, SoftPrompt):
         raise InputError(f"soft_prompt must be a SoftPrompt, got {type(soft_prompt).__name__}.")
@@ -374,7 +378,7 @@ def calibrate_dpc(
     from contextlib import nullcontext
 
     from ..runs import RunLock, check_out_dir
-    from .pipeline import check_config_fits
+    from .pipeline import _check_room, check_config_fits
 
     check_config_fits(cfg, soft_prompt)
     if out_dir is not None:
@@ -427,6 +431,7 @@ def _calibrate_locked(adapter, soft_prompt, examples, ids, task, cfg, grid, prog
                 cached_cor[(r["id"], tuple(r["rows"]))] = bool(r["correct"])
 
     t0 = time.perf_counter()
+    _check_room(adapter, soft_prompt, cfg)  # no dev question could fit: refuse before any work
     prompts = encode_prompts(adapter, [prompt_text(cfg.template, e.question) for e in examples],
                              add_bos=cfg.add_bos)
     inputs: list[DetectorInputs | None] = [None] * len(examples)

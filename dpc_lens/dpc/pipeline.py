@@ -130,15 +130,14 @@ class DPCConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DPCConfig":
-        d = dict(d)
-        known = {"detector", "corruption", "generation", "template", "add_bos", "baselines", "seed",
-                 "saliency_batch_size", "fp32", "random_draws"}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"Unknown DPCConfig fields {unknown}; expected some of {sorted(known)}.")
+        from ..validate import check_keys
+
+        known = ["detector", "corruption", "generation", "template", "add_bos", "baselines", "seed",
+                 "saliency_batch_size", "fp32", "random_draws"]
+        d = dict(check_keys(d, known, "DPCConfig"))
         return cls(
             detector=DetectorConfig.from_dict(d.pop("detector", {})),
-            corruption=CorruptionConfig(**d.pop("corruption", {})),
+            corruption=CorruptionConfig.from_dict(d.pop("corruption", {})),
             generation=GenerationConfig.from_dict(d.pop("generation", {})),
             baselines=tuple(d.pop("baselines", BASELINES)),
             **d,
@@ -205,7 +204,10 @@ def analyse(
     One teacher-forced forward + backward per batch of ``config.saliency_batch_size`` examples;
     the loss is the mean NLL of the generated rationale tokens.
     """
-    cfg = config or DPCConfig()
+    from ..validate import as_config
+
+    cfg = as_config(config, DPCConfig)
+    _check_soft_prompt(soft_prompt, "analyse")
     adapter = as_adapter(model)
     prompts = encode_questions(adapter, questions, cfg)
     if generations is None:
@@ -243,6 +245,22 @@ def analyse(
     for i, m in zip(todo, measured, strict=True):
         out[i] = Analysis(tuple(prompts[i]), generations[i], m.extra, m.flows, m.loss)
     return [a for a in out if a is not None]
+
+
+def _check_soft_prompt(soft_prompt: Any, where: str) -> None:
+    """DPC corrupts a soft prompt: without one (``None``) or with something else, say so."""
+    if soft_prompt is None:
+        raise InputError(
+            f"{where} needs a soft prompt: DPC measures how the soft prompt's tokens steer the "
+            "rationale and corrupts the ones that mislead it, so there is nothing to analyse "
+            "without one. Pass a SoftPrompt (e.g. SoftPrompt.from_peft('path/to/adapter')); for "
+            "saliency without a soft prompt use dpc_lens.compute_saliency."
+        )
+    if not isinstance(soft_prompt, SoftPrompt):
+        raise InputError(
+            f"{where}: soft_prompt must be a SoftPrompt (e.g. SoftPrompt.from_peft(dir) or "
+            f"SoftPrompt(tensor)), got {type(soft_prompt).__name__}."
+        )
 
 
 def _safe_trigger(inputs: DetectorInputs | None,
@@ -283,6 +301,15 @@ def check_config_fits(cfg: DPCConfig, soft_prompt: SoftPrompt, n_layers: int | N
             f"detector.top_k to at most {usable} in the config file (--config), or use a longer "
             "soft prompt."
         )
+
+
+def _check_room(adapter: Any, soft_prompt: SoftPrompt, cfg: DPCConfig) -> None:
+    """Refuse up front when no question can fit (soft prompt + BOS + template + one question
+    token + max_new_tokens > n_ctx): every question would be skipped."""
+    from ..generation import check_room
+
+    fixed = len(encode_questions(adapter, [""], cfg)[0]) + soft_prompt.n_tokens
+    check_room(adapter, cfg.generation.max_new_tokens, fixed, "question (soft prompt, BOS and template)")
 
 
 def _too_long(adapter: Any, prompt: Sequence[int], n_soft: int, cfg: DPCConfig) -> str | None:
@@ -416,19 +443,26 @@ def run_dpc(
     A question too long for the model's context (prompt + soft prompt + ``max_new_tokens``) is
     skipped with a record saying why (``"skipped"``), counted in the summary.
 
+    ``task`` is a task object or a name (``"arith"``), and ``config`` a :class:`DPCConfig` or a
+    dict of its fields; both are checked before any model work.
+
     Raises:
-        DataError: no examples. ConfigError: a config the soft prompt cannot satisfy.
+        DataError: no examples, or nothing evaluated (every question skipped; the records are
+            written first). ConfigError: a config the soft prompt cannot satisfy, or a
+            ``max_new_tokens`` with which no question can fit the model's context.
         InputError / RunError: repeated ids, an existing run without ``resume``, a run with
             another config, an output directory that is locked or not writable.
     """
     from contextlib import nullcontext
 
     from ..runs import RunLock, check_out_dir
+    from ..tasks import resolve_task
+    from ..validate import as_config
 
-    cfg = config or DPCConfig()
+    task = resolve_task(task)  # a name or a task object, checked before any model work
+    cfg = as_config(config, DPCConfig)
+    _check_soft_prompt(soft_prompt, "run_dpc")
     adapter = as_adapter(model)
-    if not isinstance(soft_prompt, SoftPrompt):
-        raise InputError(f"soft_prompt must be a SoftPrompt, got {type(soft_prompt).__name__}.")
     soft_prompt.for_model(adapter)  # width check before any work
     examples = list(examples)
     if not examples:
@@ -439,6 +473,7 @@ def run_dpc(
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise InputError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}.")
     check_config_fits(cfg, soft_prompt)
+    _check_room(adapter, soft_prompt, cfg)
     rec_path = None
     if out_dir is not None:
         out_dir = check_out_dir(out_dir)
@@ -530,7 +565,17 @@ def _run_dpc_locked(adapter, soft_prompt, examples, ids, task, cfg, out_dir, rec
     if out_dir is not None:
         rewrite_jsonl(rec_path, records + others)  # input order, as an uninterrupted run
         write_json(os.path.join(out_dir, "summary.json"), summary)
+    if records and summary.get("n", 0) == 0:
+        raise DataError(_nothing_evaluated(summary, out_dir))
     return records, summary
+
+
+def _nothing_evaluated(summary: dict[str, Any], out_dir: Any) -> str:
+    s = summary.get("skipped") or {}
+    kept = f" Their records and the summary are in {out_dir}." if out_dir is not None else ""
+    return (f"Nothing was evaluated: all {s.get('n', 0)} question(s) were skipped ("
+            f"{s.get('reason', 'no reason recorded')}), so there is no accuracy to report.{kept} "
+            "Lower max_new_tokens, shorten the questions, or use a model with a longer context.")
 
 
 def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
