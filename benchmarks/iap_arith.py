@@ -29,8 +29,7 @@ cfg = IAPRunConfig(generation=GenerationConfig(max_new_tokens=max_new, batch_siz
 t0 = time.time()
 fit = calibrate_iap(model, dev, task, pool, cfg, out_dir=f"{out}/dev", resume=True)
 t1 = time.time()
-_, summary = run_iap(model, test, task, pool, fit.config, standardizer=fit.standardizer,
-                     out_dir=f"{out}/test", resume=True)
+_, summary = run_iap(model, test, task, pool, fit.config, calibration=fit, out_dir=f"{out}/test", resume=True)
 t2 = time.time()
 print(format_summary(summary))
 cal = fit.calibration
@@ -44,6 +43,14 @@ result = {
     "mean_prompts_tried_ss": summary["mean_prompts_tried_ss"],
     "cost_per_question": summary["cost_per_question"],
     "chosen": {"iap_ss": cal.best_ss, "iap_mv": cal.best_mv},
+    # the library's own diagnostics (dpc_lens.iap.diagnostics), as run_iap's summary has them
+    "paired_differences": summary["paired_differences"],
+    "reference_prompts": summary["reference_prompts"],
+    "score_diagnostics": summary["score_diagnostics"],
+    "degenerate": summary["degenerate"],
+    "warnings": summary["warnings"],
+    "dev_score_diagnostics": cal.score_diagnostics,
+    "dev_degenerate": cal.degenerate,
     "dev_baselines": cal.baselines,
     "sensitivity": [dict(r) for r in cal.sensitivity],
     "wall_s": {"dev": t1 - t0, "test": t2 - t1},
