@@ -184,7 +184,11 @@ def run_dpc_distributed(
     Every rank calls this with the same arguments. Returns ``(records, summary)`` of the whole
     run on rank 0 (after the merge) and ``None`` on the other ranks.
     """
-    from .dpc import run_dpc
+    from .dpc import DPCConfig, run_dpc
+    from .tasks import resolve_task
+    from .validate import as_config
+
+    task, config = resolve_task(task), as_config(config, DPCConfig)  # before any model work
 
     def run(mine, mine_dir, here, info):
         run_dpc(model, soft_prompt, mine, task, config, out_dir=mine_dir, resume=here,
@@ -216,7 +220,9 @@ def merge_iap_runs(out_dir: str | os.PathLike, examples: Sequence[Any], task: An
     from pathlib import Path
 
     from .iap.pipeline import _as_pool, _as_run_config, _pair_key, evaluate, fit_standardizer
+    from .tasks import resolve_task
 
+    task = resolve_task(task)
     out_dir = os.fspath(out_dir)
     cfg, pool = _as_run_config(config), _as_pool(pool)
     found: dict[Any, dict] = {}
@@ -270,7 +276,11 @@ def run_iap_distributed(
     pair), rank 0 evaluates all pairs together (:func:`merge_iap_runs`). Returns the whole
     run's ``(pairs, summary)`` on rank 0 and ``None`` elsewhere."""
     from .iap import run_iap
+    from .iap.pipeline import _as_run_config
     from .model import as_adapter
+    from .tasks import resolve_task
+
+    task, config = resolve_task(task), _as_run_config(config)  # before any model work
 
     def run(mine, mine_dir, here, info):
         run_iap(model, mine, task, pool, config, standardizer=standardizer, out_dir=mine_dir,
@@ -352,7 +362,13 @@ def calibrate_dpc_distributed(
     model work for the dev examples it owns into ``OUT/rank-<r>/`` (resumable), rank 0 scores
     the grid over all of them (:func:`merge_dpc_calibrations`). Returns the calibration on rank
     0 and ``None`` elsewhere."""
-    from .dpc import calibrate_dpc
+    from .dpc import CalibrationGrid, DPCConfig, calibrate_dpc
+    from .tasks import resolve_task
+    from .validate import as_config
+
+    task = resolve_task(task)  # before any model work
+    base_config = as_config(base_config, DPCConfig, "base_config")
+    grid = as_config(grid, CalibrationGrid, "grid")
 
     def run(mine, mine_dir, here, info):
         calibrate_dpc(model, soft_prompt, mine, task, base_config, grid, out_dir=mine_dir, resume=here,

@@ -136,6 +136,26 @@ def _pick(logits: torch.Tensor, cfg: GenerationConfig, gen: torch.Generator | No
     return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(logits.device)
 
 
+def check_room(adapter: Any, max_new_tokens: int, fixed: int, what: str) -> None:
+    """Refuse, before any model work, a run where no question can fit the model's context:
+    ``fixed`` tokens every prompt has whatever the question (soft prompt, BOS, a prompt
+    template's own tokens), plus at least one question token, plus ``max_new_tokens``. Without
+    this, a too-large ``max_new_tokens`` skips every question and a run ends with ``n = 0``."""
+    n_ctx = as_adapter(adapter).n_ctx
+    need = fixed + 1 + int(max_new_tokens)
+    if n_ctx is None or need <= n_ctx:
+        return
+    room = n_ctx - fixed - 1
+    fix = (f"Lower max_new_tokens to at most {room} (GenerationConfig.max_new_tokens; "
+           "--max-new-tokens on the command line)" if room >= 1 else
+           "Use a shorter soft prompt or template, or a model with a longer context")
+    raise ConfigError(
+        f"No question can fit this model's context: n_ctx={n_ctx} tokens, but every {what} needs "
+        f"{fixed} fixed token(s) + at least 1 question token + max_new_tokens={max_new_tokens} = "
+        f"{need}. Nothing was run. {fix}."
+    )
+
+
 @torch.no_grad()
 def _generate_batch(adapter: Any, seqs: list[list[int]], soft: Any, cfg: GenerationConfig,
                     gen: torch.Generator | None) -> list[Generation]:
@@ -226,7 +246,9 @@ def generate(
 
     Returns one :class:`Generation` per prompt, in order.
     """
-    cfg = config or GenerationConfig()
+    from .validate import as_config
+
+    cfg = as_config(config, GenerationConfig)
     adapter = as_adapter(model)
     if cfg.use_kv_cache and adapter.declares_kv_cache and not adapter.supports_kv_cache:
         warnings.warn(

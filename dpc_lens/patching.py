@@ -62,6 +62,12 @@ class CorruptionConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"mode": self.mode, "scale": self.scale, "gamma": self.gamma}
 
+    @classmethod
+    def from_dict(cls, d: Any) -> "CorruptionConfig":
+        from .validate import check_keys
+
+        return cls(**check_keys(d, ["mode", "scale", "gamma"], "CorruptionConfig"))
+
 
 def _check_rows(rows: Sequence[int], n: int) -> list[int]:
     out = []

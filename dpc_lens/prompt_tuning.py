@@ -517,8 +517,9 @@ def train_soft_prompt(
         history as JSON, ``result.save_adapter(dir)`` both.
     """
     from .progress import bar as progress_bar
+    from .validate import as_config
 
-    cfg = config or PromptTuningConfig()
+    cfg = as_config(config, PromptTuningConfig)
     adapter = as_adapter(model)
     examples = list(examples)
     if not examples:
@@ -663,17 +664,18 @@ def evaluate_accuracy(
     ``is_correct``. ``task`` is a task object or a name for :func:`dpc_lens.tasks.get_task`.
     """
     from .generation import GenerationConfig, generate
+    from .tasks import resolve_task
 
-    if isinstance(task, str):
-        from .tasks import get_task
-
-        task = get_task(task)
+    task = resolve_task(task)
     examples = list(examples)
     if not examples:
         raise InputError("evaluate_accuracy needs at least one example.")
     _template_fields(template, "template")
     prompts = [_fill_template(template, ex, "template", i) for i, ex in enumerate(examples)]
-    gens = generate(model, prompts, soft_prompt, generation_config or GenerationConfig(),
+    from .validate import as_config
+
+    gen_cfg = as_config(generation_config, GenerationConfig, "generation_config")
+    gens = generate(model, prompts, soft_prompt, gen_cfg,
                     add_bos=add_bos, progress=progress, desc="evaluate")
     texts = tuple(g.text for g in gens)
     from .evaluation import grade

@@ -14,7 +14,7 @@ import torch
 
 from .errors import ConfigError, DpcLensError, InputError
 
-__all__ = ["check_device", "cli_device_words", "check_count", "check_keys", "is_int", "is_real"]
+__all__ = ["as_config", "check_device", "cli_device_words", "check_count", "check_keys", "is_int", "is_real"]
 
 
 def check_keys(d: Any, known: Sequence[str], what: str, *, required: Sequence[str] = (),
@@ -33,6 +33,30 @@ def check_keys(d: Any, known: Sequence[str], what: str, *, required: Sequence[st
     if missing:
         raise error(f"{what} lacks {missing}; a complete one has {list(known)}.")
     return d
+
+
+def as_config(value: Any, cls: type, name: str = "config", *, extra_keys: Sequence[str] = ()) -> Any:
+    """``value`` as a ``cls`` config: ``None`` gives the defaults, an instance is kept, a dict
+    goes through ``cls.from_dict`` after its keys are checked against the fields (an unknown key
+    gets a "did you mean"); anything else is a :class:`ConfigError` naming what is accepted.
+
+    ``extra_keys``: keys a saved file may carry besides the fields (e.g. ``kind``, ``version``).
+    """
+    import dataclasses
+
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    known = [f.name for f in dataclasses.fields(cls)] + list(extra_keys)
+    if isinstance(value, Mapping):
+        check_keys(value, known, f"{name} (a dict for {cls.__name__})")
+        return cls.from_dict(dict(value))
+    raise ConfigError(
+        f"{name} must be a {cls.__name__} or a dict of its fields (read through "
+        f"{cls.__name__}.from_dict), got {type(value).__name__}. For example {name}="
+        f"{cls.__name__}() or {name}={{{known[0]!r}: ...}}."
+    )
 
 
 def is_int(x: Any) -> bool:

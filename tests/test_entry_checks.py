@@ -20,7 +20,7 @@ import sys
 import pytest
 import torch
 
-from dpc_lens.errors import InputError, ModelError
+from dpc_lens.errors import ConfigError, DataError, InputError, ModelError
 
 
 @pytest.fixture(scope="module")
@@ -221,3 +221,206 @@ def test_transformers_loading_bars_follow_dpc_lens_progress(bed, capsys):
     load_model(str(bed[1]), device="cpu", progress=True)
     assert "Loading weights" in capsys.readouterr().err  # the check above can fail
     assert hf_logging.is_progress_bar_enabled() == was  # transformers' own switch restored
+
+
+# ------------------------------------------------------------------- no model work on bad input
+
+
+@pytest.fixture
+def no_model_work(monkeypatch):
+    """Counts generation batches and saliency passes; a test asserts none ran."""
+    import dpc_lens.generation as generation
+    import dpc_lens.saliency as saliency
+
+    calls = {"generate": 0, "saliency": 0}
+    real_gen, real_sal = generation._generate_batch, saliency.compute_saliency
+
+    def gen(*a, **k):
+        calls["generate"] += 1
+        return real_gen(*a, **k)
+
+    def sal(*a, **k):
+        calls["saliency"] += 1
+        return real_sal(*a, **k)
+
+    monkeypatch.setattr(generation, "_generate_batch", gen)
+    monkeypatch.setattr(saliency, "compute_saliency", sal)
+    return calls
+
+
+def _examples(bed, n=2):
+    from dpc_lens.tasks import load_examples
+
+    return load_examples(bed[3], "arith")[:n]
+
+
+def _soft(bed):
+    from dpc_lens.soft_prompt import SoftPrompt
+
+    return SoftPrompt.from_peft(bed[2])
+
+
+def test_run_dpc_takes_a_task_name_like_evaluate_accuracy(model, bed, no_model_work):
+    from dpc_lens.dpc import DPCConfig, run_dpc
+    from dpc_lens.generation import GenerationConfig
+    from dpc_lens.tasks import get_task
+
+    cfg = DPCConfig(generation=GenerationConfig(max_new_tokens=4), baselines=())
+    exs = _examples(bed)
+    by_name = run_dpc(model, _soft(bed), exs, "arith", cfg, progress=False)[0]
+    by_object = run_dpc(model, _soft(bed), exs, get_task("arith"), cfg, progress=False)[0]
+    strip = lambda r: {k: v for k, v in r.items() if k != "timings"}  # noqa: E731
+    assert [strip(r) for r in by_name] == [strip(r) for r in by_object]
+    assert no_model_work["generate"] > 0  # the counter sees real work
+
+
+@pytest.mark.parametrize("runner", ["run_dpc", "calibrate_dpc", "run_iap", "calibrate_iap",
+                                    "run_dpc_distributed", "evaluate_accuracy"])
+def test_a_bad_task_fails_before_any_model_work(runner, model, bed, tmp_path, no_model_work):
+    from dpc_lens import distributed
+    from dpc_lens.dpc import calibrate_dpc, run_dpc
+    from dpc_lens.iap import calibrate_iap, run_iap
+    from dpc_lens.prompt_tuning import evaluate_accuracy
+
+    exs = _examples(bed)
+    call = {
+        "run_dpc": lambda t: run_dpc(model, _soft(bed), exs, t, progress=False),
+        "calibrate_dpc": lambda t: calibrate_dpc(model, _soft(bed), exs, t, progress=False),
+        "run_iap": lambda t: run_iap(model, exs, t, ["Let's think."], progress=False),
+        "calibrate_iap": lambda t: calibrate_iap(model, exs, t, ["Let's think."], progress=False),
+        "run_dpc_distributed": lambda t: distributed.run_dpc_distributed(
+            model, _soft(bed), exs, t, out_dir=tmp_path / "d", progress=False),
+        "evaluate_accuracy": lambda t: evaluate_accuracy(model, None, exs, t, progress=False),
+    }[runner]
+    with pytest.raises(ConfigError, match=r"unknown task 'arihtm'.*Did you mean 'arith'\?"):
+        call("arihtm")
+    with pytest.raises(InputError, match=r"task must be a task name \(gsm8k, math, aqua, arith, or "
+                                         r"gym:<name>\) or a task object.*got int 3"):
+        call(3)
+    assert no_model_work == {"generate": 0, "saliency": 0}
+    assert not (tmp_path / "d").exists()
+
+
+# ------------------------------------------------------------------------------ dict configs
+
+
+def test_configs_given_as_dicts_go_through_from_dict(model, bed, no_model_work):
+    from dpc_lens.dpc import DPCConfig, run_dpc
+    from dpc_lens.generation import GenerationConfig, generate
+
+    exs = _examples(bed, 1)
+    as_dict = {"generation": {"max_new_tokens": 3}, "baselines": []}
+    recs, _ = run_dpc(model, _soft(bed), exs, "arith", as_dict, progress=False)
+    ref, _ = run_dpc(model, _soft(bed), exs, "arith",
+                     DPCConfig(generation=GenerationConfig(max_new_tokens=3), baselines=()), progress=False)
+    assert recs[0]["pt"] == ref[0]["pt"] and len(recs[0]["pt"]["rationale"]) > 0
+    g = generate(model, ["1 + 2 ="], None, {"max_new_tokens": 2}, progress=False)[0]
+    assert len(g.token_ids) <= 2
+    n = no_model_work["generate"]
+    with pytest.raises(ConfigError, match=r"config \(a dict for DPCConfig\) has an unknown key 'baseline' "
+                                          r"\(did you mean 'baselines'\?\)"):
+        run_dpc(model, _soft(bed), exs, "arith", {"baseline": []}, progress=False)
+    with pytest.raises(ConfigError, match=r"GenerationConfig has an unknown key 'max_new_token' "
+                                          r"\(did you mean 'max_new_tokens'\?\)"):
+        run_dpc(model, _soft(bed), exs, "arith", {"generation": {"max_new_token": 3}}, progress=False)
+    with pytest.raises(ConfigError, match=r"config must be a DPCConfig or a dict of its fields.*got list"):
+        run_dpc(model, _soft(bed), exs, "arith", [("seed", 1)], progress=False)
+    with pytest.raises(ConfigError, match=r"config \(a dict for GenerationConfig\) has an unknown key "
+                                          r"'max_tokens'"):
+        generate(model, ["1 + 2 ="], None, {"max_tokens": 2})
+    assert no_model_work["generate"] == n  # every refusal came before generation
+
+
+def test_iap_calibration_and_training_configs_as_dicts(model, bed, no_model_work):
+    from dpc_lens.dpc import calibrate_dpc
+    from dpc_lens.iap import IAPRunConfig, run_iap
+    from dpc_lens.prompt_tuning import train_soft_prompt
+
+    exs = _examples(bed, 1)
+    saved = IAPRunConfig().to_dict()  # what config.json holds, "kind" and "version" included
+    saved["generation"]["max_new_tokens"] = 2
+    pairs, summary = run_iap(model, _examples(bed, 2), "arith", ["Let's think."], saved, progress=False)
+    assert summary["config"]["generation"]["max_new_tokens"] == 2 and len(pairs) == 2
+    with pytest.raises(ConfigError, match=r"IAPRunConfig\) has an unknown key 'per_heads' \(did you mean "
+                                          r"'per_head'\?\)"):
+        run_iap(model, exs, "arith", ["Let's think."], {"per_heads": True}, progress=False)
+    with pytest.raises(ConfigError, match=r"grid \(a dict for CalibrationGrid\) has an unknown key 'topk' "
+                                          r"\(did you mean 'top_k'\?\)"):
+        calibrate_dpc(model, _soft(bed), exs, "arith", grid={"topk": [1]}, progress=False)
+    with pytest.raises(ConfigError, match=r"base_config must be a DPCConfig or a dict.*got str"):
+        calibrate_dpc(model, _soft(bed), exs, "arith", "dpc_config.json", progress=False)
+    with pytest.raises(ConfigError, match=r"PromptTuningConfig\) has an unknown key 'step' \(did you mean "
+                                          r"'steps'\?\)"):
+        train_soft_prompt(model, exs, {"step": 3}, progress=False)
+
+
+# --------------------------------------------------------------------------------- analyse
+
+
+def test_analyse_without_a_soft_prompt_says_dpc_needs_one(model, no_model_work):
+    from dpc_lens.dpc import analyse, run_dpc
+
+    with pytest.raises(InputError) as e:
+        analyse(model, None, ["1 + 2 ="])
+    msg = str(e.value)
+    assert msg.startswith("analyse needs a soft prompt") and "SoftPrompt.from_peft" in msg
+    assert "compute_saliency" in msg and "segment" not in msg
+    with pytest.raises(InputError, match="run_dpc needs a soft prompt"):
+        run_dpc(model, None, [], "arith")
+    with pytest.raises(InputError, match="analyse: soft_prompt must be a SoftPrompt.*got str"):
+        analyse(model, "path/to/adapter", ["1 + 2 ="])
+    assert no_model_work == {"generate": 0, "saliency": 0}
+
+
+# ------------------------------------------------------------------- nothing could be evaluated
+
+
+def test_max_new_tokens_beyond_the_context_is_refused_up_front(model, bed, tmp_path, no_model_work):
+    from dpc_lens.dpc import DPCConfig, calibrate_dpc, run_dpc
+    from dpc_lens.generation import GenerationConfig
+    from dpc_lens.iap import IAPRunConfig, run_iap
+
+    exs = _examples(bed)
+    gen = GenerationConfig(max_new_tokens=100000)
+    # the bed: n_ctx 256, 4 soft tokens, BOS; template "{question}" adds nothing
+    with pytest.raises(ConfigError) as e:
+        run_dpc(model, _soft(bed), exs, "arith", DPCConfig(generation=gen), out_dir=tmp_path / "o")
+    msg = str(e.value)
+    assert "No question can fit this model's context: n_ctx=256" in msg
+    assert "5 fixed token(s) + at least 1 question token + max_new_tokens=100000 = 100006" in msg
+    assert "Lower max_new_tokens to at most 250" in msg
+    assert not (tmp_path / "o" / "records.jsonl").exists()
+    with pytest.raises(ConfigError, match="No question can fit.*at most 250"):
+        calibrate_dpc(model, _soft(bed), exs, "arith", DPCConfig(generation=gen))
+    with pytest.raises(ConfigError, match=r"No question can fit.*1 fixed token\(s\).*at most 254"):
+        run_iap(model, exs, "arith", ["Let's think."], IAPRunConfig(generation=gen))
+    # the largest that fits one question token is accepted by the up-front check
+    assert no_model_work == {"generate": 0, "saliency": 0}
+
+
+def test_a_run_with_every_question_skipped_raises_and_the_cli_exits_nonzero(model, bed, tmp_path, capsys):
+    from dataclasses import replace
+
+    from dpc_lens.dpc import DPCConfig, read_records, run_dpc
+    from dpc_lens.generation import GenerationConfig
+    from dpc_lens.tasks.io import write_jsonl
+
+    long_q = " ".join(["5"] * 300)  # 300 tokens > n_ctx 256 on its own
+    exs = [replace(e, question=long_q) for e in _examples(bed)]
+    cfg = DPCConfig(generation=GenerationConfig(max_new_tokens=4), baselines=())
+    with pytest.raises(DataError) as e:
+        run_dpc(model, _soft(bed), exs, "arith", cfg, out_dir=tmp_path / "o", progress=False)
+    msg = str(e.value)
+    assert msg.startswith("Nothing was evaluated: all 2 question(s) were skipped (too long for the model's "
+                          "context")
+    assert str(tmp_path / "o") in msg
+    assert [r["skipped"] is not None for r in read_records(tmp_path / "o" / "records.jsonl")] == [True, True]
+    data = tmp_path / "long.jsonl"
+    write_jsonl(data, exs)
+    argv = dpc_argv(bed, tmp_path / "cli")
+    argv[argv.index("--data") + 1] = data
+    rc, out, err = cli(argv, capsys)
+    assert rc == 2 and ": DataError: Nothing was evaluated: all 2 question(s) were skipped" in err
+    rc, out, err = cli(dpc_argv(bed, tmp_path / "cli2", "--max-new-tokens", "100000"), capsys)
+    assert rc == 2 and ": ConfigError: No question can fit this model's context: n_ctx=256" in err
+    assert "--max-new-tokens" in err and not (tmp_path / "cli2" / "records.jsonl").exists()

@@ -381,6 +381,7 @@ def calibrate_dpc(
     from .pipeline import _check_room, check_config_fits
 
     check_config_fits(cfg, soft_prompt)
+    _check_room(adapter, soft_prompt, cfg)  # no dev question could fit: refuse before any work
     if out_dir is not None:
         out_dir = check_out_dir(out_dir)
     with RunLock(out_dir, "calibrate") if out_dir is not None else nullcontext():
@@ -431,7 +432,6 @@ def _calibrate_locked(adapter, soft_prompt, examples, ids, task, cfg, grid, prog
                 cached_cor[(r["id"], tuple(r["rows"]))] = bool(r["correct"])
 
     t0 = time.perf_counter()
-    _check_room(adapter, soft_prompt, cfg)  # no dev question could fit: refuse before any work
     prompts = encode_prompts(adapter, [prompt_text(cfg.template, e.question) for e in examples],
                              add_bos=cfg.add_bos)
     inputs: list[DetectorInputs | None] = [None] * len(examples)

@@ -209,6 +209,10 @@ def _as_run_config(config: IAPRunConfig | IAPConfig | None) -> IAPRunConfig:
         return IAPRunConfig()
     if isinstance(config, IAPRunConfig):
         return config
+    if isinstance(config, Mapping):  # a dict of IAPRunConfig's fields (what config.json holds)
+        from dpc_lens.validate import as_config
+
+        return as_config(config, IAPRunConfig, extra_keys=("kind", "version"))
     if isinstance(config, IAPConfig):
         return IAPRunConfig(ss=config)
     raise ConfigError(
@@ -481,6 +485,9 @@ def _collect_pairs(
     examples = list(examples)
     if not examples:
         raise InputError(f"{desc}: no examples; give at least one question.")
+    from dpc_lens.generation import check_room
+
+    check_room(adapter, cfg.generation.max_new_tokens, int(cfg.add_bos), "question (BOS)")
     ids = [str(e.id) for e in examples]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})
@@ -811,7 +818,9 @@ def calibrate_iap(
 
     from dpc_lens.model import as_adapter
     from dpc_lens.runs import RunLock, check_out_dir
+    from dpc_lens.tasks import resolve_task
 
+    task = resolve_task(task)  # before any model work
     cfg = _as_run_config(config)
     pool = _as_pool(pool)
     if out_dir is not None:
@@ -865,6 +874,9 @@ def run_iap(
 
     With ``out_dir`` the directory is locked for the run (:class:`dpc_lens.runs.RunLock`).
     """
+    from dpc_lens.tasks import resolve_task
+
+    task = resolve_task(task)  # a name or a task object, checked before any model work
     cfg = _as_run_config(config)
     pool = _as_pool(pool)
     if calibration is not None and not isinstance(calibration, (IAPCalibration, CalibrationResult)):
@@ -938,7 +950,9 @@ def calibrate_and_run_iap(
     and lam/tau/m on ``dev`` when given (:func:`calibrate_iap` into ``out_dir/dev``), then
     :func:`run_iap` on ``examples``. Returns ``(pairs, summary, dev fit or None)``."""
     from dpc_lens.runs import RunLock, check_out_dir
+    from dpc_lens.tasks import resolve_task
 
+    task = resolve_task(task)  # before the model loads
     out_dir = check_out_dir(out_dir)
     cfg = _as_run_config(config)
     with RunLock(out_dir, "iap"):

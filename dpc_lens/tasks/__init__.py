@@ -25,6 +25,7 @@ __all__ = [
     "Task",
     "TASKS",
     "get_task",
+    "resolve_task",
     "load_examples",
     "read_jsonl",
     "write_jsonl",
@@ -63,6 +64,31 @@ def get_task(name: str) -> Task:
     )
 
 
+def resolve_task(task: str | Task) -> Task:
+    """The task object for ``task``: a name goes through :func:`get_task`, a task object (anything
+    with ``extract_answer`` and ``is_correct``) is returned as it is.
+
+    Every function that takes a task (``run_dpc``, ``calibrate_dpc``, ``run_iap``,
+    ``calibrate_iap``, ``evaluate_accuracy`` ...) resolves it here first, before any model work,
+    so a name is accepted everywhere and a wrong one fails at once.
+
+    Raises:
+        ConfigError: an unknown name (the message lists the valid ones).
+        InputError: neither a name nor a task object.
+    """
+    if isinstance(task, str):
+        return get_task(task)
+    if callable(getattr(task, "extract_answer", None)) and callable(getattr(task, "is_correct", None)):
+        return task
+    from dpc_lens.errors import InputError
+
+    raise InputError(
+        f"task must be a task name ({', '.join(TASKS)}, or gym:<name>) or a task object with "
+        f"extract_answer and is_correct, e.g. task='arith' or dpc_lens.tasks.get_task('arith'); "
+        f"got {type(task).__name__} {task!r:.60}."
+    )
+
+
 def load_examples(path: str | Path, task: str | Task) -> list[Example]:
     """Read the local data file (or MATH directory) at ``path`` with ``task``'s loader.
 
@@ -72,8 +98,7 @@ def load_examples(path: str | Path, task: str | Task) -> list[Example]:
         ConfigError: unknown task name.
         DataError: missing or malformed file (the message names the file, line and field).
     """
-    task_obj = get_task(task) if isinstance(task, str) else task
-    return task_obj.load(path)
+    return resolve_task(task).load(path)
 
 
 def answer_of(task: Task, text: str, example: Example) -> str | None:

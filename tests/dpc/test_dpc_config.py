@@ -27,7 +27,11 @@ class FirstWord:
 def test_dpc_config_from_dict_names_unknown_fields():
     d = DPCConfig().to_dict()
     d["treshold"] = 0.3
-    with pytest.raises(ConfigError, match=r"Unknown DPCConfig fields \['treshold'\]"):
+    with pytest.raises(ConfigError, match=r"DPCConfig has an unknown key 'treshold'.*its keys are"):
+        DPCConfig.from_dict(d)
+    d = DPCConfig().to_dict()
+    d["corruption"]["gama"] = 10  # nested: a dpc_lens error with a did-you-mean, not a TypeError
+    with pytest.raises(ConfigError, match=r"CorruptionConfig has an unknown key 'gama' \(did you mean 'gamma'\?\)"):
         DPCConfig.from_dict(d)
     assert DPCConfig.from_dict(DPCConfig().to_dict()).to_dict() == DPCConfig().to_dict()
 
