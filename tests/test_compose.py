@@ -479,3 +479,18 @@ def _fake_batch(T):
     ids = torch.tensor([[(97 * k) % 49152 for k in range(T)]])
     return PromptBatch(torch.zeros(1, T, 2), torch.ones(1, T, dtype=torch.long),
                        torch.arange(T)[None], ids, (SegmentLayout({"text": (0, T)}, T),), (0,), 0)
+
+
+def test_heatmap_data_labels_itself_with_the_tokens(frozen):
+    from dpc_lens.plotting.saliency import heatmap_data
+
+    tok = frozen.tokenizer
+    soft = SoftPrompt(torch.zeros(2, frozen.cfg.d_model))
+    pieces = [[("q", "ann has"), ("r", " 3 pens")], [("q", "bob"), ("r", " 2")]]
+    batch = PromptBatch.from_pieces(frozen, pieces, soft)
+    res = compute_saliency(frozen, batch, SaliencyConfig(keep_full=True, loss_segments=("r",)))
+    data = heatmap_data(res, example=1)  # left-padded: the crop drops the pads
+    words = [tok.decode([i]) for i in tok("bob", add_special_tokens=False)["input_ids"]
+             + tok(" 2", add_special_tokens=False)["input_ids"]]
+    assert data.tokens == ("<soft 0>", "<soft 1>", *words)
+    assert len(data.tokens) == data.matrix.shape[0]

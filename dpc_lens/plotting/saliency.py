@@ -301,6 +301,8 @@ class HeatmapData:
             accumulation tokens.
         layers: the model layers combined.
         reduce: ``"sum"`` or ``"mean"``.
+        tokens: the token string of every row/column (``<soft k>`` on soft positions), when the
+            result kept them; ``None`` otherwise.
     """
 
     matrix: np.ndarray
@@ -310,6 +312,7 @@ class HeatmapData:
     marked_cols: tuple[int, ...]
     layers: tuple[int, ...]
     reduce: str
+    tokens: tuple[str, ...] | None = None
 
 
 def _soft_rows(marked: Any) -> list[int]:
@@ -411,7 +414,10 @@ def heatmap_data(
         if bad:
             raise InputError(f"marked soft rows {bad} are outside the soft prompt (0..{s1 - s0 - 1}).")
         marked_cols = [s0 - offset + r for r in rows]
-    return HeatmapData(matrix, offset, segments, boundaries, tuple(marked_cols), tuple(chosen), reduce)
+    toks = getattr(result, "tokens", None)
+    tokens = tuple(toks[example][offset:lay.length]) if toks is not None else None
+    return HeatmapData(matrix, offset, segments, boundaries, tuple(marked_cols), tuple(chosen), reduce,
+                       tokens)
 
 
 def plot_saliency_heatmap(
