@@ -111,6 +111,13 @@ class DPCCalibration:
             ``"naive"``: what re-running each grid point's corrupted generations would cost.
         grid: the grid searched; ``notes``: layer sets dropped / merged, fitted sink scales.
         timings: seconds per stage.
+        always_accuracy: dev accuracy of corrupting the best setting's located tokens on every
+            question (no trigger), beside ``best_accuracy``: a trigger that only recovers this is
+            not choosing anything (``None`` when those generations were not run).
+        trigger_auc: the best setting's trigger statistic (deep-flow affected share) judged on
+            dev: AUC with a bootstrap interval for "corruption helps vs hurts" (PT wrong and the
+            always-corrupted answer right, vs the other way round;
+            :func:`~dpc_lens.dpc.diagnostics.trigger_auc`).
     """
 
     config: DPCConfig
@@ -131,6 +138,8 @@ class DPCCalibration:
     grid: CalibrationGrid
     notes: tuple[str, ...] = ()
     timings: dict[str, float] = field(default_factory=dict)
+    always_accuracy: float | None = None
+    trigger_auc: dict[str, Any] | None = None
 
     @property
     def gain(self) -> float:
@@ -147,6 +156,12 @@ class DPCCalibration:
                 "The chosen point never fires on the dev split: DPC with this config answers exactly "
                 "like vanilla prompt tuning (no grid point beat PT here). Use a larger or different "
                 "dev split, or a wider grid, before relying on it."
+            )
+        if self.always_accuracy is not None and self.best_accuracy <= self.always_accuracy:
+            out.append(
+                f"The best trigger ({100 * self.best_accuracy:.1f}%) does no better than corrupting the "
+                f"located tokens on every dev question ({100 * self.always_accuracy:.1f}%): the trigger "
+                "is not choosing which questions to corrupt."
             )
         step = 1.0 / self.n_examples if self.n_examples else 1.0
         tied = sum(1 for a in self.accuracy if round(a, 12) == round(self.best_accuracy, 12))
@@ -182,6 +197,8 @@ class DPCCalibration:
                                          self.wrong_to_right, self.right_to_wrong)
             ],
             "grid": self.grid.to_dict(),
+            "always_accuracy": self.always_accuracy,
+            "trigger_auc": self.trigger_auc,
             "notes": list(self.notes),
             "remarks": self.remarks,
             "timings": dict(self.timings),
@@ -195,7 +212,7 @@ class DPCCalibration:
         needed = ["config", "best_point", "best_accuracy", "pt_accuracy", "best_trigger_rate", "n_examples",
                   "n_no_rationale", "points", "sensitivity", "n_generations", "grid"]
         known = needed + ["corruption_oracle_accuracy", "oracle_accuracy", "n_points", "notes", "remarks",
-                          "timings"]
+                          "timings", "always_accuracy", "trigger_auc"]
         check_keys(d, known, "A saved DPC calibration (calibration.json)", required=needed, error=DataError)
         pts = [dict(p) for p in d["points"]]
         extra = ("accuracy", "trigger_rate", "wrong_to_right", "right_to_wrong")
@@ -219,6 +236,9 @@ class DPCCalibration:
             grid=CalibrationGrid.from_dict(d["grid"]),
             notes=tuple(d.get("notes", ())),
             timings={k: float(v) for k, v in d.get("timings", {}).items()},
+            always_accuracy=(float(d["always_accuracy"]) if d.get("always_accuracy") is not None
+                             else None),
+            trigger_auc=d.get("trigger_auc"),
         )
 
     def save(self, out_dir: str | os.PathLike) -> str:
@@ -297,6 +317,7 @@ def calibrate_from_cache(
     )
     gens = dict(n_generations or {})
     gens.setdefault("naive", int(sum(int(x) for x in scores.n_fired)) + n)
+    always, auc = _always_and_auc(inputs, pt_correct, corrupted_correct, sweep, best)
     return DPCCalibration(
         config=replace(base, detector=sweep.config(best)),
         best_point=dict(sweep.points[best]),
@@ -316,7 +337,36 @@ def calibrate_from_cache(
         grid=grid,
         notes=sweep.notes,
         timings=dict(timings or {}),
+        always_accuracy=always,
+        trigger_auc=auc,
     )
+
+
+def always_pairs(sweep: TriggerSweep, point: int) -> list[Pair]:
+    """The ``(instance, rows)`` pairs of corrupting grid point ``point``'s located rows on every
+    instance that has inputs (what its always-corrupt accuracy needs)."""
+    rows = sweep.point_rows(point)
+    return [(i, r) for i, r in enumerate(rows) if r]
+
+
+def _always_and_auc(inputs, pt_correct, corrupted_correct, sweep, best):
+    """Always-corrupt accuracy of the best setting and its trigger's AUC on dev (``None`` each
+    when the always-corrupted answers were not generated)."""
+    from .detector import dynamic_trigger
+    from .diagnostics import trigger_auc
+
+    pairs = always_pairs(sweep, best)
+    if any(p not in corrupted_correct for p in pairs):
+        return None, None
+    corrupted = {i: bool(corrupted_correct[(i, r)]) for i, r in pairs}
+    n = len(pt_correct)
+    always = sum(corrupted.get(i, bool(pt_correct[i])) for i in range(n)) / n
+    cfg = sweep.config(best)
+    idx = sorted(corrupted)
+    share = [dynamic_trigger(inputs[i], cfg).deep_flow.affected_share for i in idx]
+    labels = [None if bool(pt_correct[i]) == corrupted[i] else corrupted[i] for i in idx]
+    return always, {"statistic": "deep_flow.affected_share",
+                    "corruption_helps_vs_hurts": trigger_auc(share, labels)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -488,8 +538,37 @@ def _calibrate_locked(adapter, soft_prompt, examples, ids, task, cfg, grid, prog
         if cor_path is not None:
             append_jsonl(cor_path, done_rows)
     timings["corrupted_generate_s"] = time.perf_counter() - t0
+    # the best point's always-corrupt accuracy, reported beside it, needs its located rows
+    # corrupted on every question; the best point is known from the fired pairs alone
+    t0 = time.perf_counter()
+    n_r = len(sweep.R)
+    best = select_best(score_points(sweep.fired, [sweep.rows[p // n_r] for p in range(sweep.n_points)],
+                                    pt_correct, table))
+    extra = []
+    for i, rows in always_pairs(sweep, best):
+        key = (examples[i].id, tuple(rows))
+        if (i, rows) in table:
+            continue
+        if key in cached_cor:
+            table[(i, rows)] = cached_cor[key]
+        else:
+            extra.append((i, rows))
+    for s in range(0, len(extra), cfg.generation.batch_size):
+        chunk = extra[s:s + cfg.generation.batch_size]
+        gens = generate(adapter, [prompts[i] for i, _ in chunk],
+                        [corrupt_soft_prompt(soft_prompt, rows, cfg.corruption) for _, rows in chunk],
+                        cfg.generation, progress=False)
+        done_rows = []
+        for (i, rows), g in zip(chunk, gens):
+            table[(i, rows)] = grade(task, g.text, examples[i])[1]
+            done_rows.append({"id": examples[i].id, "rows": list(rows), "correct": table[(i, rows)]})
+        if cor_path is not None:
+            append_jsonl(cor_path, done_rows)
+    timings["always_generate_s"] = time.perf_counter() - t0
 
-    n_gen = {"pt": len(todo), "corrupted": len(order_todo), "total": len(todo) + len(order_todo)}
+    n_gen = {"pt": len(todo), "corrupted": len(order_todo), "total": len(todo) + len(order_todo) + len(extra)}
+    if extra:
+        n_gen["always"] = len(extra)  # the best point's always-corrupt answers not generated above
     reused = len(examples) - len(todo) + len(order) - len(order_todo)
     if reused:
         n_gen["reused"] = reused

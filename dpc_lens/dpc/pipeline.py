@@ -54,7 +54,10 @@ from ..segments import SegmentLayout
 from ..soft_prompt import SoftPrompt
 from ..tasks.base import Example
 from .detector import DetectorConfig, DetectorInputs, TriggerDecision, dynamic_trigger
+from .diagnostics import adaptivity_warning, instance_adaptivity, trigger_auc
+from .locate import candidate_positions
 from .records import AnswerRecord, DPCRecord
+from .sinks import measure_sink_inputs
 
 __all__ = [
     "DPCConfig",
@@ -242,8 +245,12 @@ def analyse(
         adapter, seqs, lays, DPC_FLOWS, sal_cfg, soft=soft_prompt, batch_size=cfg.saliency_batch_size,
         per_example=lambda res, b, batch: _detector_inputs(res, b, batch.n_soft), progress=progress,
     )
-    for i, m in zip(todo, measured, strict=True):
-        out[i] = Analysis(tuple(prompts[i]), generations[i], m.extra, m.flows, m.loss)
+    # the attention each soft row receives and its residual norm, for sink detection
+    # (dpc_lens.dpc.sinks): one no-grad forward per batch with its own hooks
+    sink_inputs = measure_sink_inputs(adapter, seqs, lays, soft_prompt, batch_size=cfg.saliency_batch_size)
+    for i, m, (att, res) in zip(todo, measured, sink_inputs, strict=True):
+        inputs = replace(m.extra, soft_attention=att, soft_residual=res)
+        out[i] = Analysis(tuple(prompts[i]), generations[i], inputs, m.flows, m.loss)
     return [a for a in out if a is not None]
 
 
@@ -279,12 +286,20 @@ def _safe_trigger(inputs: DetectorInputs | None,
         return None, str(exc)
 
 
-def random_rows_for(example_id: str, n_soft: int, k: int, seed: int) -> list[int]:
+def random_rows_for(example_id: str, n_soft: int, k: int, seed: int,
+                    candidates: Sequence[int] | None = None) -> list[int]:
     """The random-corruption baseline's rows for one example: seeded by ``(seed, example id)``,
-    so a resumed or reordered run draws the same rows for the same question."""
+    so a resumed or reordered run draws the same rows for the same question.
+
+    ``candidates``: draw only from these soft positions (the ones the locator may choose, e.g.
+    without the excluded sinks); ``None`` draws from all ``n_soft``. With every position as
+    candidates the draw equals the unrestricted one (same generator, same permutation)."""
     mixed = int(seed) * 1_000_003 + zlib.crc32(str(example_id).encode())
     g = torch.Generator().manual_seed(mixed % (2**63))
-    return random_rows(n_soft, k, g)
+    if candidates is None:
+        return random_rows(n_soft, k, g)
+    cand = [int(j) for j in candidates]
+    return sorted(cand[j] for j in random_rows(len(cand), k, g))
 
 
 def check_config_fits(cfg: DPCConfig, soft_prompt: SoftPrompt, n_layers: int | None = None) -> None:
@@ -336,6 +351,9 @@ class _Pending:
     rand: list[tuple[list[int], Generation]]
     timings: dict[str, float]
     regen: Generation | None = None
+    # random draws from the locator's candidates (None: the candidates are every soft row, so
+    # they are the unrestricted draws in ``rand``)
+    rand_cand: list[tuple[list[int], Generation]] | None = None
 
     def needs_regen(self, cfg: DPCConfig) -> bool:
         fired = self.decision is not None and self.decision.fired
@@ -356,7 +374,9 @@ def _analyse_batch(adapter, soft, exs: Sequence[Example], prompts: list[list[int
     base_gen = None
     if "base" in cfg.baselines:
         base_gen = generate(adapter, prompts, None, cfg.generation, progress=False)
+    triggers = [_safe_trigger(a.inputs, cfg.detector) for a in analyses]
     rand: list[list[tuple[list[int], Generation]]] = [[] for _ in exs]
+    rand_cand: list[list[tuple[list[int], Generation]] | None] = [None for _ in exs]
     if "random" in cfg.baselines:
         for j in range(cfg.random_draws):
             rows = [random_rows_for(e.id, soft.n_tokens, k, cfg.seed + j) for e in exs]
@@ -364,13 +384,32 @@ def _analyse_batch(adapter, soft, exs: Sequence[Example], prompts: list[list[int
             gens = generate(adapter, prompts, softs, cfg.generation, progress=False)
             for i, (r, g) in enumerate(zip(rows, gens)):
                 rand[i].append((r, g))
+        # the same draws restricted to the positions the locator may choose (sinks excluded)
+        cands = [_candidates(d, soft.n_tokens, cfg.detector) for d, _ in triggers]
+        which = [i for i, c in enumerate(cands) if len(c) < soft.n_tokens and len(c) >= k]
+        for j in range(cfg.random_draws) if which else ():
+            rows = [random_rows_for(exs[i].id, soft.n_tokens, k, cfg.seed + j, cands[i]) for i in which]
+            gens = generate(adapter, [prompts[i] for i in which],
+                            [corrupt_soft_prompt(soft, r, cfg.corruption) for r in rows],
+                            cfg.generation, progress=False)
+            for i, r, g in zip(which, rows, gens):
+                rand_cand[i] = (rand_cand[i] or []) + [(r, g)]
     out = []
     for i, (ex, a) in enumerate(zip(exs, analyses)):
-        d, err = _safe_trigger(a.inputs, cfg.detector)
+        d, err = triggers[i]
         located = list(d.accumulation.top_indices[:k]) if d is not None else []
         out.append(_Pending(ex, prompts[i], a, d, err, located, base_gen[i] if base_gen else None, rand[i],
-                            {"pt_generate_s": t_gen / n, "saliency_s": t_sal / n, "regenerate_s": 0.0}))
+                            {"pt_generate_s": t_gen / n, "saliency_s": t_sal / n, "regenerate_s": 0.0},
+                            rand_cand=rand_cand[i]))
     return out
+
+
+def _candidates(d: TriggerDecision | None, n_soft: int, det: DetectorConfig) -> list[int]:
+    """The soft positions the locator may choose for one question (its sinks left out under
+    ``sink="exclude"``); every position when there is no decision (nothing measured)."""
+    if d is None:
+        return list(range(n_soft))
+    return candidate_positions(n_soft, d.accumulation.sink_positions, det.sink)
 
 
 def _regenerate(adapter, soft, group: Sequence[_Pending], cfg: DPCConfig) -> None:
@@ -399,6 +438,8 @@ def _finish(task, cfg: DPCConfig, p: _Pending) -> dict[str, Any]:
         always = replace(_graded(task, p.regen, ex) if p.regen is not None else pt,
                          corrupted_rows=tuple(p.located))
     draws = tuple(_graded(task, g, ex, corrupted_rows=rows) for rows, g in p.rand)
+    cand = (tuple(_graded(task, g, ex, corrupted_rows=rows) for rows, g in p.rand_cand)
+            if p.rand_cand is not None else None)
     return DPCRecord(
         id=ex.id, question=ex.question, gold=ex.answer, pt=pt, dpc=dpc,
         final_answer=dpc.answer, final_correct=dpc.correct,
@@ -406,6 +447,7 @@ def _finish(task, cfg: DPCConfig, p: _Pending) -> dict[str, Any]:
         flows=a.flows, loss=a.loss, timings=dict(p.timings), trigger_error=p.error,
         base=_graded(task, p.base, ex) if p.base is not None else None, always=always,
         random=draws[0] if draws else None, random_draws=draws if len(draws) > 1 else None,
+        random_candidates=cand,
     ).to_dict()
 
 
@@ -586,6 +628,18 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     * ``oracle``: accuracy of the best of the base and PT answers per instance.
     * ``random``: with several draws per question, the mean accuracy over the draws;
       ``random_draws`` holds each draw's accuracy, their standard deviation, min and max.
+    * ``random_candidates``: the random baseline drawn only from the positions the locator may
+      choose (sinks excluded under ``sink="exclude"``), same draws and spread as ``random``; equal
+      to it when every soft position is a candidate.
+    * ``located_token``: the top located position over the questions
+      (:func:`~dpc_lens.dpc.diagnostics.instance_adaptivity`: histogram, distinct positions, modal
+      position and share, entropy), the sinks detected per layer band on at least half the
+      questions, and ``warning``: one line when a single position takes > 80% of the questions.
+    * ``trigger_auc``: how well the trigger's statistic (the affected share of the deep flow)
+      separates "corrupting helps" from "corrupting hurts" (PT wrong and the always-corrupted answer
+      right vs the other way round; needs the ``always`` baseline) and "PT wrong and base right"
+      from the rest (needs ``base``): AUC with a bootstrap 95% interval
+      (:func:`~dpc_lens.dpc.diagnostics.trigger_auc`; 0.5 is chance).
     * ``skipped``: questions not run (too long for the model), left out of every accuracy;
       ``trigger_errors``: questions whose trigger could not be computed (DPC answered with PT).
     * A record whose id appears twice is counted once (``duplicates_dropped``).
@@ -614,6 +668,8 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         std = (sum((x - mean) ** 2 for x in per) / (n_draws - 1)) ** 0.5 if n_draws > 1 else 0.0
         out["accuracy"]["random"] = mean
         out["random_draws"] = {"n": n_draws, "accuracy": per, "std": std, "min": min(per), "max": max(per)}
+    if all("random" in r for r in records):
+        out.update(_random_candidates(records))
     fired = [r for r in records if r["dpc"]["fired"]]
     out["trigger_rate"] = len(fired) / n
     out["flips"] = {
@@ -632,11 +688,65 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         out["ceiling"] = sum(1 for r in records if r["base"]["correct"] and not r["pt"]["correct"])
         out["pt_only"] = sum(1 for r in records if r["pt"]["correct"] and not r["base"]["correct"])
         out["accuracy"]["oracle"] = base_or_pt_oracle(records)
+    out["located_token"] = _located_token(records)
+    out["trigger_auc"] = _trigger_aucs(records)
     errors = [r for r in records if r.get("trigger_error")]
     if errors:
         out["trigger_errors"] = {"n": len(errors), "ids": [r["id"] for r in errors][:20],
                                  "first": errors[0]["trigger_error"]}
     out.update(extra)
+    return out
+
+
+def _draws(r: dict[str, Any], key: str) -> list[bool]:
+    if key == "random_candidates" and r.get("random_candidates") is not None:
+        return [bool(a["correct"]) for a in r["random_candidates"]]
+    if r.get("random_draws") is not None:
+        return [bool(a["correct"]) for a in r["random_draws"]]
+    return [bool(r["random"]["correct"])]
+
+
+def _random_candidates(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    n = len(records)
+    n_draws = min(len(_draws(r, "random_candidates")) for r in records)
+    per = [sum(_draws(r, "random_candidates")[j] for r in records) / n for j in range(n_draws)]
+    mean = sum(per) / n_draws
+    std = (sum((x - mean) ** 2 for x in per) / (n_draws - 1)) ** 0.5 if n_draws > 1 else 0.0
+    restricted = sum(1 for r in records if r.get("random_candidates") is not None)
+    return {"random_candidates": {"accuracy": mean, "n": n_draws, "per_draw": per, "std": std,
+                                  "min": min(per), "max": max(per), "questions_restricted": restricted}}
+
+
+def _located_token(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    located = [r["located_rows"][0] if r.get("located_rows") else None for r in records]
+    out = instance_adaptivity(located)
+    bands: dict[str, dict[str, Any]] = {}
+    with_sinks = [r["trigger"]["sinks"] for r in records if r.get("trigger") and r["trigger"].get("sinks")]
+    for report in with_sinks:
+        for band in report:
+            b = bands.setdefault(band["band"], {"layers": band["layers"], "counts": {}})
+            for j in band["sinks"]:
+                b["counts"][j] = b["counts"].get(j, 0) + 1
+    sinks = {name: {"layers": b["layers"], "sinks": sorted(j for j, c in b["counts"].items()
+                                                         if c >= len(with_sinks) / 2)}
+             for name, b in bands.items()}
+    out["sinks"] = sinks if with_sinks else None
+    detected = sorted({j for b in sinks.values() for j in b["sinks"]}) if with_sinks else []
+    out["warning"] = adaptivity_warning(out, detected)
+    return out
+
+
+def _trigger_aucs(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    scored = [r for r in records if r.get("trigger")]
+    share = [float(r["trigger"]["deep_flow"]["affected_share"]) for r in scored]
+    out: dict[str, Any] = {"statistic": "deep_flow.affected_share"}
+    if scored and all("always" in r for r in scored):
+        labels = [None if bool(r["pt"]["correct"]) == bool(r["always"]["correct"])
+                  else bool(r["always"]["correct"]) for r in scored]
+        out["corruption_helps_vs_hurts"] = trigger_auc(share, labels)
+    if scored and all("base" in r for r in scored):
+        labels = [bool(r["base"]["correct"]) and not bool(r["pt"]["correct"]) for r in scored]
+        out["pt_wrong_base_right"] = trigger_auc(share, labels)
     return out
 
 
@@ -654,6 +764,10 @@ def print_summary(summary: dict, file=None) -> None:
                 extra = (f"  mean of {rd['n']} draws, sd {100 * rd['std']:.1f}, "
                          f"range {100 * rd['min']:.1f}-{100 * rd['max']:.1f}")
             print(f"{name:<10} {100 * acc[name]:>8.1f}%{extra}", file=file)
+    rc = summary.get("random_candidates")
+    if rc and rc.get("questions_restricted"):
+        print(f"{'random*':<10} {100 * rc['accuracy']:>8.1f}%  drawn from the locator's candidates "
+              f"(sinks excluded), mean of {rc['n']} draws, sd {100 * rc['std']:.1f}", file=file)
     if "trigger_rate" in summary:
         f = summary.get("flips", {})
         print(f"trigger rate {100 * summary['trigger_rate']:.1f}%  flips wrong->right "
@@ -661,6 +775,18 @@ def print_summary(summary: dict, file=None) -> None:
     if "ceiling" in summary:
         print(f"right without prompt & wrong with it (ceiling): {summary['ceiling']}   "
               f"the other way: {summary['pt_only']}", file=file)
+    lt = summary.get("located_token") or {}
+    if lt.get("n"):
+        print(f"located token: {lt['distinct_positions']} distinct position(s), modal {lt['modal_position']} "
+              f"on {100 * lt['modal_share']:.0f}% of questions, entropy {lt['entropy']:.2f} nats", file=file)
+    for name, a in (summary.get("trigger_auc") or {}).items():
+        if isinstance(a, dict) and a.get("auc") is not None:
+            ci = a["ci95"]
+            ci_txt = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+            print(f"trigger AUC, {name.replace('_', ' ')}: {a['auc']:.2f}{ci_txt} "
+                  f"({a['n_pos']} vs {a['n_neg']} questions)", file=file)
+    if lt.get("warning"):
+        print(lt["warning"], file=file)
     if summary.get("skipped"):
         s = summary["skipped"]
         print(f"skipped {s['n']} question(s), left out of every accuracy: {s['reason']} "

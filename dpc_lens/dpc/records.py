@@ -94,6 +94,9 @@ class DPCRecord:
             there are several (``random`` is the first).
         skipped: why the question was not run (too long for the model, ...); such a record has
             no answers and counts in no accuracy.
+        random_candidates: the random draws restricted to the soft positions the locator may
+            choose (sinks excluded), when that set is smaller than the whole soft prompt; absent,
+            the restricted draws are the unrestricted ones (``random_draws`` / ``random``).
     """
 
     id: Any = None
@@ -114,6 +117,7 @@ class DPCRecord:
     random: AnswerRecord | None = None
     random_draws: tuple[AnswerRecord, ...] | None = None
     skipped: str | None = None
+    random_candidates: tuple[AnswerRecord, ...] | None = None
 
     @property
     def decision(self) -> Any:
@@ -155,6 +159,8 @@ class DPCRecord:
                 out[k] = getattr(self, k).to_dict()
         if self.random_draws is not None:
             out["random_draws"] = [a.to_dict() for a in self.random_draws]
+        if self.random_candidates is not None:
+            out["random_candidates"] = [a.to_dict() for a in self.random_candidates]
         return out
 
     @classmethod
@@ -171,7 +177,7 @@ class DPCRecord:
         for k, v in d.items():
             if k in ANSWER_KINDS:
                 kw[k] = AnswerRecord.from_dict(v, f"{who}, answer {k!r}") if v is not None else None
-            elif k == "random_draws":
+            elif k in ("random_draws", "random_candidates"):
                 kw[k] = tuple(AnswerRecord.from_dict(a, f"{who}, random draw {j}") for j, a in enumerate(v))
             elif k == "located_rows":
                 kw[k] = tuple(int(r) for r in (v or ()))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from itertools import product
 from typing import Any, get_args
 
 import torch
@@ -21,12 +22,15 @@ from .detector import (
     DetectorConfig,
     DetectorInputs,
     LayerSpec,
+    Locator,
     SinkMode,
+    SinkSource,
     Statistic,
     dynamic_trigger,
     resolve_layers,
 )
 from .diagnostics import fires_at_thresholds, fit_sink_scale
+from .locate import LocatorProfile
 
 __all__ = [
     "KNOBS",
@@ -43,12 +47,18 @@ __all__ = [
 
 #: The knobs a grid point sets, in the order tables show them.
 KNOBS: tuple[str, ...] = ("statistic", "beta", "top_k", "shallow_layers", "deep_layers", "sink", "R")
+#: Knobs a grid point names only when the grid tries more than their default (``locator``
+#: ``("argmax",)``, ``sink_source`` ``("position0",)``), so calibrations saved before they existed
+#: keep their points and tables.
+EXTRA_KNOBS: tuple[str, ...] = ("locator", "sink_source")
 
 #: ``(example index, sorted corrupted soft rows)``: the key of one corrupted generation.
 Pair = tuple[int, tuple[int, ...]]
 
 _STATISTICS: tuple[str, ...] = get_args(Statistic)
 _SINKS: tuple[str, ...] = get_args(SinkMode)
+_LOCATORS: tuple[str, ...] = get_args(Locator)
+_SINK_SOURCES: tuple[str, ...] = get_args(SinkSource)
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,9 +119,15 @@ class CalibrationGrid:
             ``(0.0, 0.5)`` and the first quarter ``(0.0, 0.25)`` (both with layer 0).
         deep_layers: layer sets for the deep flow. Default: ``"deep"`` (last third), the last
             half ``(0.5, 1.0)`` and the last quarter ``(0.75, 1.0)``.
-        sink: sink modes for soft column 0 (default ``"keep"`` and ``"exclude"``;
-            ``"normalize"`` fits its ``sink_scale`` on the dev inputs with
-            :func:`~dpc_lens.detector.fit_sink_scale`, per statistic and shallow set).
+        sink: sink modes (default ``"keep"`` and ``"exclude"``; ``"normalize"`` fits its
+            ``sink_scale`` on the dev inputs with :func:`~dpc_lens.detector.fit_sink_scale`, per
+            statistic, shallow set and sink source).
+        locator: locators to try (default ``("argmax",)``, the paper's); ``"z"`` fits its
+            :class:`~dpc_lens.dpc.locate.LocatorProfile` on the dev inputs per statistic and
+            shallow set (``z`` with ``sink="normalize"`` is skipped: z already normalises).
+        sink_source: which positions the sink policy treats as sinks (default
+            ``("position0",)``; ``"detected"``: from attention received, see
+            :mod:`dpc_lens.dpc.sinks`).
 
     Against a given model, layer sets that select no layer (e.g. ``(0.75, 1.0)`` of a 2-layer
     model) are dropped and sets that resolve to the same layers as an earlier one are merged;
@@ -129,8 +145,17 @@ class CalibrationGrid:
     shallow_layers: tuple[LayerSpec, ...] = ("shallow", (0.0, 0.5), (0.0, 0.25))
     deep_layers: tuple[LayerSpec, ...] = ("deep", (0.5, 1.0), (0.75, 1.0))
     sink: tuple[SinkMode, ...] = ("keep", "exclude")
+    locator: tuple[Locator, ...] = ("argmax",)
+    sink_source: tuple[SinkSource, ...] = ("position0",)
 
     def __post_init__(self) -> None:
+        for name, allowed in (("locator", _LOCATORS), ("sink_source", _SINK_SOURCES)):
+            vals = _tuple_of(getattr(self, name), name)
+            for v in vals:
+                if v not in allowed:
+                    raise ConfigError(f"CalibrationGrid.{name} holds {v!r}; expected values from {allowed}.")
+            _no_repeats(vals, name)
+            object.__setattr__(self, name, vals)
         rs = _tuple_of(self.R, "R")
         for r in rs:
             if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= float(r) <= 1.0:
@@ -191,7 +216,16 @@ class CalibrationGrid:
     def size(self) -> int:
         """Number of grid points (before layer sets are resolved against a model)."""
         return (len(self.R) * len(self.statistic) * len(self.betas) * len(self.top_k)
-                * len(self.shallow_layers) * len(self.deep_layers) * len(self.sink))
+                * len(self.shallow_layers) * len(self.deep_layers) * len(self.sink)
+                * len(self.locator) * len(self.sink_source))
+
+    @property
+    def knobs(self) -> tuple[str, ...]:
+        """The knobs a grid point names: :data:`KNOBS`, plus ``locator`` / ``sink_source`` when
+        the grid tries anything but their default."""
+        extra = tuple(k for k, default in zip(EXTRA_KNOBS, (("argmax",), ("position0",)))
+                      if getattr(self, k) != default)
+        return KNOBS + extra
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -203,12 +237,14 @@ class CalibrationGrid:
             "shallow_layers": [_spec_json(s) for s in self.shallow_layers],
             "deep_layers": [_spec_json(s) for s in self.deep_layers],
             "sink": list(self.sink),
+            **({"locator": list(self.locator)} if self.locator != ("argmax",) else {}),
+            **({"sink_source": list(self.sink_source)} if self.sink_source != ("position0",) else {}),
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "CalibrationGrid":
         known = {"R", "statistic", "beta_values", "include_first_half_mean", "top_k",
-                 "shallow_layers", "deep_layers", "sink"}
+                 "shallow_layers", "deep_layers", "sink", "locator", "sink_source"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"unknown CalibrationGrid fields {unknown}; known: {sorted(known)}.")
@@ -326,7 +362,9 @@ def sweep_triggers(
     n_layers, n_soft = shapes.pop()
     for k in grid.top_k:
         for sink in grid.sink:
-            counted = n_soft - (1 if sink == "exclude" else 0)
+            # detected sinks vary per instance: an instance with too few candidates is refused
+            # by dynamic_trigger itself
+            counted = n_soft - (1 if sink == "exclude" and "position0" in grid.sink_source else 0)
             if k > counted:
                 raise InputError(
                     f"CalibrationGrid.top_k={k} but only {counted} soft positions are counted "
@@ -336,18 +374,34 @@ def sweep_triggers(
     shallow = _resolved_specs(grid.shallow_layers, n_layers, "shallow_layers", notes)
     deep = _resolved_specs(grid.deep_layers, n_layers, "deep_layers", notes)
 
-    sink_scales: dict[tuple[str, Any], float] = {}
+    sink_fields = {"sink_threshold": base.sink_threshold,
+                   "sink_residual_threshold": base.sink_residual_threshold}
+    sink_scales: dict[tuple[str, Any, str], float] = {}
     if "normalize" in grid.sink:
         for stat in grid.statistic:
             for sh in shallow:
-                ref = DetectorConfig(statistic=stat, shallow_layers=sh)
-                scale = fit_sink_scale(present, ref)
-                sink_scales[(stat, sh)] = scale
-                notes.append(f"sink_scale for statistic={stat!r}, shallow_layers="
-                             f"{_spec_json(sh)!r}: {scale:.6g} (fitted on the dev inputs)")
+                for src in grid.sink_source:
+                    ref = DetectorConfig(statistic=stat, shallow_layers=sh, sink_source=src, **sink_fields)
+                    scale = fit_sink_scale(present, ref)
+                    sink_scales[(stat, sh, src)] = scale
+                    notes.append(f"sink_scale for statistic={stat!r}, shallow_layers="
+                                 f"{_spec_json(sh)!r}, sink_source={src!r}: {scale:.6g} (fitted on "
+                                 "the dev inputs)")
+    profiles: dict[tuple[str, Any], LocatorProfile] = {}
+    if "z" in grid.locator:
+        for stat in grid.statistic:
+            for sh in shallow:
+                profiles[(stat, sh)] = LocatorProfile.fit(present, stat, sh)
+                notes.append(f"locator profile for statistic={stat!r}, shallow_layers={_spec_json(sh)!r} "
+                             f"fitted on {len(present)} dev instances")
+        if "normalize" in grid.sink:
+            notes.append("locator='z' with sink='normalize' skipped: z already compares each position "
+                         "with its dev profile")
 
-    base_fields = {k: v for k, v in base.to_dict().items()
-                   if k in ("require_accumulation", "accumulation_measure", "accumulation_threshold")}
+    base_fields = {k: getattr(base, k) for k in ("require_accumulation", "accumulation_measure",
+                                                 "accumulation_threshold")}
+    base_fields.update(sink_fields)
+    knobs = grid.knobs
     settings: list[DetectorConfig] = []
     labels: list[dict[str, Any]] = []
     for stat in grid.statistic:
@@ -355,19 +409,25 @@ def sweep_triggers(
             for k in grid.top_k:
                 for sh in shallow:
                     for dp in deep:
-                        for sink in grid.sink:
+                        for sink, loc, src in product(grid.sink, grid.locator, grid.sink_source):
+                            if loc == "z" and sink == "normalize":
+                                continue
                             cfg = DetectorConfig(
                                 shallow_layers=sh, deep_layers=dp, statistic=stat,
                                 beta_mode="first_half_mean" if beta == "first_half_mean" else "fixed",
                                 beta_value=None if beta == "first_half_mean" else float(beta),
                                 R=base.R, sink=sink,
-                                sink_scale=sink_scales.get((stat, sh)) if sink == "normalize" else None,
-                                top_k=k, **base_fields,
+                                sink_scale=sink_scales.get((stat, sh, src)) if sink == "normalize" else None,
+                                top_k=k, sink_source=src, locator=loc,
+                                locator_profile=profiles.get((stat, sh)) if loc == "z" else None,
+                                **base_fields,
                             )
                             settings.append(cfg)
-                            labels.append({"statistic": stat, "beta": beta, "top_k": k,
-                                           "shallow_layers": _spec_json(sh),
-                                           "deep_layers": _spec_json(dp), "sink": sink})
+                            label = {"statistic": stat, "beta": beta, "top_k": k,
+                                     "shallow_layers": _spec_json(sh),
+                                     "deep_layers": _spec_json(dp), "sink": sink,
+                                     "locator": loc, "sink_source": src}
+                            labels.append({key: v for key, v in label.items() if key in knobs})
     n = len(items)
     fired = torch.zeros(len(settings), len(grid.R), n, dtype=torch.bool)
     rows: list[tuple[tuple[int, ...], ...]] = []
@@ -486,7 +546,8 @@ def sensitivity(
         raise InputError(f"{len(acc)} accuracies for {len(points)} points.")
     ref = points[best]
     out: dict[str, list[dict[str, Any]]] = {}
-    for knob in KNOBS:
+    knobs = [k for k in KNOBS + EXTRA_KNOBS if k in ref]
+    for knob in knobs:
         values: list[Any] = []
         for pt in points:
             if pt[knob] not in values:
@@ -495,7 +556,7 @@ def sensitivity(
         for v in values:
             at_best = next(
                 (acc[p] for p, pt in enumerate(points)
-                 if pt[knob] == v and all(pt[o] == ref[o] for o in KNOBS if o != knob)),
+                 if pt[knob] == v and all(pt[o] == ref[o] for o in knobs if o != knob)),
                 None,
             )
             rows.append({"value": v, "at_best": at_best,

@@ -187,6 +187,18 @@ def test_summary_matches_counts_from_records(full_run):
     assert 0 < acc["pt"] < 1 and acc["base"] > 0  # the counts below are not all zero
     summary = dict(summary)
     sure = summary.pop("dpc_minus_pt")  # the interval itself: tests/test_evaluation.py
+    # issue 19's diagnostics, counted here from the records (their maths: test_sinks_locate.py)
+    lt = summary.pop("located_token")
+    tops = [r["located_rows"][0] for r in located]
+    assert lt["n"] == len(tops) and lt["histogram"] == {str(p): tops.count(p) for p in sorted(set(tops))}
+    assert lt["modal_share"] == max(tops.count(p) for p in set(tops)) / len(tops)
+    assert lt["sinks"] is not None  # analyse measured the attention received
+    rc = summary.pop("random_candidates")  # sink='keep': every soft row is a candidate
+    assert rc["questions_restricted"] == 0 and rc["accuracy"] == acc["random"]
+    auc = summary.pop("trigger_auc")["corruption_helps_vs_hurts"]
+    helps = [r for r in records if r["trigger"] and not r["pt"]["correct"] and r["always"]["correct"]]
+    hurts = [r for r in records if r["trigger"] and r["pt"]["correct"] and not r["always"]["correct"]]
+    assert (auc["n_pos"], auc["n_neg"]) == (len(helps), len(hurts))
     assert sure["diff"] == pytest.approx(acc["dpc"] - acc["pt"])
     assert sure["ci95"][0] <= sure["diff"] <= sure["ci95"][1]
     assert summary == {
