@@ -273,8 +273,7 @@ def plot_flow_curves(
     ax.set_ylabel("proportion of the flows" if d.proportions else "mean saliency")
     spread = "mean ± std" if d.band == "std" else "median, IQR"
     ax.set_title(title or f"Per-layer information flow ({spread} over instances)")
-    if len(d.layers) <= 40:
-        ax.set_xticks(d.layers)
+    _layer_ticks(ax.xaxis)
     if d.proportions:
         ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=8)
@@ -478,6 +477,29 @@ def plot_saliency_heatmap(
     return fig
 
 
+#: at most this many labelled layer ticks on an axis: a 30-layer model gets every 2nd or 5th
+#: layer, not 30 labels drawn over each other
+MAX_LAYER_TICKS = 12
+
+
+def _layer_ticks(axis: Any, layers: Sequence[int] | None = None) -> None:
+    """Integer layer ticks, at most :data:`MAX_LAYER_TICKS` of them (matplotlib's
+    ``MaxNLocator`` picks a step of 1, 2, 5 or 10), on an axis whose data are layer numbers
+    (``layers=None``) or row indices into ``layers`` (an image: tick i is labelled
+    ``layers[i]``)."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator
+
+    if layers is None:
+        axis.set_major_locator(MaxNLocator(nbins=MAX_LAYER_TICKS, steps=[1, 2, 5, 10], integer=True,
+                                           min_n_ticks=1))
+        return
+    ls = [int(x) for x in layers]
+    step = max(1, -(-len(ls) // MAX_LAYER_TICKS))
+    axis.set_major_locator(FixedLocator(list(range(0, len(ls), step))))
+    axis.set_major_formatter(FuncFormatter(lambda v, _pos: str(ls[int(round(v))])
+                                           if 0 <= int(round(v)) < len(ls) else ""))
+
+
 def _layer_text(layers: Sequence[int]) -> str:
     ls = list(layers)
     if len(ls) > 2 and ls == list(range(ls[0], ls[-1] + 1)):
@@ -526,8 +548,8 @@ def plot_head_maps(
         m, layers = head_map_data(result, n, example=example)
         im = ax.imshow(np.ma.masked_invalid(m), aspect="auto", cmap="magma", interpolation="nearest")
         fig.colorbar(im, ax=ax, shrink=0.85, format="%.2g")  # no offset text over the next panel
-        ax.set_yticks(range(len(layers)))
-        ax.set_yticklabels(layers, fontsize=7)
+        _layer_ticks(ax.yaxis, layers)
+        ax.tick_params(axis="y", labelsize=7)
         ax.set_xticks(range(m.shape[1]))
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
