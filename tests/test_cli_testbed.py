@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import pytest
 
 from dpc_lens import cli
+from dpc_lens.iap.diagnostics import IAPScoreWarning
 from dpc_lens.tasks import get_task, load_examples
 from dpc_lens.testbed import data_dir
 
@@ -56,10 +58,14 @@ def test_model_soft_prompt_and_config_testbed_name_the_shipped_files():
 
 def test_iap_runs_on_the_shipped_test_and_dev_sets(tmp_path, capsys):
     out = tmp_path / "iap"
-    rc = cli.main(["iap", "--model", "testbed", "--data", "testbed", "--dev", "testbed", "--task", "arith",
-                   "--limit", "3", "--dev-limit", "3", "--prompts", str(_pool(tmp_path)), "--out", str(out),
-                   "--no-progress"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rc = cli.main(["iap", "--model", "testbed", "--data", "testbed", "--dev", "testbed",
+                       "--task", "arith", "--limit", "3", "--dev-limit", "3",
+                       "--prompts", str(_pool(tmp_path)), "--out", str(out), "--no-progress"])
     assert rc == 0
+    # the CLI prints the score warnings as lines instead of also raising them as Python warnings
+    assert not [w for w in caught if w.category is IAPScoreWarning]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_questions"] == 3 and summary["dev"]["n_questions"] == 3
     for key in ("score_diagnostics", "degenerate", "paired_differences", "reference_prompts", "warnings"):
@@ -68,6 +74,8 @@ def test_iap_runs_on_the_shipped_test_and_dev_sets(tmp_path, capsys):
     assert dev_ids[::2] == _ids(os.path.join(DATA, "dev.jsonl"))[:3]
     printed = capsys.readouterr().out
     assert "dev calibration (3 questions)" in printed and "vs first prompt [95% CI]" in printed
+    for line in summary["warnings"]:
+        assert f"warning: {line}" in printed
 
 
 def _pool(tmp_path):

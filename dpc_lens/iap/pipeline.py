@@ -836,6 +836,7 @@ def calibrate_iap(
     res = IAPCalibration(std, cal, chosen, tuple(pairs), cost)
     if out_dir is not None:
         res.save(out_dir)
+    _warn({"warnings": [f"on the dev split: {line}" for line in cal.warnings]}, stacklevel=3)
     return res
 
 
@@ -967,13 +968,15 @@ def calibrate_and_run_iap(
     return pairs, summary, fit
 
 
-def _warn(summary: Mapping[str, Any]) -> None:
+def _warn(summary: Mapping[str, Any], stacklevel: int = 4) -> None:
+    """Each of the summary's ``warnings`` as an :class:`IAPScoreWarning` (default stacklevel: the
+    caller of run_iap, through _run_iap)."""
     import warnings
 
     from .diagnostics import IAPScoreWarning
 
     for line in summary.get("warnings") or ():
-        warnings.warn(line, IAPScoreWarning, stacklevel=4)  # the caller of run_iap
+        warnings.warn(line, IAPScoreWarning, stacklevel=stacklevel)
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections import Counter
 
 import pytest
@@ -478,3 +479,17 @@ def test_run_iap_warns_when_the_score_does_not_rank(model, files):
     assert summary["reference_prompts"]["best_single_chosen_on"].startswith("this run's own questions")
     with pytest.raises(InputError, match="calibration must be what calibrate_iap returned"):
         run_iap(model, exs, task, POOL, cfg, calibration={"lam": 0.5}, progress=False)
+
+
+def test_calibrate_iap_warns_about_the_dev_score_too(model, files):
+    from dpc_lens.iap.diagnostics import IAPScoreWarning
+    from dpc_lens.tasks import load_examples
+
+    task = get_task("arith")
+    dev = load_examples(str(files / "test.jsonl"), task)
+    cfg = IAPRunConfig(generation=GenerationConfig(max_new_tokens=MAX_NEW))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit = calibrate_iap(model, dev, task, POOL, cfg, progress=False)
+    lines = [str(w.message) for w in caught if w.category is IAPScoreWarning]
+    assert lines == [f"on the dev split: {line}" for line in fit.calibration.warnings]
