@@ -33,7 +33,7 @@ from .model import as_adapter
 from .progress import bar
 from .segments import PromptBatch, SegmentLayout
 
-__all__ = ["GenerationConfig", "Generation", "generate", "encode_prompts"]
+__all__ = ["GenerationConfig", "Generation", "generate", "encode_prompts", "token_texts"]
 
 StopReason = Literal["eos", "stop_string", "max_new_tokens"]
 
@@ -278,3 +278,19 @@ def generate(
         for i, g in zip(idx, _generate_batch(adapter, [seqs[i] for i in idx], soft, cfg, gen)):
             results[i] = g
     return results  # type: ignore[return-value]
+
+
+def token_texts(tokenizer: Any, token_ids: Sequence[int]) -> list[str]:
+    """The text each token adds, in order: ``"".join(token_texts(tok, ids)) == tok.decode(ids)``
+    (special tokens skipped, as :func:`generate` decodes). Decoded incrementally, so a byte-level
+    BPE token that is half of a UTF-8 character, or a word-level tokenizer's joining space, lands
+    on the token where the text actually grows (the token view of a rationale labels itself)."""
+    ids = [int(t) for t in token_ids]
+    if tokenizer is None:
+        return [f"<{t}>" for t in ids]
+    out, prev = [], ""
+    for i in range(len(ids)):
+        text = tokenizer.decode(ids[: i + 1], skip_special_tokens=True)
+        out.append(text[len(prev):] if text.startswith(prev) else text)
+        prev = text
+    return out

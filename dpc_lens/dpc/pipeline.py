@@ -35,7 +35,7 @@ import torch
 from ..analysis import measure_flows
 from ..errors import ConfigError, DataError, InputError
 from ..evaluation import answer_record, base_or_pt_oracle, paired_bootstrap, prompt_text
-from ..generation import Generation, GenerationConfig, encode_prompts, generate
+from ..generation import Generation, GenerationConfig, encode_prompts, generate, token_texts
 from ..model import as_adapter
 from ..patching import CorruptionConfig, corrupt_soft_prompt, random_rows
 from ..progress import bar as progress_bar
@@ -351,6 +351,7 @@ class _Pending:
     rand: list[tuple[list[int], Generation]]
     timings: dict[str, float]
     regen: Generation | None = None
+    tokens: list[str] | None = None  # the PT rationale's token texts (the trigger's f_i order)
     # random draws from the locator's candidates (None: the candidates are every soft row, so
     # they are the unrestricted draws in ``rand``)
     rand_cand: list[tuple[list[int], Generation]] | None = None
@@ -400,6 +401,7 @@ def _analyse_batch(adapter, soft, exs: Sequence[Example], prompts: list[list[int
         located = list(d.accumulation.top_indices[:k]) if d is not None else []
         out.append(_Pending(ex, prompts[i], a, d, err, located, base_gen[i] if base_gen else None, rand[i],
                             {"pt_generate_s": t_gen / n, "saliency_s": t_sal / n, "regenerate_s": 0.0},
+                            tokens=token_texts(adapter.tokenizer, a.generation.token_ids),
                             rand_cand=rand_cand[i]))
     return out
 
@@ -447,6 +449,7 @@ def _finish(task, cfg: DPCConfig, p: _Pending) -> dict[str, Any]:
         flows=a.flows, loss=a.loss, timings=dict(p.timings), trigger_error=p.error,
         base=_graded(task, p.base, ex) if p.base is not None else None, always=always,
         random=draws[0] if draws else None, random_draws=draws if len(draws) > 1 else None,
+        rationale_tokens=tuple(p.tokens) if p.tokens is not None else None,
         random_candidates=cand,
     ).to_dict()
 

@@ -97,6 +97,9 @@ class DPCRecord:
         random_candidates: the random draws restricted to the soft positions the locator may
             choose (sinks excluded), when that set is smaller than the whole soft prompt; absent,
             the restricted draws are the unrestricted ones (``random_draws`` / ``random``).
+        rationale_tokens: the text of each token of the PT rationale, in the order of the
+            trigger's per-token deep flow ``f_i`` (the report shades them); ``None`` in runs
+            made before it was recorded.
     """
 
     id: Any = None
@@ -117,6 +120,7 @@ class DPCRecord:
     random: AnswerRecord | None = None
     random_draws: tuple[AnswerRecord, ...] | None = None
     skipped: str | None = None
+    rationale_tokens: tuple[str, ...] | None = None
     random_candidates: tuple[AnswerRecord, ...] | None = None
 
     @property
@@ -125,6 +129,14 @@ class DPCRecord:
         from .detector import TriggerDecision
 
         return TriggerDecision.from_dict(self.trigger) if self.trigger else None
+
+    def _repr_html_(self) -> str:
+        """The question as the run report shows it (:func:`dpc_lens.plotting.html.dpc_question`):
+        PT and DPC side by side, the rationale's tokens shaded by their deep flow, the located
+        soft rows; notebooks display it."""
+        from ..plotting.html import dpc_question, fragment
+
+        return fragment(dpc_question(self, open_=True))
 
     def answer(self, method: str) -> AnswerRecord | None:
         """The answer of ``method`` (``"pt"``, ``"dpc"``, ``"base"``, ``"always"``, ``"random"``),
@@ -159,6 +171,8 @@ class DPCRecord:
                 out[k] = getattr(self, k).to_dict()
         if self.random_draws is not None:
             out["random_draws"] = [a.to_dict() for a in self.random_draws]
+        if self.rationale_tokens is not None:
+            out["rationale_tokens"] = list(self.rationale_tokens)
         if self.random_candidates is not None:
             out["random_candidates"] = [a.to_dict() for a in self.random_candidates]
         return out
@@ -181,6 +195,8 @@ class DPCRecord:
                 kw[k] = tuple(AnswerRecord.from_dict(a, f"{who}, random draw {j}") for j, a in enumerate(v))
             elif k == "located_rows":
                 kw[k] = tuple(int(r) for r in (v or ()))
+            elif k == "rationale_tokens":
+                kw[k] = tuple(str(t) for t in v) if v is not None else None
             elif k in ("flows", "timings"):
                 kw[k] = dict(_mapping(v, f"{who}, {k!r}")) if v is not None else {}
             elif k == "trigger":

@@ -60,6 +60,12 @@ class PairRecord:
     def scored(self) -> bool:
         return bool(self.flow_means)
 
+    def _repr_html_(self) -> str:
+        """The pair as the run report shows it (prompt, rationale, answer, flows), for notebooks."""
+        from ..plotting.html import fragment, iap_pair
+
+        return fragment(iap_pair(self))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "question_index": self.question_index,

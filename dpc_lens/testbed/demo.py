@@ -24,13 +24,16 @@ __all__ = ["run_demo", "explain_summary", "DEMO_RANDOM_DRAWS"]
 
 
 def run_demo(out_dir: str = "runs/demo", *, limit: int | None = None, progress: bool | None = None,
-             plots: bool = False, testbed: str | None = None) -> int:
+             plots: bool = False, testbed: str | None = None, report: bool = True) -> int:
     """Run the demo; return a process exit code.
 
     ``testbed``: ``"real"`` (SmolLM2-135M-Instruct with the tuned adapter of
     :mod:`dpc_lens.real_testbed`, on its first ``DEMO_LIMIT`` test questions unless ``limit``
     says otherwise), ``"reasoner"`` (the shipped 0.62 M reasoner, all 600 test questions), or
     ``None``: the real one when it and the SmolLM2 GGUF file are installed, else the reasoner.
+
+    ``report``: write ``out_dir/report.html`` (:func:`dpc_lens.plotting.report.write_report`) and
+    print its path as the last line.
     """
     from ..runs import RunLock, check_out_dir
     from ..validate import check_count
@@ -43,7 +46,12 @@ def run_demo(out_dir: str = "runs/demo", *, limit: int | None = None, progress: 
     check_out_dir(out_dir)
     _refuse_other_runs(out_dir)
     with RunLock(out_dir, "demo"):
-        return _run_demo_locked(out_dir, limit, progress, plots, testbed or _default_testbed())
+        rc = _run_demo_locked(out_dir, limit, progress, plots, testbed or _default_testbed())
+    if rc == 0 and report and os.path.exists(os.path.join(out_dir, "records.jsonl")):
+        from ..plotting.report import write_report
+
+        print(f"report: {write_report(out_dir)}")
+    return rc
 
 
 def _default_testbed() -> str:
@@ -189,6 +197,12 @@ def _run_demo_locked(out_dir, limit, progress, plots, testbed="reasoner") -> int
         from ..plotting import save_standard_figures
 
         save_standard_figures(out_dir)
+    from ..plotting.report import provenance
+    from ..runs import write_json
+
+    write_json(os.path.join(out_dir, "provenance.json"), provenance(
+        command="dpc-lens demo", model=f"{art['model']} ({label})", soft_prompt=art["soft_prompt"],
+        data=art["test"], task=art.get("task", "arith"), limit=limit, config=cfg_text))
     return 0
 
 
