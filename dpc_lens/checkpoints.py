@@ -60,6 +60,7 @@ __all__ = [
     "convert_gguf",
     "find_gguf",
     "load_gguf",
+    "portable_model_name",
     "resolve_source",
     "sha256_file",
     "smollm2_path",
@@ -367,6 +368,61 @@ def convert_gguf(
         steps.close()
     del model
     return target
+
+
+def portable_model_name(name_or_path: str | os.PathLike | None) -> str | None:
+    """The name an adapter records for its base model (PEFT's ``base_model_name_or_path``, which
+    ``AutoPeftModelForCausalLM.from_pretrained(adapter)`` loads): a hub id or a model name, never
+    this machine's absolute path, so a saved adapter carries no local path and means the same
+    elsewhere.
+
+    * a hub id or bare name (not a local path) is kept as it is;
+    * ``"smollm2"``, the SmolLM2 GGUF file, or dpc_lens's conversion of it -> its hub id;
+    * a Hugging Face cache snapshot (``.../models--org--name/snapshots/<rev>``) -> ``org/name``;
+    * a directory inside the dpc_lens package (the shipped reasoner) -> its path from the
+      package's parent (``dpc_lens/data/reasoner``);
+    * another local directory -> the hub id its ``config.json`` names (``_name_or_path``) when
+      that is not a path, else the directory's own name (another GGUF conversion: its file's).
+    """
+    if name_or_path is None:
+        return None
+    s = os.fspath(name_or_path)
+    if s.strip().lower() == SMOLLM2:
+        return SMOLLM2_HUB_ID
+    p = Path(s).expanduser()
+    if not (p.is_absolute() or p.exists() or s.startswith(("~", "."))):
+        return s
+    p = p.resolve()
+    if p.name == SMOLLM2_FILE:
+        return SMOLLM2_HUB_ID
+    marker = p / _MARKER
+    if marker.is_file():
+        try:
+            source = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            source = {}
+        if source.get("sha256") == SMOLLM2_SHA256:
+            return SMOLLM2_HUB_ID
+        if source.get("gguf_file"):
+            return Path(str(source["gguf_file"])).name.removesuffix(".gguf")
+    for part in reversed(p.parts):
+        if part.startswith("models--") and len(part) > len("models--"):
+            return part[len("models--"):].replace("--", "/", 1)
+    package = Path(__file__).resolve().parent
+    if p.is_relative_to(package):
+        return p.relative_to(package.parent).as_posix()
+    return _named_in_config(p)
+
+
+def _named_in_config(p: Path) -> str:
+    """A local checkpoint's hub id from its ``config.json`` when that names one, else its name."""
+    try:
+        named = json.loads((p / "config.json").read_text(encoding="utf-8")).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        named = None
+    if isinstance(named, str) and named and not (Path(named).is_absolute() or named.startswith(("~", "."))):
+        return named
+    return p.name or os.fspath(p)
 
 
 def resolve_source(name_or_path: str, *, progress: bool | None = None) -> Any:

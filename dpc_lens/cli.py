@@ -363,7 +363,7 @@ def _cmd_train_prompt(args) -> int:
         cfg = replace(cfg, batch_size=args.batch_size)
     model = _load(args)
     res = train_soft_prompt(model, exs, cfg, dev_examples=dev, progress=_bars(args))
-    res.soft_prompt.save_peft(args.out, base_model_name_or_path=args.model)
+    res.soft_prompt.save_peft(args.out, base_model_name_or_path=_testbed(args.model, "model"))
     res.save(os.path.join(args.out, "training_history.json"))
     print(f"adapter: {args.out}")
     return 0

@@ -594,12 +594,14 @@ def train_soft_prompt(
             bar.close()
     if not dev_enc:
         best, best_step = snapshot(), history[-1].step if history else 0
+    from .checkpoints import portable_model_name
+
     hf = getattr(adapter, "_hf_model", None) if adapter.family == "bridge" else None
     name = getattr(getattr(hf, "config", None), "_name_or_path", None) if hf is not None else None
     meta = {
         "d_model": adapter.d_model,
         "family": adapter.family,
-        "base_model_name_or_path": name or None,
+        "base_model_name_or_path": portable_model_name(name) if name else None,
         "target_segment": TARGET_SEGMENT,
         "init": sp_config.get("prompt_tuning_init"),
     }

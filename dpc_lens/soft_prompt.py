@@ -210,7 +210,12 @@ class SoftPrompt:
         return cls(emb, config)
 
     def save_peft(self, path: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> str:
-        """Write a PEFT prompt-tuning adapter directory that PEFT itself loads."""
+        """Write a PEFT prompt-tuning adapter directory that PEFT itself loads.
+
+        ``base_model_name_or_path`` (or the one the soft prompt was loaded with) is recorded as a
+        portable name: a local directory becomes its hub id or model name
+        (:func:`dpc_lens.checkpoints.portable_model_name`), so the adapter embeds no local path.
+        """
         from safetensors.torch import save_file
 
         path = os.fspath(path)
@@ -239,6 +244,11 @@ class SoftPrompt:
                       num_transformer_submodules=1, peft_type="PROMPT_TUNING", task_type="CAUSAL_LM")
         if base_model_name_or_path is not None:
             config["base_model_name_or_path"] = base_model_name_or_path
+        from .checkpoints import portable_model_name
+
+        # a hub id or model name, never this machine's absolute path (see portable_model_name)
+        for key in ("base_model_name_or_path", "tokenizer_name_or_path"):
+            config[key] = portable_model_name(config.get(key))
         if config.get("prompt_tuning_init") == "TEXT" and not config.get("tokenizer_name_or_path"):
             # PEFT refuses a TEXT init without a tokenizer path; the trained weights are what
             # load anyway, so record the init as RANDOM (PEFT's neutral value)

@@ -424,3 +424,73 @@ def test_a_run_with_every_question_skipped_raises_and_the_cli_exits_nonzero(mode
     rc, out, err = cli(dpc_argv(bed, tmp_path / "cli2", "--max-new-tokens", "100000"), capsys)
     assert rc == 2 and ": ConfigError: No question can fit this model's context: n_ctx=256" in err
     assert "--max-new-tokens" in err and not (tmp_path / "cli2" / "records.jsonl").exists()
+
+
+# ------------------------------------------------------------------------- portable adapters
+
+
+def _no_local_path_in(directory, *paths):
+    text = "".join(p.read_text(encoding="utf-8") for p in directory.iterdir() if p.suffix == ".json")
+    return not any(str(p) in text for p in paths)
+
+
+def test_a_saved_adapter_names_its_base_model_without_the_local_path(bed, tmp_path):
+    import json
+
+    import peft
+
+    from dpc_lens.checkpoints import portable_model_name
+
+    model_dir = bed[1].resolve()
+    soft = _soft(bed)
+    out = tmp_path / "adapter"
+    soft.save_peft(out, base_model_name_or_path=str(model_dir))
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "model"  # the directory's own name
+    assert _no_local_path_in(out, model_dir, tmp_path)
+    # PEFT reads the same field back, and dpc_lens loads the adapter as before
+    assert peft.PeftConfig.from_pretrained(str(out)).base_model_name_or_path == "model"
+    assert torch.equal(type(soft).from_peft(out).embeddings, soft.embeddings)
+    # a hub id is kept; a Hugging Face cache snapshot and a config.json that names its hub id give it
+    assert portable_model_name("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    snap = tmp_path / "hub" / "models--acme--tiny-llama" / "snapshots" / "0123abc"
+    snap.mkdir(parents=True)
+    assert portable_model_name(snap) == "acme/tiny-llama"
+    named = tmp_path / "copied"
+    named.mkdir()
+    (named / "config.json").write_text(json.dumps({"_name_or_path": "acme/named-model"}))
+    assert portable_model_name(named) == "acme/named-model"
+    (named / "config.json").write_text(json.dumps({"_name_or_path": str(tmp_path / "elsewhere")}))
+    assert portable_model_name(named) == "copied"  # a path in config.json is not a hub id
+
+
+def test_trained_prompts_record_a_portable_base_model(model, bed, tmp_path):
+    import json
+
+    from dpc_lens.prompt_tuning import train_soft_prompt
+
+    res = train_soft_prompt(model, _examples(bed, 2), {"steps": 1, "n_tokens": 2, "batch_size": 2},
+                            progress=False)
+    assert res.meta["base_model_name_or_path"] == "model"
+    out = res.save_adapter(tmp_path / "trained")
+    assert json.loads((tmp_path / "trained" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"] == "model"
+    assert _no_local_path_in(tmp_path / "trained", bed[1].resolve(), bed[0].resolve())
+    assert os.path.isdir(out)
+
+
+def test_the_shipped_adapters_carry_no_absolute_path():
+    import glob
+    import json
+
+    import dpc_lens
+
+    root = os.path.dirname(dpc_lens.__file__)
+    files = glob.glob(os.path.join(root, "data", "**", "soft_prompt", "*.json"), recursive=True)
+    assert len(files) >= 4
+    for f in files:
+        d = json.load(open(f, encoding="utf-8"))
+        d = {**d, **d.get("meta", {})}
+        for key in ("base_model_name_or_path", "tokenizer_name_or_path"):
+            v = d.get(key)
+            assert v is None or not os.path.isabs(v), (f, key, v)
