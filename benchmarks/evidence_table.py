@@ -13,6 +13,19 @@ against vanilla PT (same resampled questions for both, 2000 resamples). Also: th
 (right without the prompt, wrong with it), the accumulation x deep-flow-change contingency
 (the paper's Fig. 5), and the deep soft->rationale flow in correct vs wrong PT answers.
 
+Issue 19's rows and diagnostics, as options: ``--locators paper,sink_excluded,z`` adds, for each
+locator besides the calibrated config's, DPC under the calibrated trigger and corruption of every
+instance with that locator (``sink_excluded``: the argmax with the sinks detected from attention
+received excluded; ``z``: the dev-relative z locator, its profile fitted on ``--profile-dev`` dev
+questions and saved beside the output); the random baseline is reported twice, unrestricted and
+drawn from the sink-excluded candidates (each the mean of ``--random-draws`` draws with its
+spread); every locator's located-position histogram (distinct positions, modal share, entropy),
+the detected sinks per layer band, and the calibrated trigger's AUC for "corruption helps vs
+hurts" and "PT wrong and base right". ``--modal`` then corrupts each locator's modal position on
+every question (a final pass, resumable in ``<out>.modal.jsonl``) for the paired test of
+per-question locating against always zeroing the modal position. ``--dry-run`` prints what would
+run and exits.
+
 Usage: ``python benchmarks/evidence_table.py [--testbed reasoner|real] [--limit N]``: the
 shipped reasoner test bed (``dpc_lens/data``, writes ``benchmarks/results/evidence_arith.json``)
 or the real one, SmolLM2-135M-Instruct with its tuned adapter (``dpc_lens.real_testbed``, writes
@@ -35,12 +48,19 @@ import torch
 
 from dpc_lens.dpc import (
     DPCConfig,
+    LocatorProfile,
     analyse,
     dynamic_trigger,
     encode_questions,
+    instance_adaptivity,
+    locating_vs_modal,
     random_rows_for,
     resolve_layers,
+    trigger_auc,
 )
+from dpc_lens.dpc.detector import sink_positions
+from dpc_lens.dpc.diagnostics import adaptivity_warning
+from dpc_lens.dpc.locate import candidate_positions
 from dpc_lens.evaluation import grade, paired_bootstrap
 from dpc_lens.generation import generate
 from dpc_lens.model import as_adapter, load_model
@@ -66,7 +86,38 @@ def _artefacts(testbed: str) -> dict[str, str]:
     return dict(art, task="arith")
 
 
-def _question_records(adapter, soft, task, exs, cfg, variants, draws):
+#: issue 19's locators, as DetectorConfig fields over the calibrated config
+LOCATORS = {
+    "paper": {"locator": "argmax", "sink": "keep", "sink_source": "position0"},
+    "sink_excluded": {"locator": "argmax", "sink": "exclude", "sink_source": "detected"},
+    "z": {"locator": "z", "sink": "keep", "sink_source": "position0"},
+}
+
+
+def locator_configs(cfg, names, profile=None):
+    """name -> the calibrated detector with that locator (``z`` needs the dev ``profile``)."""
+    out = {}
+    for name in names:
+        if name not in LOCATORS:
+            raise SystemExit(f"unknown locator {name!r}; choose from {sorted(LOCATORS)}")
+        fields = dict(LOCATORS[name], sink_scale=None)
+        if name == "z":
+            if profile is None:
+                raise SystemExit("the z locator needs a dev profile (--profile-dev N > 0)")
+            fields["locator_profile"] = profile
+        else:
+            fields["locator_profile"] = None
+        out[name] = replace(cfg.detector, **fields)
+    return out
+
+
+def fit_profile(adapter, soft, dev, cfg):
+    """The z locator's dev profile: one PT generation and saliency pass per dev question."""
+    an = analyse(adapter, soft, [e.question for e in dev], cfg)
+    return LocatorProfile.fit([a.inputs for a in an], cfg.detector.statistic, cfg.detector.shallow_layers)
+
+
+def _question_records(adapter, soft, task, exs, cfg, variants, draws, locators=None):
     """Every row's outcome for each question of ``exs`` (one chunk), as JSON-safe records."""
     prompts = encode_questions(adapter, [e.question for e in exs], cfg)
     pt_gen = generate(adapter, prompts, soft, cfg.generation, desc="PT")
@@ -103,9 +154,33 @@ def _question_records(adapter, soft, task, exs, cfg, variants, draws):
         rec["always"] = ok
     per_draw = [corrupted_correct([random_rows_for(e.id, soft.n_tokens, k, cfg.seed + j) for e in exs])
                 for j in range(draws)]
+    # the sinks of each question (attention received, over the calibrated shallow layers) and the
+    # random draws restricted to the positions a sink-excluding locator may choose
+    shallow = resolve_layers(cfg.detector.shallow_layers, adapter.n_layers)
+    sinks = [list(sink_positions(a.inputs, replace(cfg.detector, sink_source="detected"), shallow))
+             if a.inputs is not None else [] for a in analyses]
+    cands = [candidate_positions(soft.n_tokens, sk, "exclude") for sk in sinks]
+    per_draw_cand = []
+    for j in range(draws):
+        rows = [random_rows_for(e.id, soft.n_tokens, k, cfg.seed + j, c if len(c) >= k else None)
+                for e, c in zip(exs, cands)]
+        per_draw_cand.append(corrupted_correct(rows))
+    for name, det in (locators or {}).items():
+        decs = [dynamic_trigger(a.inputs, det) if a.inputs is not None else None for a in analyses]
+        loc = [list(d.accumulation.top_indices) if d is not None else [] for d in decs]
+        fired_ok = corrupted_correct([r if d is not None and d.fired else [] for r, d in zip(loc, decs)])
+        always_ok = corrupted_correct(loc)
+        for rec, r, d, f_ok, a_ok in zip(recs, loc, decs, fired_ok, always_ok):
+            rec.setdefault("locators", {})[name] = {"located": r, "fired": bool(d is not None and d.fired),
+                                                    "dpc": f_ok, "always": a_ok}
     deep = resolve_layers(cfg.detector.deep_layers, adapter.n_layers)
     for i, (rec, d, a) in enumerate(zip(recs, main_decs, analyses)):
         rec["random"] = [v[i] for v in per_draw]
+        rec["random_candidates"] = [v[i] for v in per_draw_cand]
+        rec["sinks"] = sinks[i]
+        rec["sink_bands"] = (None if d is None or d.sinks is None
+                             else {b["band"]: b["sinks"] for b in d.sinks})
+        rec["share"] = None if d is None else d.deep_flow.affected_share
         rec["located"] = located[i]
         rec["accumulation_present"] = None if d is None else bool(d.accumulation_present)
         rec["flow_triggered"] = None if d is None else bool(d.flow_triggered)
@@ -114,7 +189,30 @@ def _question_records(adapter, soft, task, exs, cfg, variants, draws):
     return recs, len(memo)
 
 
-def _summarise(recs, cfg, variants, draws, n_layers, meta):
+def _band_sinks(recs):
+    """Per layer band, the soft positions detected as sinks on at least half the questions."""
+    reports = [r["sink_bands"] for r in recs if r.get("sink_bands")]
+    out = {}
+    for band in (reports[0] if reports else {}):
+        counts = {}
+        for rep_ in reports:
+            for j in rep_.get(band, []):
+                counts[j] = counts.get(j, 0) + 1
+        out[band] = sorted(j for j, c in counts.items() if c >= len(reports) / 2)
+    return out
+
+
+def _adaptivity(located, always, modal_correct, sinks):
+    """Located-position statistics, the warning line, and (with the modal pass) the paired test
+    of per-question locating vs always corrupting the modal position."""
+    out = instance_adaptivity([r[0] if r else None for r in located])
+    out["warning"] = adaptivity_warning(out, sinks)
+    if modal_correct is not None:
+        out["locating_vs_modal"] = locating_vs_modal(always, modal_correct)
+    return out
+
+
+def _summarise(recs, cfg, variants, draws, n_layers, meta, locators=(), modal=None):
     pt = [r["pt"] for r in recs]
     base = [r["base"] for r in recs]
     n = len(recs)
@@ -140,6 +238,18 @@ def _summarise(recs, cfg, variants, draws, n_layers, meta):
         random_draws={"n": draws, "accuracy": per_draw,
                       "std": statistics.stdev(per_draw) if draws > 1 else None,
                       "min": min(per_draw), "max": max(per_draw)})
+    if all("random_candidates" in r for r in recs):
+        per_c = [sum(r["random_candidates"][j] for r in recs) / n for j in range(draws)]
+        add(f"random corruption from the candidates (detected sinks excluded; {k} token, mean of "
+            f"{draws} draws)", [sum(r["random_candidates"]) / draws for r in recs],
+            random_draws={"n": draws, "accuracy": per_c,
+                          "std": statistics.stdev(per_c) if draws > 1 else None,
+                          "min": min(per_c), "max": max(per_c)})
+    for name in locators:
+        add(f"DPC, {name} locator, calibrated trigger", [r["locators"][name]["dpc"] for r in recs],
+            trigger_rate=sum(r["locators"][name]["fired"] for r in recs) / n)
+        add(f"corrupt every instance, {name} locator (top-{k})",
+            [r["locators"][name]["always"] for r in recs])
     add("oracle (best of base / PT)", [a or b for a, b in zip(base, pt)])
 
     cont = {"accum_change": 0, "accum_no_change": 0, "no_accum_change": 0, "no_accum_no_change": 0}
@@ -169,7 +279,16 @@ def _summarise(recs, cfg, variants, draws, n_layers, meta):
         "pt_only_right": sum(1 for a, b in zip(base, pt) if b and not a),
         "table": table,
         "located_token": {"most_common_position": top_pos,
-                          "share_at_that_position": tops.count(top_pos) / len(tops) if tops else None},
+                          "share_at_that_position": tops.count(top_pos) / len(tops) if tops else None,
+                          **_adaptivity([r["located"] for r in recs], [r["always"] for r in recs],
+                                        _modal_vec(recs, modal, "calibrated"), sorted({
+                                            j for v in _band_sinks(recs).values() for j in v})),
+                          "sinks": _band_sinks(recs),
+                          "by_locator": {name: _adaptivity(
+                              [r["locators"][name]["located"] for r in recs],
+                              [r["locators"][name]["always"] for r in recs],
+                              _modal_vec(recs, modal, name), []) for name in locators}},
+        "trigger_auc": _trigger_aucs(recs),
         "contingency_fig5": cont,
         "deep_soft_to_rationale_flow": {
             "layers": resolve_layers(cfg.detector.deep_layers, n_layers),
@@ -184,6 +303,59 @@ def _summarise(recs, cfg, variants, draws, n_layers, meta):
     }
 
 
+def _modal_vec(recs, modal, name):
+    if not modal or name not in modal or any(r["id"] not in modal[name] for r in recs):
+        return None
+    return [modal[name][r["id"]] for r in recs]
+
+
+def _trigger_aucs(recs):
+    scored = [r for r in recs if r.get("share") is not None]
+    share = [r["share"] for r in scored]
+    return {"statistic": "deep_flow.affected_share of the calibrated trigger",
+            "corruption_helps_vs_hurts": trigger_auc(
+                share, [None if r["pt"] == r["always"] else bool(r["always"]) for r in scored]),
+            "pt_wrong_base_right": trigger_auc(share, [bool(r["base"]) and not r["pt"] for r in scored])}
+
+
+def modal_rows(recs, key):
+    """The modal located row set of one locator (``key(rec)`` -> located rows); ties -> lowest."""
+    sets = [tuple(key(r)) for r in recs if key(r)]
+    return min(set(sets), key=lambda s: (-sets.count(s), s)) if sets else None
+
+
+def modal_pass(adapter, soft, task, exs, cfg, recs, locators, path, chunk):
+    """Each locator's modal rows corrupted on every question (resumable in ``path``); returns
+    name -> {id: correct}."""
+    done = ({(r["qid"], tuple(r["rows"])): r["correct"] for r in read_records(path)}
+            if os.path.exists(path) else {})
+    keys = {"calibrated": lambda r: r["located"]}
+    keys.update({name: (lambda r, n=name: r["locators"][n]["located"]) for name in locators})
+    by_id = {e.id: e for e in exs}
+    out = {}
+    for name, key in keys.items():
+        rows = modal_rows(recs, key)
+        if rows is None:
+            continue
+        todo = [r for r in recs if (r["id"], rows) not in done and tuple(key(r)) != rows]
+        for s in range(0, len(todo), chunk):
+            part = [by_id[r["id"]] for r in todo[s:s + chunk]]
+            prompts = encode_questions(adapter, [e.question for e in part], cfg)
+            zeroed = corrupt_soft_prompt(soft, list(rows), cfg.corruption)
+            gens = generate(adapter, prompts, [zeroed] * len(part), cfg.generation, desc=f"modal {name}")
+            with open(path, "a") as fh:
+                for e, g in zip(part, gens):
+                    ok = grade(task, g.text, e)[1]
+                    done[(e.id, rows)] = ok
+                    fh.write(json.dumps({"id": f"{e.id}|{name}", "qid": e.id, "rows": list(rows),
+                                         "correct": ok}) + "\n")
+        # where the locator already chose the modal rows, its own always-corrupt answer is it
+        out[name] = {r["id"]: (done[(r["id"], rows)] if tuple(key(r)) != rows else
+                               (r["always"] if name == "calibrated" else r["locators"][name]["always"]))
+                     for r in recs}
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--testbed", choices=("reasoner", "real"), default="reasoner",
@@ -196,7 +368,17 @@ def main(argv=None) -> int:
                     help="only the calibrated trigger (skip the raw/normalised x k=1,2,3 rows)")
     ap.add_argument("--chunk", type=int, default=50, help="questions per chunk (default 50)")
     ap.add_argument("--fresh", action="store_true", help="discard the records of an earlier run")
+    ap.add_argument("--locators", default="",
+                    help=f"comma-separated extra locators from {sorted(LOCATORS)} (issue 19), each under "
+                         "the calibrated trigger and corrupting every instance")
+    ap.add_argument("--profile-dev", type=int, default=100,
+                    help="dev questions the z locator's profile is fitted on (default 100)")
+    ap.add_argument("--modal", action="store_true",
+                    help="final pass: corrupt each locator's modal position on every question, for the "
+                         "paired test of per-question locating vs always zeroing the modal position")
+    ap.add_argument("--dry-run", action="store_true", help="print what would run, then exit")
     args = ap.parse_args(argv)
+    loc_names = [x for x in args.locators.split(",") if x]
     name = "evidence_arith.json" if args.testbed == "reasoner" else "evidence_real.json"
     out = args.out or os.path.join(os.path.dirname(__file__), "results", name)
     art = _artefacts(args.testbed)
@@ -217,10 +399,23 @@ def main(argv=None) -> int:
     settings = {"testbed": args.testbed, "config": cfg.to_dict(), "variants": list(variants),
                 "random_draws": args.random_draws, "soft_prompt": os.path.abspath(art["soft_prompt"]),
                 "test": os.path.abspath(art["test"])}
+    if loc_names:  # only when asked, so runs made before the option resume as they were
+        settings.update(locators=loc_names, profile_dev=args.profile_dev if "z" in loc_names else None)
     rec_path, set_path = out + ".records.jsonl", out + ".run.json"
+    profile_path = out + ".locator_profile.json"
+    for name in loc_names:
+        if name not in LOCATORS:
+            raise SystemExit(f"unknown locator {name!r}; choose from {sorted(LOCATORS)}")
+    if args.dry_run:
+        print(f"would run {len(exs)} test questions of the {args.testbed} test bed; rows: "
+              f"{list(variants)}; locators: {loc_names or 'none'}; random draws: {args.random_draws} "
+              f"unrestricted + {args.random_draws} from the sink-excluded candidates; "
+              f"z profile: {args.profile_dev if 'z' in loc_names else 0} dev questions -> {profile_path}; "
+              f"modal pass: {args.modal}; records: {rec_path}")
+        return 0
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     if args.fresh:
-        for p in (rec_path, set_path):
+        for p in (rec_path, set_path, profile_path, out + ".modal.jsonl"):
             if os.path.exists(p):
                 os.remove(p)
     if os.path.exists(set_path):
@@ -229,6 +424,15 @@ def main(argv=None) -> int:
                 raise SystemExit(f"{rec_path} holds a run with other settings; pass --fresh to start over")
     with open(set_path, "w") as fh:
         json.dump(settings, fh, indent=2)
+    profile = None
+    if "z" in loc_names:
+        if os.path.exists(profile_path) and not args.fresh:
+            profile = LocatorProfile.load(profile_path)
+        else:
+            dev = load_examples(art["dev"], task)[: args.profile_dev]
+            profile = fit_profile(adapter, soft, dev, cfg)
+            profile.save(profile_path)
+    locators = locator_configs(cfg, loc_names, profile)
     done = {r["id"]: r for r in read_records(rec_path)}  # a torn last line is redone
     n_corrupted = 0
     todo = [e for e in exs if e.id not in done]
@@ -236,18 +440,23 @@ def main(argv=None) -> int:
     for s in range(0, max(len(todo), 1), args.chunk):
         part = todo[s:s + args.chunk]
         if part:
-            recs, nc = _question_records(adapter, soft, task, part, cfg, variants, args.random_draws)
+            recs, nc = _question_records(adapter, soft, task, part, cfg, variants, args.random_draws,
+                                         locators)
             n_corrupted += nc
             with open(rec_path, "a") as fh:
                 for r in recs:
                     fh.write(json.dumps(r) + "\n")
                     done[r["id"]] = r
         ordered = [done[e.id] for e in exs if e.id in done]
+        modal = None
+        if args.modal and len(ordered) == len(exs):
+            modal = modal_pass(adapter, soft, task, exs, cfg, ordered, loc_names, out + ".modal.jsonl",
+                               args.chunk)
         result = _summarise(ordered, cfg, variants, args.random_draws, adapter.n_layers, {
             "testbed": args.testbed, "model": art["model"], "soft_prompt": art["soft_prompt"],
             "n_requested": len(exs), "corrupted_generations_this_process": n_corrupted,
             "wall_time_s_this_process": time.perf_counter() - t0, "device": str(adapter.device),
-            "torch_threads": torch.get_num_threads()})
+            "torch_threads": torch.get_num_threads()}, loc_names, modal)
         with open(out, "w") as fh:
             json.dump(result, fh, indent=2)
         print(f"{len(ordered)}/{len(exs)} questions done, {time.perf_counter() - t0:.0f} s", flush=True)
@@ -257,7 +466,12 @@ def main(argv=None) -> int:
     for r in result["table"]:
         print(f"| {r['method']} | {100 * r['accuracy']:.1f} | {100 * r['diff_vs_pt']:+.1f} | "
               f"[{100 * r['ci95'][0]:+.1f}, {100 * r['ci95'][1]:+.1f}] |")
-    print(json.dumps({k: result[k] for k in ("contingency_fig5", "deep_soft_to_rationale_flow")}, indent=1))
+    print(json.dumps({k: result[k] for k in ("contingency_fig5", "deep_soft_to_rationale_flow",
+                                             "located_token", "trigger_auc")}, indent=1))
+    for line in [result["located_token"].get("warning")] + [
+            v.get("warning") for v in result["located_token"]["by_locator"].values()]:
+        if line:
+            print(line)
     print(f"written {out}")
     return 0
 
