@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError, ModelError
-from .progress import hf_progress, progress_on
+from .progress import bar, hf_progress, progress_on
 
 __all__ = [
     "SMOLLM2",
@@ -319,11 +319,8 @@ def convert_gguf(
     if _is_complete(target) and not force:
         return target
     _require_gguf()
-    from tqdm.auto import tqdm
-
     show = progress_on(progress)
-    steps = tqdm(total=4, desc=f"dpc_lens: converting {gguf_path.name}", unit="step",
-                 disable=not show)
+    steps = bar(total=4, progress=show, desc=f"dpc_lens: converting {gguf_path.name}", unit="step")
     try:
         steps.set_postfix_str("sha256")
         digest = sha256_file(gguf_path)

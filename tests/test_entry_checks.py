@@ -494,3 +494,11 @@ def test_the_shipped_adapters_carry_no_absolute_path():
         for key in ("base_model_name_or_path", "tokenizer_name_or_path"):
             v = d.get(key)
             assert v is None or not os.path.isabs(v), (f, key, v)
+
+
+def test_the_cli_is_quiet_in_a_log_by_default(bed, tmp_path, capsys):
+    argv = [a for a in dpc_argv(bed, tmp_path / "o", "--limit", "2") if a != "--no-progress"]
+    rc, out, err = cli(argv, capsys)
+    assert rc == 0, err
+    assert "it/s" not in err and "DPC:" not in err and "Loading weights" not in err
+    assert "n = 2" in out  # the run itself happened and reported

@@ -210,11 +210,13 @@ def encode_example(tokenizer: "PreTrainedTokenizerFast", question: str,
 
 
 def _progress(iterable, *, total: int | None, desc: str, enabled: bool):
+    """dpc_lens's one progress rule (:func:`dpc_lens.progress.bar`): ``enabled`` shows the bar
+    when stderr is a terminal, never in a log."""
     if not enabled:
         return iterable
-    from tqdm.auto import tqdm
+    from dpc_lens.progress import bar
 
-    return tqdm(iterable, total=total, desc=desc, leave=False)
+    return bar(iterable, progress=None, total=total, desc=desc, leave=False)
 
 
 #: how the reasoner is evaluated: greedy, up to 96 new tokens (rationales of 1-5 steps fit)
