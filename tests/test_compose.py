@@ -345,6 +345,7 @@ def test_group_flow_pools_every_pair_exactly():
            _pooled_by_hand(I, spans, ["pre", "mid"], ["target"])]
     for (k, v), r in zip(props.items(), raw):
         assert float(v) == pytest.approx(r / sum(raw), rel=1e-12), k
+    assert grouped.pair_count("label", "target").tolist() == [2 * (1 + 3 + 2)]
     df = grouped.to_dataframe()
     row = df[(df.flow == "label->target")].iloc[0]
     assert row["count"] == 2 * (1 + 3 + 2) and row["mean"] == pytest.approx(want, rel=1e-12)

