@@ -88,17 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=_writes("records.jsonl  one JSON record per question",
                                       "summary.json   accuracies, trigger rate, flips, random spread",
                                       "config.json    the DPC config used",
-                                      "figures/       with --plots"))
+                                      "figures/       the standard figures (--no-plots skips them)"))
     p.add_argument("--out", default="runs/demo",
                    help="output directory; refused if it holds a run other than a demo (default: runs/demo)")
     p.add_argument("--limit", type=int, default=None,
-                   help="use only the first N test questions (default: 40 on the real test bed, all 600 "
-                        "on the reasoner)")
+                   help="use a seeded random sample of N test questions (default: 40 on the real test "
+                        "bed, all 600 on the reasoner); the closing lines give the full evidence")
     p.add_argument("--testbed", choices=("real", "reasoner"), default=None,
                    help="real: SmolLM2-135M-Instruct + its tuned soft prompt (about 10 minutes on 2 CPU "
                         "cores); reasoner: the shipped 0.62 M model (about a minute) (default: real when "
                         "installed, else reasoner)")
-    p.add_argument("--plots", action="store_true", help="also write the standard figures (default: off)")
+    p.add_argument("--no-plots", dest="plots", action="store_false",
+                   help="skip the standard figures (default: written to OUT/figures/)")
+    p.add_argument("--plots", dest="plots", action="store_true", help=argparse.SUPPRESS)  # the old opt-in
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars (default: shown when stderr is a terminal)")
 

