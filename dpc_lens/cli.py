@@ -551,6 +551,125 @@ def _with_report(args, rc: int, argv) -> int:
     return rc
 
 
+# ---------------------------------------------------------------- report and flows (issue 20)
+
+_REPORTED = ("dpc", "iap", "calibrate")  # the demo writes its own report (testbed/demo.py)
+
+
+def _add_view_commands(sub) -> None:
+    """``report`` and ``flows``, and ``--no-report`` on every command that writes a run."""
+    for name in _REPORTED + ("demo",):
+        sub.choices[name].add_argument(
+            "--no-report", action="store_true",
+            help="do not write OUT/report.html at the end (default: written; dpc-lens report OUT "
+                 "writes it later)")
+    p = sub.add_parser("report", help="write a run's self-contained HTML report", formatter_class=_FORMATTER,
+                       description="Build RUN_DIR/report.html from a dpc, iap, calibrate or demo run's "
+                                   "files alone: summary tables with intervals, a per-question browser "
+                                   "with outcome filters, tokens shaded by flow, the flow figures, the "
+                                   "config and provenance. One file, no network; open it in a browser.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the --out directory of a run")
+    p.add_argument("--out", default=None, help="where to write the page (default: RUN_DIR/report.html)")
+    p.add_argument("--no-figures", action="store_true",
+                   help="leave the matplotlib figures out (faster) (default: drawn)")
+    p = sub.add_parser("flows", help="saliency flows of your own segmented prompts",
+                       formatter_class=_FORMATTER,
+                       description="Saliency flows between named segments of your own prompts: a JSONL "
+                                   "file whose every line is a list of [name, text] pieces, e.g. "
+                                   '[["question", "Ann has 3 pens."], ["rationale", " 3 + 2 = 5."]]; '
+                                   "one forward + backward per batch, loss over --loss-segments; "
+                                   "--resume continues a killed run.",
+                       epilog=_writes("flows.parquet, flows.csv  tidy table: layer, example, source, "
+                                      "target, sum, count, mean",
+                                      "flow_curves.png           per-layer flows over the prompts",
+                                      "tokens.html               tokens shaded by their flow into the loss "
+                                      "segments",
+                                      "flows.jsonl               one record per prompt (for --resume)",
+                                      "flows_settings.json       what the records depend on",
+                                      ".dpc_lens.lock            while the run is going"))
+    _add_common(p, data=False)
+    p.add_argument("--prompts", required=True,
+                   help="JSONL file, one prompt per line as a list of [name, text] pieces")
+    p.add_argument("--out", required=True, help="output directory (new, or the run to --resume)")
+    p.add_argument("--soft-prompt", default=None,
+                   help="PEFT prompt-tuning adapter put first as the segment 'soft'; 'testbed' = the "
+                        "shipped one (default: none)")
+    p.add_argument("--layers", default="all",
+                   help="all, shallow, deep, a comma list of indices (0,1,-1) or a fraction band a:b "
+                        "(default: all)")
+    p.add_argument("--per-head", action="store_true", help="one row per head in the table (default: off)")
+    p.add_argument("--loss-segments", default=None,
+                   help="comma list of the segments the teacher-forced loss is taken over; every "
+                        "prompt needs one of them (default: rationale,answer, those the prompts have)")
+    p.add_argument("--no-bos", action="store_true",
+                   help="do not put the tokenizer's BOS first as the segment 'bos' (default: put it)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per saliency pass (default: 8)")
+    p.add_argument("--resume", action="store_true", help="continue a killed run in --out (default: off)")
+
+
+def _cmd_report(args) -> int:
+    from .plotting.report import write_report
+
+    print(f"report: {write_report(args.run_dir, args.out, figures=not args.no_figures)}")
+    return 0
+
+
+def _cmd_flows(args) -> int:
+    from .flow_runs import parse_layers, read_segmented_prompts, run_flows
+    from .runs import check_out_dir
+
+    check_out_dir(args.out)
+    layers = parse_layers(args.layers)
+    loss = None
+    if args.loss_segments is not None:
+        loss = tuple(s.strip() for s in args.loss_segments.split(",") if s.strip())
+    if loss is not None and not loss:
+        raise InputError("--loss-segments is empty; name the segments the loss is taken over, e.g. "
+                         "--loss-segments answer.")
+    prompts = read_segmented_prompts(args.prompts)
+    soft = None
+    if args.soft_prompt:
+        from .soft_prompt import SoftPrompt
+
+        soft = SoftPrompt.from_peft(_testbed(args.soft_prompt, "soft_prompt"))
+    model = _load(args)
+    paths = run_flows(model, prompts, args.out, soft_prompt=soft, layers=layers, per_head=args.per_head,
+                      loss_segments=loss, bos=not args.no_bos, batch_size=args.batch_size,
+                      resume=args.resume, progress=False if args.no_progress else None,
+                      settings_extra={"model": args.model, "soft_prompt": args.soft_prompt})
+    for key in ("table", "csv", "figure", "tokens"):
+        if key in paths:
+            print(f"{key}: {paths[key]}")
+    return 0
+
+
+def _with_report(args, rc: int, argv) -> int:
+    """After a run that wrote --out: its provenance.json and report.html (rank 0 only)."""
+    if rc != 0 or args.command not in _REPORTED:
+        return rc
+    if args.no_report:
+        stale = os.path.join(args.out, "report.html")
+        if os.path.exists(stale):  # a page of the run before this one would mislead
+            os.remove(stale)
+            print(f"removed {stale} (made before this run; dpc-lens report {args.out} remakes it)",
+                  file=sys.stderr)
+        return rc
+    from .distributed import rank_info
+
+    if rank_info().rank != 0:
+        return rc
+    from .plotting.report import provenance, write_report
+    from .runs import write_json
+
+    write_json(os.path.join(args.out, "provenance.json"), provenance(
+        command="dpc-lens " + " ".join(list(argv) if argv is not None else sys.argv[1:]),
+        model=getattr(args, "model", None), soft_prompt=getattr(args, "soft_prompt", None),
+        data=getattr(args, "data", None), task=getattr(args, "task", None),
+        limit=getattr(args, "limit", None), dev=getattr(args, "dev", None)))
+    print(f"report: {write_report(args.out)}")
+    return rc
+
+
 _COMMANDS = {"dpc": _cmd_dpc, "calibrate": _cmd_calibrate, "train-prompt": _cmd_train_prompt,
              "demo": _cmd_demo, "iap": _cmd_iap, "paths": _cmd_paths,
              "report": _cmd_report, "flows": _cmd_flows}

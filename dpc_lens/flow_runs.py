@@ -138,6 +138,12 @@ def _settings(model: str, soft: str | None, layers: Any, per_head: bool, loss: S
             "n_prompts": len(prompts)}
 
 
+def _plain(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with Python numbers (exact in JSON: ``repr`` of a float round-trips, where
+    ``DataFrame.to_json`` keeps 10 decimal places and loses small flows)."""
+    return [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in rows]
+
+
 def _records_of(res: Any, ids: Sequence[int], pieces: Sequence[Sequence[tuple[str, str]]],
                 tokenizer: Any) -> list[dict[str, Any]]:
     """One JSON record per example of a saliency result: its tidy rows, tokens and per-token
@@ -152,27 +158,23 @@ def _records_of(res: Any, ids: Sequence[int], pieces: Sequence[Sequence[tuple[st
         lay = res.layouts[b]
         lo = min(s for s, e in lay.spans.values() if e > s)
         hi = max(e for _, e in lay.spans.values())
-        tokens = [""] * (hi - lo)
-        have = getattr(res, "tokens", None)  # the result's own token strings, where it keeps them
-        for name, (s, e) in ([] if have else lay.spans.items()):
-            if name == "soft":
-                texts = [f"s{j} " for j in range(e - s)]
-            elif name == "bos":
-                texts = ["<bos>"] * (e - s)
-            else:
-                text = dict(pieces[b]).get(name, "")
-                ids_ = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-                texts = (token_texts(tokenizer, ids_) if len(ids_) == e - s
-                         else [f"{name}{i}" for i in range(e - s)])
-            tokens[s - lo:e - lo] = texts
-        if have:
-            tokens = [str(t) for t in have[b][lo:hi]]
+        have = getattr(res, "tokens", None)  # the result's own labels (soft rows, fallback)
+        tokens = [str(t) for t in have[b][lo:hi]] if have else [""] * (hi - lo)
+        for name, (s, e) in lay.spans.items():
+            text = dict(pieces[b]).get(name)
+            if isinstance(text, str) and text:  # the text each token adds, spaces included
+                ids_ = tokenizer(text, add_special_tokens=False)["input_ids"]
+                if len(ids_) == e - s:
+                    tokens[s - lo:e - lo] = token_texts(tokenizer, ids_)
+                    continue
+            if not have:
+                tokens[s - lo:e - lo] = [f"<{name} {i}>" for i in range(e - s)]
         scores = saliency_token_scores(res, b)
         flows = {f"{s}->{t}": [float(v) for v in res.flow(s, t)[:, b].tolist()]
                  for t in res.segment_names for s in res.segment_names
                  if float(res.pair_counts[b, res.segment_names.index(t), res.segment_names.index(s)]) > 0
                  and not res.config.per_head}
-        out.append({"id": ex, "rows": json.loads(rows.to_json(orient="records")), "tokens": tokens,
+        out.append({"id": ex, "rows": _plain(rows.to_dict("records")), "tokens": tokens,
                     "token_flow": scores["values"], "token_flow_label": scores["label"],
                     "segments": {n: [s - lo, e - lo] for n, (s, e) in lay.spans.items()},
                     "layers": list(res.layers), "flows": flows, "loss": float(res.loss[b])})
@@ -274,8 +276,10 @@ def _write_outputs(out_dir: str, records: Sequence[dict[str, Any]], per_head: bo
     df.to_parquet(paths["table"], index=False)
     df.to_csv(paths["csv"], index=False)
     flows = [r["flows"] for r in records if r["flows"]]
-    if flows:
-        names = sorted({n for f in flows for n in f if n.split("->")[0] != n.split("->")[1]})
+    # the flows every prompt has, between different segments
+    names = sorted(n for n in set.intersection(*(set(f) for f in flows))
+                   if n.split("->")[0] != n.split("->")[1]) if flows else []
+    if names:
         save(plot_flow_curves(flows, names, proportions=False,
                               title="Per-layer mean flow between segments (mean ± std over prompts)"),
              paths["figure"])

@@ -57,10 +57,13 @@ def run_demo(out_dir: str = "runs/demo", *, limit: int | None = None, progress: 
     _refuse_other_runs(out_dir)
     with RunLock(out_dir, "demo"):
         rc = _run_demo_locked(out_dir, limit, progress, plots, testbed or _default_testbed())
+    stale = os.path.join(out_dir, "report.html")
     if rc == 0 and report and os.path.exists(os.path.join(out_dir, "records.jsonl")):
         from ..plotting.report import write_report
 
         print(f"report: {write_report(out_dir)}")
+    elif os.path.exists(stale):  # a previous demo's page would describe another run
+        os.remove(stale)
     return rc
 
 

@@ -51,6 +51,14 @@ def test_demo_runs_end_to_end_on_a_reduced_set(tmp_path, capsys):
     lo, hi = summary["dpc_minus_pt"]["ci95"]
     assert f"95% interval [{100 * lo:+.1f}, {100 * hi:+.1f}]" in out
     assert ("it includes 0" in out) == (lo <= 0 <= hi)
+    # the report is written by default and its path is the last line printed (issue 20)
+    assert out.strip().splitlines()[-1] == f"report: {tmp_path / 'report.html'}"
+    assert "<h1>dpc-lens report: DPC run</h1>" in (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert json.loads((tmp_path / "provenance.json").read_text())["command"] == "dpc-lens demo"
+    assert main(["demo", "--out", str(tmp_path), "--limit", "2", "--testbed", "reasoner",
+                 "--no-progress", "--no-report"]) == 0
+    assert "report:" not in capsys.readouterr().out
+    assert not (tmp_path / "report.html").exists()  # the previous demo's page is not left behind
 
 
 def test_default_model_prefers_the_users_checkpoint(monkeypatch, tmp_path):
