@@ -163,6 +163,10 @@ def merge_dpc_runs(out_dir: str | os.PathLike, examples: Sequence[Any]) -> tuple
     summary["ranks"] = len(_rank_dirs(out_dir))
     rewrite_jsonl(os.path.join(out_dir, "records.jsonl"), records)
     write_json(os.path.join(out_dir, "summary.json"), summary)
+    if records and summary.get("n", 0) == 0:  # the whole run, not one rank's shard
+        from .dpc.pipeline import nothing_evaluated
+
+        raise nothing_evaluated(summary, out_dir)
     return records, summary
 
 
@@ -191,8 +195,12 @@ def run_dpc_distributed(
     task, config = resolve_task(task), as_config(config, DPCConfig)  # before any model work
 
     def run(mine, mine_dir, here, info):
-        run_dpc(model, soft_prompt, mine, task, config, out_dir=mine_dir, resume=here,
-                progress=progress and info.is_main, on_record=on_record)
+        try:
+            run_dpc(model, soft_prompt, mine, task, config, out_dir=mine_dir, resume=here,
+                    progress=progress and info.is_main, on_record=on_record)
+        except DataError as exc:  # one shard all skipped: judged on the merged run instead
+            if not getattr(exc, "nothing_evaluated", False):
+                raise
 
     return _sharded(examples, out_dir, resume=resume, info=info, marker="records.jsonl", run=run,
                     merge=lambda out: merge_dpc_runs(out, examples), finished=_finished_ids)

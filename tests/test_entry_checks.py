@@ -502,3 +502,34 @@ def test_the_cli_is_quiet_in_a_log_by_default(bed, tmp_path, capsys):
     assert rc == 0, err
     assert "it/s" not in err and "DPC:" not in err and "Loading weights" not in err
     assert "n = 2" in out  # the run itself happened and reported
+
+
+def test_a_shard_with_every_question_skipped_is_judged_on_the_merged_run(model, bed, tmp_path, monkeypatch):
+    """Two ranks, run one after the other in this process (no process group): rank 1's only
+    question is too long, rank 0's fits; the shard does not fail the run, the merge counts n = 1.
+    With every question too long the merged run raises."""
+    from dataclasses import replace
+
+    from dpc_lens import distributed
+    from dpc_lens.distributed import RankInfo, run_dpc_distributed, shard
+    from dpc_lens.dpc import DPCConfig
+
+    monkeypatch.setattr(distributed, "_init", lambda info: False)
+    monkeypatch.setattr(distributed, "_barrier", lambda: None)
+    exs = _examples(bed, 5)
+    r1 = shard(exs, RankInfo(1, 2))
+    assert r1 and len(r1) < len(exs)
+    long_q = " ".join(["5"] * 300)
+    exs = [replace(e, question=long_q) if e in r1 else e for e in exs]
+    cfg = DPCConfig(generation=replace(DPCConfig().generation, max_new_tokens=3), baselines=())
+    assert run_dpc_distributed(model, _soft(bed), exs, "arith", cfg, out_dir=tmp_path / "a",
+                               info=RankInfo(1, 2), progress=False) is None
+    _, summary = run_dpc_distributed(model, _soft(bed), exs, "arith", cfg, out_dir=tmp_path / "a",
+                                     info=RankInfo(0, 2), progress=False)
+    assert summary["n"] == len(exs) - len(r1) and summary["skipped"]["n"] == len(r1)
+    every = [replace(e, question=long_q) for e in exs]
+    run_dpc_distributed(model, _soft(bed), every, "arith", cfg, out_dir=tmp_path / "b", info=RankInfo(1, 2),
+                        progress=False)
+    with pytest.raises(DataError, match=f"Nothing was evaluated: all {len(exs)} question"):
+        run_dpc_distributed(model, _soft(bed), every, "arith", cfg, out_dir=tmp_path / "b",
+                            info=RankInfo(0, 2), progress=False)

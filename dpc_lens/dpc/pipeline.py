@@ -611,16 +611,21 @@ def _run_dpc_locked(adapter, soft_prompt, examples, ids, task, cfg, out_dir, rec
         rewrite_jsonl(rec_path, records + others)  # input order, as an uninterrupted run
         write_json(os.path.join(out_dir, "summary.json"), summary)
     if records and summary.get("n", 0) == 0:
-        raise DataError(_nothing_evaluated(summary, out_dir))
+        raise nothing_evaluated(summary, out_dir)
     return records, summary
 
 
-def _nothing_evaluated(summary: dict[str, Any], out_dir: Any) -> str:
+def nothing_evaluated(summary: dict[str, Any], out_dir: Any) -> DataError:
+    """The error of a run whose every question was skipped (``summary["n"] == 0``); it carries
+    ``nothing_evaluated = True`` so a sharded run can merge its ranks before judging the whole."""
     s = summary.get("skipped") or {}
     kept = f" Their records and the summary are in {out_dir}." if out_dir is not None else ""
-    return (f"Nothing was evaluated: all {s.get('n', 0)} question(s) were skipped ("
-            f"{s.get('reason', 'no reason recorded')}), so there is no accuracy to report.{kept} "
-            "Lower max_new_tokens, shorten the questions, or use a model with a longer context.")
+    err = DataError(
+        f"Nothing was evaluated: all {s.get('n', 0)} question(s) were skipped ("
+        f"{s.get('reason', 'no reason recorded')}), so there is no accuracy to report.{kept} "
+        "Lower max_new_tokens, shorten the questions, or use a model with a longer context.")
+    err.nothing_evaluated = True
+    return err
 
 
 def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
