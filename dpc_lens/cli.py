@@ -100,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "installed, else reasoner)")
     p.add_argument("--no-plots", dest="plots", action="store_false",
                    help="skip the standard figures (default: written to OUT/figures/)")
-    p.add_argument("--plots", dest="plots", action="store_true", help=argparse.SUPPRESS)  # the old opt-in
+    p.add_argument("--plots", dest="plots", action="store_true",
+                   help="kept for older scripts: the figures are now written by default")
+    p.set_defaults(plots=True)
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars (default: shown when stderr is a terminal)")
 
