@@ -32,7 +32,7 @@ from typing import Any
 
 from ..errors import InputError
 
-__all__ = ["esc", "fragment", "page", "shade_tokens", "saliency_view", "saliency_token_scores",
+__all__ = ["esc", "fragment", "page", "TokenView", "shade_tokens", "saliency_view", "saliency_token_scores",
            "dpc_question", "dpc_flags", "iap_question", "iap_flags", "iap_pair", "json_attr",
            "N_SHADES"]
 
@@ -103,6 +103,30 @@ def _num(v: Any, fmt: str = ".4g") -> str:
 def fragment(body: str) -> str:
     """An HTML fragment with its own styles, for a notebook cell (``_repr_html_``)."""
     return f'<div class="dpcl"><style>{CSS}</style>{body}</div>'
+
+
+class TokenView:
+    """A rendered token view: a notebook displays it (``_repr_html_``), :meth:`save` writes it as a
+    self-contained page, ``.html`` is the fragment."""
+
+    def __init__(self, body: str, title: str = "dpc-lens token view") -> None:
+        self.body, self.title = body, title
+
+    @property
+    def html(self) -> str:
+        return fragment(self.body)
+
+    def _repr_html_(self) -> str:
+        return self.html
+
+    def save(self, path: str) -> str:
+        """Write the view as one self-contained HTML page; returns the path."""
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(page(self.title, self.body))
+        return path
+
+    def __repr__(self) -> str:
+        return f"<TokenView: {len(self.body)} characters of HTML; display it in a notebook or .save(path)>"
 
 
 def page(title: str, body: str, *, script: str = "") -> str:
@@ -204,12 +228,19 @@ def _np(t: Any) -> Any:
     return np.asarray(t.detach().cpu().double().numpy()) if hasattr(t, "detach") else np.asarray(t)
 
 
-def _names(x: str | Sequence[str] | None) -> tuple[str, ...] | None:
+def _names(x: str | Sequence[str] | None, groups: Mapping[str, Sequence[str]] | None = None
+           ) -> tuple[str, ...] | None:
+    """Segment names of a source / target spec: a segment, a group of the result, a list of
+    them, or names joined by ``+`` (groups expanded into their segments)."""
     if x is None:
         return None
-    if isinstance(x, str):
-        return (x,)
-    return tuple(str(n) for n in x)
+    items = x.split("+") if isinstance(x, str) else [str(n) for n in x]
+    out: list[str] = []
+    for n in (i.strip() for i in items):
+        for m in (groups or {}).get(n, (n,)):
+            if m not in out:
+                out.append(m)
+    return tuple(out)
 
 
 def _layer_indices(result: Any, layers: Any) -> list[int]:
@@ -300,7 +331,8 @@ def saliency_token_scores(
     n_batch = int(result.pair_counts.shape[0])
     if not 0 <= b < n_batch:
         raise InputError(f"example {example} is not in this result; it holds examples 0..{n_batch - 1}.")
-    src, tgt = _names(source), _names(target)
+    groups = getattr(result, "groups", None) or {}
+    src, tgt = _names(source, groups), _names(target, groups)
     if src is not None and tgt is not None:
         raise InputError("give source= or target=, not both: a token view shades each token by the "
                          "flow from a source into it, or from it into a target.")

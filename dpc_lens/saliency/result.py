@@ -86,6 +86,28 @@ class SaliencyResult:
                 f"flow_sums={tuple(self.flow_sums.shape)}"
                 f"{', has ' + '/'.join(extra) if extra else ''})")
 
+    # ----------------------------------------------------------- views (dpc_lens.plotting.html)
+    def show(self, example: int = 0, *, source: Any = None, target: Any = None, layers: Any = None,
+             tokens: Sequence[str] | None = None) -> Any:
+        """One example's tokens shaded by flow, as inseq's ``out.show()``: the flow *from*
+        ``source`` (a segment, a group, or a list of them) into each token, or *from* each token
+        into ``target``, averaged over ``layers`` (an index, a list, ``"shallow"``/``"deep"`` or
+        a fraction band; default all), with the segment flow table below. Per-token flows come
+        from ``keep_full=True`` or from ``row_sources`` / ``column_targets`` equal to the source /
+        target. Returns a :class:`~dpc_lens.plotting.html.TokenView`, which a notebook displays
+        and ``.save("view.html")`` writes as a self-contained page."""
+        from ..plotting.html import TokenView, saliency_view
+
+        return TokenView(saliency_view(self, example, source=source, target=target, layers=layers,
+                                       tokens=tokens))
+
+    def _repr_html_(self) -> str:
+        from ..plotting.html import fragment, saliency_view
+
+        more = (f'<p class="small muted">example 0 of {len(self.layouts)}; res.show(k, source=..., '
+                "target=..., layers=...) for the others</p>" if len(self.layouts) > 1 else "")
+        return fragment(saliency_view(self, 0) + more)
+
     # ----------------------------------------------------------- flows
     def _seg_index(self, name: str) -> int:
         try:
