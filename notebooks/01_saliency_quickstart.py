@@ -77,6 +77,22 @@ for n, v in flows.items():
 result.to_dataframe().head()
 
 # %% [markdown]
+# ## The tokens themselves
+#
+# `result.show(...)` shades one example's tokens by a flow, as inseq's `out.show()` does: the
+# flow *from* a source segment (or a group of them) into each token, or from each token *into* a
+# target, averaged over a layer or a band of layers (`"shallow"`, `"deep"`, a list, a fraction
+# pair). Hover a token for its value; the table below it gives the mean flow between segments
+# over the same layers. In a notebook the result itself (`result`) shows example 0 this way, and
+# `result.show(...).save("view.html")` writes a self-contained page.
+
+# %%
+result.show(0, source="soft", layers="deep")
+
+# %%
+result.show(0, target="rationale", layers=[0, 1])
+
+# %% [markdown]
 # ## Per-layer flows
 #
 # Proportions (each layer's flows sum to 1, as Wang et al. plot them) remove the overall scale of
