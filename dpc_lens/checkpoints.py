@@ -238,6 +238,9 @@ def boot_in_memory(model: Any, tokenizer: Any, *, device: Any = None, dtype: Any
     from a file does; SPEC section 5)."""
     from transformer_lens.model_bridge import TransformerBridge
 
+    from .validate import check_device
+
+    check_device(device)  # before the model moves
     if dtype is not None:
         model = model.to(dtype)
     if device is not None:

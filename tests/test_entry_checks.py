@@ -533,3 +533,16 @@ def test_a_shard_with_every_question_skipped_is_judged_on_the_merged_run(model, 
     with pytest.raises(DataError, match=f"Nothing was evaluated: all {len(exs)} question"):
         run_dpc_distributed(model, _soft(bed), every, "arith", cfg, out_dir=tmp_path / "b",
                             info=RankInfo(0, 2), progress=False)
+
+
+@no_cuda
+def test_boot_in_memory_checks_its_device_before_moving_the_model():
+    from dpc_lens.checkpoints import boot_in_memory
+    from dpc_lens.testing import tiny_tokenizer
+
+    class Unmovable:  # a model that must not be touched when the device is refused
+        def to(self, *a, **k):
+            raise AssertionError("moved")
+
+    with pytest.raises(InputError, match=r"device='cuda:0' asks for CUDA.*device='cpu'"):
+        boot_in_memory(Unmovable(), tiny_tokenizer(), device="cuda:0")
