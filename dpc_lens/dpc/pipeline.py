@@ -54,7 +54,7 @@ from ..segments import SegmentLayout
 from ..soft_prompt import SoftPrompt
 from ..tasks.base import Example
 from .detector import DetectorConfig, DetectorInputs, TriggerDecision, dynamic_trigger
-from .diagnostics import adaptivity_warning, instance_adaptivity, trigger_auc
+from .diagnostics import adaptivity_warning, instance_adaptivity, locating_vs_modal, trigger_auc
 from .locate import candidate_positions
 from .records import AnswerRecord, DPCRecord
 from .sinks import measure_sink_inputs
@@ -73,6 +73,9 @@ __all__ = [
 
 DPC_FLOWS = ("soft->question", "soft->rationale", "question->rationale")
 BASELINES = ("base", "always", "random")
+#: baselines run only when asked: ``modal`` corrupts the modal located rows of the run on every
+#: question (a pass after the others), for the paired test of per-question locating
+OPTIONAL_BASELINES = ("modal",)
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,11 @@ class DPCConfig:
         generation: decoding (greedy by default).
         template: how a question becomes the prompt text (``{question}`` is replaced).
         add_bos: put the tokenizer's BOS after the soft prompt (PEFT's order).
-        baselines: which of ``base``, ``always``, ``random`` to also run.
+        baselines: which of ``base``, ``always``, ``random`` to also run (all three by default),
+            and ``modal`` (opt-in): after every question is done, corrupt the run's modal located
+            rows on every question, so the summary can test per-question locating against always
+            zeroing the modal position on the same questions (one generation per question whose
+            located rows differ from the modal ones).
         seed: seed of the random-corruption baseline.
         random_draws: how many random corruptions per question (seeds ``seed .. seed+n-1``); the
             summary reports the baseline as the mean accuracy over the draws with its spread.
@@ -108,9 +115,9 @@ class DPCConfig:
         if "{question}" not in self.template:
             raise ConfigError(f"template must contain '{{question}}', got {self.template!r}.")
         object.__setattr__(self, "baselines", tuple(self.baselines))
-        bad = [b for b in self.baselines if b not in BASELINES]
+        bad = [b for b in self.baselines if b not in BASELINES + OPTIONAL_BASELINES]
         if bad:
-            raise ConfigError(f"Unknown baselines {bad}; choose from {BASELINES}.")
+            raise ConfigError(f"Unknown baselines {bad}; choose from {BASELINES + OPTIONAL_BASELINES}.")
         if self.saliency_batch_size < 1:
             raise ConfigError("saliency_batch_size must be >= 1.")
         if not isinstance(self.random_draws, int) or isinstance(self.random_draws, bool) \
@@ -604,6 +611,8 @@ def _run_dpc_locked(adapter, soft_prompt, examples, ids, task, cfg, out_dir, rec
         bar.close()
     by_id = {r["id"]: r for r in done + new}
     records = [by_id[i] for i in ids if i in by_id]
+    if "modal" in cfg.baselines:
+        _modal_pass(adapter, soft_prompt, task, cfg, examples, records)
     summary = summarize(records)
     # decided by behaviour (ModelAdapter.supports_kv_cache): a silent fallback shows here
     summary["kv_cache_used"] = bool(cfg.generation.use_kv_cache and adapter.supports_kv_cache)
@@ -613,6 +622,42 @@ def _run_dpc_locked(adapter, soft_prompt, examples, ids, task, cfg, out_dir, rec
     if records and summary.get("n", 0) == 0:
         raise nothing_evaluated(summary, out_dir)
     return records, summary
+
+
+def modal_rows(records: Sequence[dict[str, Any]]) -> tuple[int, ...] | None:
+    """The run's modal located row set (the commonest ``located_rows``; ties -> the smallest)."""
+    sets = [tuple(r["located_rows"]) for r in records if r.get("located_rows") and not r.get("skipped")]
+    return min(set(sets), key=lambda x: (-sets.count(x), x)) if sets else None
+
+
+def _modal_pass(adapter, soft, task, cfg: DPCConfig, examples: Sequence[Example],
+                records: list[dict[str, Any]]) -> None:
+    """Give every measured record ``modal``: its answer with the run's modal rows corrupted (the
+    ``always`` answer where it located those rows; else one generation). A record whose ``modal``
+    was made with other rows (a resumed run whose modal moved) is redone."""
+    rows = modal_rows(records)
+    if rows is None:
+        return
+    by_id = {e.id: e for e in examples}
+    todo = []
+    for r in records:
+        if r.get("skipped") or not r.get("located_rows"):
+            continue
+        if r.get("modal") and tuple(r["modal"].get("corrupted_rows") or ()) == rows:
+            continue
+        if tuple(r["located_rows"]) == rows and r.get("always"):
+            r["modal"] = {**r["always"], "corrupted_rows": list(rows)}
+        else:
+            todo.append(r)
+    zeroed = corrupt_soft_prompt(soft, list(rows), cfg.corruption)
+    step = cfg.generation.batch_size
+    for s in range(0, len(todo), step):
+        part = todo[s:s + step]
+        exs = [by_id[r["id"]] for r in part]
+        prompts = encode_questions(adapter, [e.question for e in exs], cfg)
+        gens = generate(adapter, prompts, [zeroed] * len(part), cfg.generation, progress=False)
+        for r, e, g in zip(part, exs, gens):
+            r["modal"] = _graded(task, g, e, corrupted_rows=rows).to_dict()
 
 
 def nothing_evaluated(summary: dict[str, Any], out_dir: Any) -> DataError:
@@ -728,6 +773,13 @@ def _random_candidates(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def _located_token(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     located = [r["located_rows"][0] if r.get("located_rows") else None for r in records]
     out = instance_adaptivity(located)
+    measured = [r for r in records if r.get("located_rows")]
+    if measured and all(r.get("modal") and r.get("always") for r in measured):
+        # per-question locating vs always zeroing the run's modal rows, same questions
+        out["locating_vs_modal"] = {
+            "modal_rows": list(measured[0]["modal"]["corrupted_rows"]),
+            **locating_vs_modal([r["always"]["correct"] for r in measured],
+                                [r["modal"]["correct"] for r in measured])}
     bands: dict[str, dict[str, Any]] = {}
     with_sinks = [r["trigger"]["sinks"] for r in records if r.get("trigger") and r["trigger"].get("sinks")]
     for report in with_sinks:
@@ -793,6 +845,11 @@ def print_summary(summary: dict, file=None) -> None:
             ci_txt = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
             print(f"trigger AUC, {name.replace('_', ' ')}: {a['auc']:.2f}{ci_txt} "
                   f"({a['n_pos']} vs {a['n_neg']} questions)", file=file)
+    lm = lt.get("locating_vs_modal")
+    if lm:
+        print(f"locating per question vs always zeroing soft rows {lm['modal_rows']} (same questions, "
+              f"no trigger): {100 * lm['located']:.1f}% vs {100 * lm['modal']:.1f}%, "
+              f"{100 * lm['diff']:+.1f} [{100 * lm['ci95'][0]:+.1f}, {100 * lm['ci95'][1]:+.1f}]", file=file)
     if lt.get("warning"):
         print(lt["warning"], file=file)
     if summary.get("skipped"):

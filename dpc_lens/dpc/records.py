@@ -72,7 +72,7 @@ class AnswerRecord:
                    corrupted_rows=tuple(int(r) for r in rows) if rows is not None else None)
 
 
-ANSWER_KINDS = ("pt", "dpc", "base", "always", "random")
+ANSWER_KINDS = ("pt", "dpc", "base", "always", "random", "modal")
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,7 @@ class DPCRecord:
             empty); ``loss``: its teacher-forced loss.
         timings: seconds per phase.
         trigger_error: why the trigger could not be computed, if it could not.
+        modal: the answer with the run's modal located rows corrupted (the ``modal`` baseline).
         base, always, random: the baselines asked for; ``random_draws``: every random draw when
             there are several (``random`` is the first).
         skipped: why the question was not run (too long for the model, ...); such a record has
@@ -118,6 +119,7 @@ class DPCRecord:
     base: AnswerRecord | None = None
     always: AnswerRecord | None = None
     random: AnswerRecord | None = None
+    modal: AnswerRecord | None = None
     random_draws: tuple[AnswerRecord, ...] | None = None
     skipped: str | None = None
     rationale_tokens: tuple[str, ...] | None = None
@@ -166,7 +168,7 @@ class DPCRecord:
         }
         if self.trigger_error is not None:
             out["trigger_error"] = self.trigger_error
-        for k in ("base", "always", "random"):
+        for k in ("base", "always", "random", "modal"):
             if getattr(self, k) is not None:
                 out[k] = getattr(self, k).to_dict()
         if self.random_draws is not None:

@@ -313,3 +313,27 @@ def test_a_corrupt_middle_line_is_an_error(tmp_path):
     with pytest.raises(DataError, match="line 2 is not valid JSON"):
         read_records(path)
     assert read_records(tmp_path / "missing.jsonl") == []
+
+
+def test_modal_baseline_and_the_locate_vs_modal_test(setup, tmp_path):
+    """Issue 19: with the opt-in ``modal`` baseline every question also gets the run's modal
+    located rows corrupted, and the summary tests locating per question against that."""
+    model, soft, examples = setup
+    cfg = dataclasses.replace(CFG, baselines=("always", "modal"))
+    records, summary = run_dpc(model, soft, examples, TASK, cfg, out_dir=tmp_path, progress=False)
+    measured = [r for r in records if r["located_rows"]]
+    sets = [tuple(r["located_rows"]) for r in measured]
+    modal = min(set(sets), key=lambda s: (-sets.count(s), s))  # commonest; ties -> smallest
+    for r, ex in zip(records, examples):
+        if not r["located_rows"]:
+            assert "modal" not in r
+            continue
+        assert tuple(r["modal"]["corrupted_rows"]) == modal
+        ref = _gen(model, ex.question, corrupt_soft_prompt(soft, list(modal), cfg.corruption))
+        assert r["modal"]["rationale"] == ref.text  # the modal rows really were corrupted
+    lm = summary["located_token"]["locating_vs_modal"]
+    n = len(measured)
+    assert lm["n"] == n and lm["modal_rows"] == list(modal)
+    assert lm["diff"] == pytest.approx(sum(r["always"]["correct"] for r in measured) / n
+                                       - sum(r["modal"]["correct"] for r in measured) / n)
+    assert read_records(os.path.join(tmp_path, "records.jsonl")) == json.loads(json.dumps(records))
