@@ -342,8 +342,8 @@ def _cmd_calibrate(args) -> int:
         cal = calibrate_dpc(model, soft, exs, task, cfg, progress=_bars(args),
                             out_dir=args.out, resume=args.resume)
     d = cal.to_dict()
-    keep = ("best_point", "best_accuracy", "pt_accuracy", "gain", "corruption_oracle_accuracy",
-            "n_generations")
+    keep = ("best_point", "best_accuracy", "always_accuracy", "pt_accuracy", "gain",
+            "corruption_oracle_accuracy", "trigger_auc", "n_generations")
     print(json.dumps({k: d[k] for k in keep if k in d}, indent=2))
     for r in cal.remarks:
         print(f"remark: {r}")
