@@ -118,7 +118,10 @@ def corrupt_soft_prompt(soft: SoftPrompt, rows: Sequence[int],
     """A new soft prompt with ``rows`` corrupted (zeroed by default); ``soft`` is unchanged."""
     if not isinstance(soft, SoftPrompt):
         raise InputError(f"corrupt_soft_prompt expects a SoftPrompt, got {type(soft).__name__}.")
-    return soft.with_embeddings(replacement_rows(soft.embeddings, rows, config or CorruptionConfig()))
+    from .validate import as_config
+
+    cfg = as_config(config, CorruptionConfig)
+    return soft.with_embeddings(replacement_rows(soft.embeddings, rows, cfg))
 
 
 def random_rows(n_soft: int, k: int, generator: torch.Generator) -> list[int]:
@@ -140,7 +143,9 @@ def soft_row_hooks(
     row's soft positions); ``rows`` is one list for every example or one list per example.
     Returns ``[(hook_name, fn)]`` for ``model.hooks(fwd_hooks=...)`` or ``run_with_hooks``.
     """
-    cfg = config or CorruptionConfig()
+    from .validate import as_config
+
+    cfg = as_config(config, CorruptionConfig)
     emb = soft.embeddings if isinstance(soft, SoftPrompt) else soft
     if batch.n_soft != emb.shape[0]:
         raise InputError(

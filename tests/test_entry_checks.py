@@ -546,3 +546,16 @@ def test_boot_in_memory_checks_its_device_before_moving_the_model():
 
     with pytest.raises(InputError, match=r"device='cuda:0' asks for CUDA.*device='cpu'"):
         boot_in_memory(Unmovable(), tiny_tokenizer(), device="cuda:0")
+
+
+def test_corruption_configs_as_dicts(bed):
+    from dpc_lens.patching import corrupt_soft_prompt
+
+    soft = _soft(bed)
+    out = corrupt_soft_prompt(soft, [1], {"mode": "scale", "scale": 0.5})
+    expected = soft.embeddings.clone()
+    expected[1] *= 0.5  # by hand: row 1 halved, the others untouched
+    assert torch.equal(out.embeddings, expected)
+    with pytest.raises(ConfigError, match=r"CorruptionConfig\) has an unknown key 'mod' "
+                                          r"\(did you mean 'mode'\?\)"):
+        corrupt_soft_prompt(soft, [1], {"mod": "zero"})
