@@ -371,3 +371,37 @@ def test_calibration_grid_tries_locators_and_detected_sinks():
     assert any("locator profile" in n for n in sweep.notes)
     # the default grid names neither knob, so older calibration files keep their points
     assert "locator" not in CalibrationGrid().to_dict() and "locator" not in CalibrationGrid().knobs
+
+
+# ------------------------------------------------------------------------------------- run summary
+
+
+def _record(i, located, share, pt, always, base):
+    sinks = [{"band": "early", "layers": [0], "sinks": [2]}, {"band": "late", "layers": [1], "sinks": []}]
+    return {"id": f"q{i}", "pt": {"answer": "1", "correct": pt},
+            "dpc": {"answer": "1", "correct": pt, "fired": False},
+            "always": {"answer": "1", "correct": always}, "base": {"answer": "1", "correct": base},
+            "located_rows": [located], "trigger": {"deep_flow": {"affected_share": share}, "sinks": sinks}}
+
+
+def test_run_summary_warns_once_and_names_the_sink(capsys):
+    from dpc_lens.dpc import print_summary, summarize
+
+    recs = [_record(i, 2, 0.1 * i, i % 2 == 0, i % 3 == 0, i < 5) for i in range(9)]
+    recs.append(_record(9, 4, 0.95, False, True, True))
+    s = summarize(recs)
+    lt = s["located_token"]
+    assert (lt["modal_position"], lt["modal_share"], lt["distinct_positions"]) == (2, 0.9, 2)
+    assert lt["sinks"] == {"early": {"layers": [0], "sinks": [2]}, "late": {"layers": [1], "sinks": []}}
+    # helps (PT wrong, always right): i = 3, 9 -> shares .3, .95; hurts (PT right, always wrong):
+    # i = 2, 4, 8 -> .2, .4, .8; pairs won: .3 > .2 (1); .95 > all (3) -> 4 of 6
+    auc = s["trigger_auc"]["corruption_helps_vs_hurts"]
+    assert (auc["n_pos"], auc["n_neg"]) == (2, 3) and auc["auc"] == pytest.approx(4 / 6)
+    print_summary(s)
+    out = capsys.readouterr().out.splitlines()
+    warn = [line for line in out if line.startswith("warning: the detector is not instance-adaptive")]
+    assert len(warn) == 1 and "soft position 2 on 90% of 10 questions" in warn[0]
+    assert "detected attention sink" in warn[0]
+    recs[0]["located_rows"] = [4]
+    recs[1]["located_rows"] = [5]  # 2 now on 70%: no warning
+    assert summarize(recs)["located_token"]["warning"] is None
