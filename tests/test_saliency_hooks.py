@@ -54,7 +54,11 @@ def _one_pass(model, batch, extra_hooks):
 def _same(a, b):
     for key in ("flow_sums", "column_sums", "column_shares", "row_sums", "row_totals", "loss"):
         x, y = getattr(a, key), getattr(b, key)
-        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-9, msg=key)
+        # the two routes (a hook adding a delta to the residual, or the corrupted embedding; a
+        # float32 or a float64-accumulated loss) differ by float32 rounding: a few ulps of the
+        # largest entry, which for the row-normalised shares (up to ~1.4) is ~4e-7
+        atol = 1e-6 * float(y.abs().max()) if key == "column_shares" else 1e-9
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=atol, msg=key)
 
 
 def test_composes_with_soft_row_hooks_in_one_pass(model):

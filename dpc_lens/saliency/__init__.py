@@ -155,8 +155,8 @@ def compute_saliency(
             detached patch) is fine for the layers after it; a requested layer before it raises
             an error naming the hook and the layers that can be measured.
         loss_fn: ``fn(logits, batch)`` returning a scalar or one loss per example (summed);
-            default :func:`target_nll` over ``config.loss_segments``, with the log-softmax of the
-            scored rows in float64 (``config.loss_fp64``).
+            default :func:`target_nll` over ``config.loss_segments``, its log-softmax over the
+            scored rows accumulated in float64 (``config.loss_fp64``).
 
     Raises:
         SaliencyError: a requested layer delivered no gradient (the message names the cause), or
