@@ -115,6 +115,34 @@ def _number(v: Any, path: Sequence[Any] | None, *, pct: bool = False) -> str:
             f"{esc(_fmt(v, pct))}</span>")
 
 
+def _scalar(v: Any) -> bool:
+    return v is None or isinstance(v, (str, int, float, bool)) or (
+        isinstance(v, list) and len(v) <= 4 and all(isinstance(x, (int, float)) for x in v))
+
+
+def _is_matrix(obj: Any) -> bool:
+    """Two or more rows, each a dict of scalars (or short number lists such as an interval)."""
+    if not isinstance(obj, Mapping):
+        return False
+    rows = list(obj.values())
+    return (len(rows) >= 2 and all(isinstance(v, Mapping) and v for v in rows)
+            and all(_scalar(x) for v in rows for x in v.values())
+            and len({c for v in rows for c in v}) <= 12)
+
+
+def _matrix_rows(obj: Mapping[str, Any]) -> list[tuple[tuple[Any, ...], Mapping[str, Any]]] | None:
+    """The rows of a dict that reads as a table: ``{row: {col: scalar}}``, or
+    ``{group: {row: {col: scalar}}}`` (rows keyed by both); ``None`` for any other dict."""
+    if _is_matrix(obj):
+        return [((k,), v) for k, v in obj.items()]
+    if not obj or not all(isinstance(v, Mapping) and v for v in obj.values()):
+        return None
+    rows = [((k, r), cells) for k, v in obj.items() for r, cells in v.items()]
+    if _is_matrix({i: cells for i, (_, cells) in enumerate(rows)}):
+        return rows
+    return None
+
+
 def _tree(obj: Any, path: list[Any], *, tracked: bool = True) -> str:
     """Any JSON value as HTML: dicts as key/value tables (nested), lists of numbers inline, lists
     of dicts as one table, numbers tagged with their path (``tracked``)."""
@@ -122,6 +150,18 @@ def _tree(obj: Any, path: list[Any], *, tracked: bool = True) -> str:
     if isinstance(obj, Mapping):
         if not obj:
             return '<span class="muted">{}</span>'
+        rows = _matrix_rows(obj)
+        if rows is not None:  # {row: {col: scalar}} (or one level deeper): one table
+            cols: list[str] = []
+            for _, v in rows:
+                cols += [c for c in v if c not in cols]
+            depth = len(rows[0][0])
+            head = "<th></th>" * depth + "".join(f"<th>{esc(c)}</th>" for c in cols)
+            body = "".join(
+                "<tr>" + "".join(f"<th>{esc(k)}</th>" for k in keys) + "".join(
+                    f"<td>{_tree(v[c], path + list(keys) + [c], tracked=tracked) if c in v else ''}</td>"
+                    for c in cols) + "</tr>" for keys, v in rows)
+            return f'<table class="small"><tr>{head}</tr>{body}</table>'
         rows = "".join(f"<tr><th>{esc(k)}</th><td>{_tree(v, path + [k], tracked=tracked)}</td></tr>"
                        for k, v in obj.items())
         return f"<table>{rows}</table>"
@@ -200,7 +240,11 @@ function apply(name){
 for(const b of buttons)b.addEventListener('click',function(){apply(b.dataset.f)});
 document.getElementById('expand').addEventListener('click',function(){
   const open=!qs.some(q=>!q.hidden&&q.open);for(const q of qs)if(!q.hidden)q.open=open});
-const m=/filter=([a-z_]+)/.exec(location.hash);apply(m?m[1]:'all');
+const H=location.hash;
+const m=/filter=([a-z_]+)/.exec(H);apply(m?m[1]:'all');
+const q=/[#&]q=([^&]+)/.exec(H);
+if(q){const id=decodeURIComponent(q[1]);const el=qs.find(e=>e.dataset.qid===id);
+  if(el){el.hidden=false;el.open=true;el.scrollIntoView()}}
 })();
 """
 
@@ -340,12 +384,15 @@ def _dpc_report(run_dir: str, figures: bool) -> str:
     else:
         note = ""
     rest = {k: v for k, v in summary.items() if k not in ("accuracy", "dpc_minus_pt")}
-    trig_keys = ("trigger_rate", "flips", "sink_rate", "trigger_errors", "ceiling", "pt_only")
+    trig_keys = ("trigger_rate", "flips", "trigger_auc", "sink_rate", "located_token", "trigger_errors",
+                 "ceiling", "pt_only")
     trig = {k: rest.pop(k) for k in trig_keys if k in rest}
+    warning = (trig.get("located_token") or {}).get("warning") if isinstance(trig.get("located_token"),
+                                                                            Mapping) else None
     summary_html = (note + "<h3>Accuracy</h3>" + _dpc_accuracy(summary, records)
                     + "<h3>Trigger and detector</h3>"
-                    + ("".join(f"<table><tr><th>{esc(k)}</th><td>{_tree(v, [k])}</td></tr></table>"
-                               for k, v in trig.items()) if trig else '<p class="muted">none</p>')
+                    + (f'<p class="box bad small">{esc(warning)}</p>' if warning else "")
+                    + (_tree(trig, []) if trig else '<p class="muted">none</p>')
                     + _located_histogram(records)
                     + ("<h3>Everything else in summary.json</h3>" + _tree(rest, []) if rest else ""))
     flags = [dpc_flags(r) for r in records]
@@ -419,12 +466,19 @@ def _iap_report(run_dir: str, figures: bool) -> str:
     by_q: dict[Any, list[Mapping[str, Any]]] = {}
     for p in pairs:
         by_q.setdefault(p.get("id"), []).append(p)
-    rest = {k: v for k, v in summary.items() if k not in ("accuracy", "degenerate")}
+    lead = ("score_diagnostics", "paired_differences", "reference_prompts", "warnings")
+    titles = {"score_diagnostics": "Does the flow score tell right from wrong answers? (AUC, 95% interval)",
+              "paired_differences": "Paired differences against reference prompts (95% intervals)",
+              "reference_prompts": "Reference prompts", "warnings": "Warnings"}
+    rest = {k: v for k, v in summary.items() if k not in ("accuracy", "degenerate") + lead}
     degenerate = summary.get("degenerate")
     summary_html = ("<h3>Accuracy</h3>" + _iap_accuracy(summary)
-                    + (f"<h3>degenerate</h3><p>{_tree(degenerate, ['degenerate'])}</p>"
+                    + (f"<h3>Degenerate calibration</h3><p>{_tree(degenerate, ['degenerate'])}</p>"
                        if "degenerate" in summary else "")
-                    + "<h3>Everything else in summary.json</h3>" + _tree(rest, []))
+                    + "".join(f"<h3>{esc(titles[k])}</h3>{_tree(summary[k], [k])}"
+                              for k in lead if k in summary)
+                    + "<details><summary><b>Everything else in summary.json</b> (cost, pool, standardiser, "
+                    f"config, ...)</summary>{_tree(rest, [])}</details>")
     flags = [iap_flags(q) for q in questions]
     cards = [iap_question(q, by_q.get(q.get("id"), []), i) for i, q in enumerate(questions)]
     filters = [("all", "all", {}), ("ss_right", "IAP-ss right", {"ss": "1"}),
@@ -446,6 +500,15 @@ def _iap_report(run_dir: str, figures: bool) -> str:
                         right, IAP_FLOWS, proportions=False, title="raw flows, right answers")),
                      ("pairs whose answer is wrong", lambda: plot_flow_curves(
                         wrong, IAP_FLOWS, proportions=False, title="raw flows, wrong answers"))]
+        if "score_diagnostics" in summary or "paired_differences" in summary:
+            from .iap import plot_paired_differences, plot_score_auc
+
+            if "score_diagnostics" in summary:
+                jobs.append(("does the score rank prompts? (AUC, 0.5 = chance)",
+                             lambda: plot_score_auc(summary)))
+            if "paired_differences" in summary:
+                jobs.append(("paired differences with 95% intervals",
+                             lambda: plot_paired_differences(summary)))
         fig_html = _figures(jobs) if flows else '<p class="muted">no scored pair</p>'
     n_text = f"{len(questions)} questions × {summary.get('n_prompts', '?')} prompts"
     warn = f"degenerate: {degenerate}" if isinstance(degenerate, str) and degenerate else None
