@@ -37,6 +37,9 @@ The package, one module per concern (model-free at the bottom, the model on top)
 * :mod:`~dpc_lens.iap.score` -- standardisation, :class:`IAPConfig`, the synthesised score;
 * :mod:`~dpc_lens.iap.select` -- IAP-ss, IAP-mv and the baselines on given scores;
 * :mod:`~dpc_lens.iap.calibration` -- grid search of lam, tau, m on cached records;
+* :mod:`~dpc_lens.iap.diagnostics` -- can the score choose? within-question and pooled AUC,
+  degenerate configurations, paired-bootstrap differences;
+* :mod:`~dpc_lens.iap.summary` -- every strategy on cached pairs, the run summary and its text;
 * :mod:`~dpc_lens.iap.pipeline` -- generate and score pairs, run, evaluate, calibrate on a model.
 """
 
