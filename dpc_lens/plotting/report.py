@@ -101,7 +101,7 @@ def _fmt(v: float | int, pct: bool = False) -> str:
         return f"{100 * v:.1f}%"
     if isinstance(v, int):
         return str(v)
-    return format(v, ".4g")
+    return format(v, ".4g") if v != 0 else "0"  # no "-0"
 
 
 def _number(v: Any, path: Sequence[Any] | None, *, pct: bool = False) -> str:
@@ -117,7 +117,7 @@ def _number(v: Any, path: Sequence[Any] | None, *, pct: bool = False) -> str:
 
 def _scalar(v: Any) -> bool:
     return v is None or isinstance(v, (str, int, float, bool)) or (
-        isinstance(v, list) and len(v) <= 4 and all(isinstance(x, (int, float)) for x in v))
+        isinstance(v, list) and len(v) <= 40 and all(isinstance(x, (int, float)) for x in v))
 
 
 def _is_matrix(obj: Any) -> bool:
@@ -150,6 +150,18 @@ def _tree(obj: Any, path: list[Any], *, tracked: bool = True) -> str:
     if isinstance(obj, Mapping):
         if not obj:
             return '<span class="muted">{}</span>'
+        subs = {k: v for k, v in obj.items() if isinstance(v, Mapping)}
+        if len(subs) < len(obj) and len(subs) >= 2 and _matrix_rows(subs) is not None \
+                and all(_scalar(v) for k, v in obj.items() if k not in subs):
+            # a few scalars and a table: the scalars as rows, then the table in one row
+            rows_html = "".join(f"<tr><th>{esc(k)}</th><td>{_tree(v, path + [k], tracked=tracked)}</td></tr>"
+                                for k, v in obj.items() if k not in subs)
+            return (f"<table>{rows_html}<tr><td colspan=\"2\">{_tree(subs, path, tracked=tracked)}"
+                    "</td></tr></table>")
+        if all(_scalar(v) and not isinstance(v, (list, str)) for v in obj.values()) and len(obj) <= 40 \
+                and all(str(k).lstrip("-").isdigit() for k in obj):
+            # {position: count}: inline
+            return ", ".join(f"{esc(k)}: {_tree(v, path + [k], tracked=tracked)}" for k, v in obj.items())
         rows = _matrix_rows(obj)
         if rows is not None:  # {row: {col: scalar}} (or one level deeper): one table
             cols: list[str] = []

@@ -47,8 +47,11 @@ class Browser:
         self._r, from_child_w = os.pipe()
 
         def wire() -> None:  # in the child: the protocol pipes on fds 3 and 4
-            os.dup2(to_child_r, 3)
-            os.dup2(from_child_w, 4)
+            # copies first (above every fd in use), so neither pipe end is overwritten, and
+            # dup2 onto a different number, so fds 3 and 4 lose close-on-exec
+            a, b = os.dup(to_child_r), os.dup(from_child_w)
+            os.dup2(a, 3)
+            os.dup2(b, 4)
 
         args = [chromium_path(), "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe",
                 f"--user-data-dir={self._profile}", "--no-first-run", "--no-default-browser-check",
