@@ -445,8 +445,8 @@ def calibrate_dpc(
 def _inputs_json(x: DetectorInputs | None) -> dict[str, Any] | None:
     if x is None:
         return None
-    return {k: getattr(x, k).tolist() for k in
-            ("soft_columns", "soft_columns_norm", "rationale_rows", "rationale_rows_norm")}
+    # the sink tensors too when measured, so a resumed calibration can still detect sinks
+    return {k: v.tolist() for k, v in x.to_tensors().items()}
 
 
 def _inputs_from_json(d: Mapping[str, Any] | None) -> DetectorInputs | None:

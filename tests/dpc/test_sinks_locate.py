@@ -405,3 +405,14 @@ def test_run_summary_warns_once_and_names_the_sink(capsys):
     recs[0]["located_rows"] = [4]
     recs[1]["located_rows"] = [5]  # 2 now on 70%: no warning
     assert summarize(recs)["located_token"]["warning"] is None
+
+
+def test_calibration_cache_keeps_the_sink_tensors():
+    from dpc_lens.dpc.calibration import _inputs_from_json, _inputs_json
+
+    x = _cal_inputs()[0]
+    back = _inputs_from_json(_inputs_json(x))
+    assert back.soft_attention.tolist() == x.soft_attention.tolist() and back.soft_residual is None
+    assert back.soft_columns.tolist() == x.soft_columns.tolist()
+    old = {k: v for k, v in _inputs_json(x).items() if k != "soft_attention"}  # a cache from before
+    assert _inputs_from_json(old).soft_attention is None
