@@ -774,7 +774,9 @@ def _located_token(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     located = [r["located_rows"][0] if r.get("located_rows") else None for r in records]
     out = instance_adaptivity(located)
     measured = [r for r in records if r.get("located_rows")]
-    if measured and all(r.get("modal") and r.get("always") for r in measured):
+    if (measured and all(r.get("modal") and r.get("always") for r in measured)
+            # one modal row set for the whole run (merged shards may each have had their own)
+            and len({tuple(r["modal"]["corrupted_rows"]) for r in measured}) == 1):
         # per-question locating vs always zeroing the run's modal rows, same questions
         out["locating_vs_modal"] = {
             "modal_rows": list(measured[0]["modal"]["corrupted_rows"]),
