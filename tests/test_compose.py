@@ -203,11 +203,14 @@ def _cache_resid(model, batch, layer):
     return seen[0]
 
 
-def test_a_callers_detaching_hook_is_named_in_the_hooks_path(frozen):
+@pytest.mark.parametrize("keep_grad", [False, True])
+def test_a_callers_detaching_hook_is_named_in_the_hooks_path(frozen, keep_grad):
     batch = _text_batch(frozen, IDS_A)
     cached = _cache_resid(frozen, batch, 1)
     store, hooks = saliency_hooks(frozen, batch, FULL)
-    patch = (hook_names.resid_pre(1), lambda r, hook: cached)  # a detached patch from a cache
+    # a detached patch from a cache (or one made a new leaf with requires_grad_)
+    patch = (hook_names.resid_pre(1),
+             lambda r, hook: cached.clone().requires_grad_(True) if keep_grad else cached)
     _manual_pass(frozen, batch, hooks, [patch])
     with pytest.raises(SaliencyError, match=r"Layers \[0\].*'blocks.1.hook_resid_pre.*layers=\[1, 2\]"):
         store.result()

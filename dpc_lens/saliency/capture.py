@@ -70,6 +70,7 @@ class SaliencyStore:
         self.gradless_forwards = 0  # forwards with gradients off since the last pass began
         self._gradless_inference = False
         self._want_edges = False
+        self._hook_names: list[str] = []
         self.set_batch(batch)
 
     # ------------------------------------------------------------ batches
@@ -197,6 +198,8 @@ def _token_strings(adapter: Any, batch: PromptBatch) -> tuple[tuple[str, ...], .
     if tok is None:
         return None
     ids = batch.token_ids.detach().cpu().tolist()
+    unique = sorted({t for row in ids for t in row if t >= 0})
+    text = dict(zip(unique, tok.batch_decode([[t] for t in unique]))) if unique else {}
     out = []
     for b, row in enumerate(ids):
         pad = batch.pad_lengths[b]
@@ -207,7 +210,7 @@ def _token_strings(adapter: Any, batch: PromptBatch) -> tuple[tuple[str, ...], .
             elif t < 0:
                 strs.append(f"<soft {pos - pad}>")
             else:
-                strs.append(tok.decode([t]))
+                strs.append(text[t])
         out.append(tuple(strs))
     return tuple(out)
 
