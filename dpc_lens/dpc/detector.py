@@ -152,14 +152,15 @@ class DetectorConfig:
             no value. Default 0.5: fire when most of the second half leans on the soft prompt
             more than the first half did on average -- a neutral start that calibration on a
             labelled dev split should replace.
-        sink: what to do with soft column 0, where attention sinks sit:
-            ``"keep"`` (default, the paper's behaviour; watch :func:`sink_rate`),
-            ``"exclude"`` (drop column 0 from every accumulation statistic and from the top-k),
-            ``"normalize"`` (divide column 0 by ``sink_scale``, see :func:`fit_sink_scale`).
+        sink: what to do with the sink columns (column 0, or the detected sinks: see
+            ``sink_source``): ``"keep"`` (default, the paper's behaviour; watch the run's
+            located-position histogram), ``"exclude"`` (drop the sink columns from every
+            accumulation statistic and from the top-k), ``"normalize"`` (divide them by
+            ``sink_scale``, see :func:`fit_sink_scale`).
         sink_scale: for ``sink="normalize"`` only (required there, ``None`` otherwise): the
-            typical ratio c_0 / mean(c_1..c_{P-1}) on reference instances. After dividing,
-            column 0 competes as an ordinary column that is large only when it exceeds its
-            usual sink level.
+            typical ratio of a sink column to the mean ordinary column on reference instances.
+            After dividing, a sink competes as an ordinary column that is large only when it
+            exceeds its usual sink level.
         top_k: how many soft tokens to locate for corruption (default 1, the paper's k).
         require_accumulation: when True the trigger also needs accumulation in the shallow
             layers (``accumulation_measure >= accumulation_threshold``). Default False: the
