@@ -39,7 +39,7 @@ __all__ = ["write_report", "report_html", "run_kind", "provenance", "REPORT_NAME
 REPORT_NAME = "report.html"
 
 #: the most rows of a list of records (e.g. calibration grid points) drawn as a table
-_MAX_TABLE_ROWS = 400
+_MAX_TABLE_ROWS = 2000
 
 
 def run_kind(run_dir: str | os.PathLike) -> str:
@@ -193,6 +193,8 @@ def _tree(obj: Any, path: list[Any], *, tracked: bool = True) -> str:
                     if len(obj) > _MAX_TABLE_ROWS else "")
             head = "".join(f"<th>{esc(c)}</th>" for c in cols)
             return f'<table class="small"><tr>{head}</tr>{"".join(body)}</table>{more}'
+        if all(isinstance(x, str) for x in obj) and any(len(x) > 40 for x in obj):
+            return '<ul class="small">' + "".join(f"<li>{esc(x)}</li>" for x in obj) + "</ul>"
         return "[" + ", ".join(_tree(x, path + [i], tracked=tracked) for i, x in enumerate(obj)) + "]"
     if isinstance(obj, (int, float)) and not isinstance(obj, bool):
         return _number(obj, p)
@@ -537,17 +539,27 @@ def _iap_report(run_dir: str, figures: bool) -> str:
 
 def _calibrate_report(run_dir: str) -> str:
     cal = _read_json(os.path.join(run_dir, "calibration.json"), required=True)
-    keys = ("best_point", "best_accuracy", "pt_accuracy", "gain", "corruption_oracle_accuracy",
-            "n_generations", "remarks")
-    head = {k: cal[k] for k in keys if k in cal}
-    rest = {k: v for k, v in cal.items() if k not in keys}
-    body = ('<h2 id="summary">Summary</h2><div id="summary-body">' + _tree(head, [])
-            + "<h3>Everything else in calibration.json</h3>" + _tree(rest, []) + "</div>"
+    accs = [k for k in ("pt_accuracy", "best_accuracy", "always_accuracy", "corruption_oracle_accuracy")
+            if isinstance(cal.get(k), (int, float))]
+    rows = "".join(f"<tr><td>{esc(k.replace('_accuracy', '').replace('_', ' '))}</td><td class=\"num\">"
+                   f"{_number(cal[k], [k], pct=True)}</td></tr>" for k in accs)
+    lead = ("best_point", "best_trigger_rate", "trigger_auc", "n_examples", "n_generations", "remarks",
+            "notes")
+    head = {k: cal[k] for k in lead if k in cal}
+    rest = {k: v for k, v in cal.items() if k not in lead and k not in accs}
+    body = ('<h2 id="summary">Summary</h2><div id="summary-body"><h3>Dev accuracy (the chosen point vs '
+            f'PT)</h3><table id="accuracy"><tr><th>on dev</th><th>accuracy</th></tr>{rows}</table>'
+            + _tree(head, [])
+            + "<details><summary><b>Everything else in calibration.json</b> (every grid point, "
+            f"sensitivity, config, timings)</summary>{_tree(rest, [])}</details></div>"
             '<h2 id="questions">Questions</h2><p class="muted">a calibration keeps no per-question '
             'records; run dpc with the chosen config to browse questions.</p>'
             '<h2 id="figures">Figures</h2><p class="muted">none for a calibration</p>')
-    return _header("calibrate", run_dir, f"{cal.get('n_generations', '?')} generations") + body + \
-        _config_section(run_dir, ["dpc_config.json"])
+    gens = cal.get("n_generations", "?")
+    gens = gens.get("total", "?") if isinstance(gens, Mapping) else gens
+    n_text = (f"{cal.get('n_examples', '?')} dev questions, {cal.get('n_points', '?')} grid points, "
+              f"{gens} generations")
+    return _header("calibrate", run_dir, esc(n_text)) + body + _config_section(run_dir, ["dpc_config.json"])
 
 
 # =============================================================================================

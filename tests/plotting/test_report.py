@@ -283,3 +283,14 @@ def test_report_command_and_no_report(dpc_run, tmp_path, capsys):
                  "arith", "--limit", "2", "--baselines", "", "--out", str(out), "--no-report",
                  "--no-progress"]) == 0
     assert not (out / "report.html").exists()
+
+
+def test_calibration_report_shows_calibration_json(browser, tmp_path):
+    out = tmp_path / "cal"
+    assert main(["calibrate", "--model", "testbed", "--soft-prompt", "testbed", "--data", "testbed", "--task",
+                 "arith", "--limit", "4", "--out", str(out), "--no-progress"]) == 0
+    cal = json.load(open(out / "calibration.json", encoding="utf-8"))
+    page = browser.open(str(out / "report.html"))
+    _only_local(page.requested_urls(), str(out / "report.html"))
+    _summary_numbers_equal(page, cal)  # every grid point too
+    assert page.js("document.querySelector('h1').textContent") == "dpc-lens report: DPC calibration"
