@@ -8,6 +8,7 @@ zeroed. No dpc_lens reduction is used to build the expected numbers.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -285,10 +286,26 @@ def test_full_detached_residual_patch(frozen, keep_grad):
 
 def test_fwd_hooks_are_validated(frozen):
     batch = _text_batch(frozen, IDS_A)
-    with pytest.raises(dl.HookError, match="hook_resid_pre"):
-        compute_saliency(frozen, batch, FULL, fwd_hooks=[("blocks.1.hook_resid_pree", _ablate_head0)])
+    good = (hook_names.pattern(0), _ablate_head0)
+    with pytest.raises(dl.HookError, match="hook_resid_pre"):  # half-way through the list
+        compute_saliency(frozen, batch, FULL, fwd_hooks=[good, ("blocks.1.hook_resid_pree", _ablate_head0)])
     with pytest.raises(InputError, match=r"\(hook_name, fn\) pair"):
         compute_saliency(frozen, batch, FULL, fwd_hooks=[hook_names.resid_pre(1)])
+
+
+def test_a_callers_hook_that_raises_leaves_the_model_as_found(frozen):
+    batch = _text_batch(frozen, IDS_A)
+    flags = [p.requires_grad for p in frozen.parameters()]
+
+    def boom(x, hook):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        compute_saliency(frozen, batch, FULL, fwd_hooks=[(hook_names.pattern(0), _ablate_head0),
+                                                         (hook_names.resid_pre(2), boom)])
+    assert [p.requires_grad for p in frozen.parameters()] == flags
+    assert not any(hp.fwd_hooks for hp in frozen.hook_dict.values())
+    _close(compute_saliency(frozen, batch, FULL).full, compute_saliency(frozen, batch, FULL).full)
 
 
 # ------------------------------------------------------------------- 5. segment groups
@@ -498,3 +515,15 @@ def test_heatmap_data_labels_itself_with_the_tokens(frozen):
              + tok(" 2", add_special_tokens=False)["input_ids"]]
     assert data.tokens == ("<soft 0>", "<soft 1>", *words)
     assert len(data.tokens) == data.matrix.shape[0]
+
+
+@pytest.mark.parametrize("missing", ["get_gradient_edge", "_current_graph_task_id"])
+def test_older_torch_without_the_private_hooks_gives_the_same_saliency(frozen, monkeypatch, missing):
+    """torch 2.1 (the floor) has no gradient edges; the graph-task id is private API (torch's
+    own non-reentrant checkpoint needs it, so lean mode is checked only with the edges gone)."""
+    batch = _text_batch(frozen, IDS_A)
+    modes = ("normal", "lean") if missing == "get_gradient_edge" else ("normal",)
+    want = {m: compute_saliency(frozen, batch, dataclasses.replace(FULL, memory=m)).full for m in modes}
+    monkeypatch.delattr(torch.autograd.graph if missing == "get_gradient_edge" else torch._C, missing)
+    for m in modes:
+        _close(compute_saliency(frozen, batch, dataclasses.replace(FULL, memory=m)).full, want[m])

@@ -222,7 +222,11 @@ def compute_saliency(
                         "The loss does not depend on the model's output (no gradient); a custom loss "
                         "must be computed from the logits it is given."
                     )
-                edges = [p.edges[l] for l in p.hooked if l in p.edges]
+                # the gradient of every captured pattern (not of the input embeddings: a
+                # caller's patch may make a new leaf, and autograd prunes what leads elsewhere)
+                edges = [p.edges[l] for l in p.hooked if p.edges.get(l) is not None]
+                if len(edges) < len(p.hooked):  # torch < 2.2 has no gradient edges
+                    edges = edges + [embeds]
                 p.edges.clear()
                 torch.autograd.grad(loss, edges, allow_unused=True)
                 p.backward_ran = True

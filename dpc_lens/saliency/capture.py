@@ -289,7 +289,7 @@ def saliency_hooks(
             store._gradless_inference = torch.is_inference_mode_enabled()
             return None
         cur = store.passes[-1] if store.passes else None
-        in_backward = torch._C._current_graph_task_id() != -1
+        in_backward = _in_backward(recompute)
         if in_backward and cur is not None and layer in cur.hooked:
             # the recomputation of a checkpointed block: hand over its pattern
             cur.patterns[layer] = pattern.detach()
@@ -317,7 +317,8 @@ def saliency_hooks(
         if not recompute:
             cur.patterns[layer] = p.detach()
         if store._want_edges:
-            cur.edges[layer] = torch.autograd.graph.get_gradient_edge(p)
+            edge = getattr(torch.autograd.graph, "get_gradient_edge", None)  # torch >= 2.2
+            cur.edges[layer] = edge(p) if edge is not None else (p if p.is_leaf else None)
 
         def on_grad(grad: Tensor, _p: _Pass = cur) -> None:
             _p.backward_ran = True
@@ -334,6 +335,16 @@ def saliency_hooks(
         return out
 
     return store, [(n, capture) for n in hook_list]
+
+
+def _in_backward(recompute: bool) -> bool:
+    """Whether autograd's engine is running a backward now (a checkpointed block being
+    recomputed). Where torch does not say (its graph-task id is private API), a repeated firing
+    counts as a recomputation exactly when the pass runs under checkpointing (``recompute``)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    if task is None:
+        return recompute
+    return task() != -1
 
 
 def _all_segment_names(batch: PromptBatch) -> list[str]:
