@@ -294,11 +294,14 @@ def calibrate_from_cache(
     sweep: TriggerSweep | None = None,
     n_generations: Mapping[str, int] | None = None,
     timings: Mapping[str, float] | None = None,
+    base_correct: Sequence[bool] | None = None,
 ) -> DPCCalibration:
     """Calibrate on cached detector inputs and correctness tables (no model).
 
     ``corrupted_correct`` maps ``(instance, sorted rows)`` to correctness for every pair of
     :func:`needed_pairs`; ``sweep`` may be passed when already computed for these inputs.
+    ``base_correct`` (per instance, the base model's grade, when known) adds the trigger's dev
+    AUC for "PT wrong and base right".
     """
     grid = grid or CalibrationGrid()
     base = base_config or DPCConfig()
@@ -317,7 +320,9 @@ def calibrate_from_cache(
     )
     gens = dict(n_generations or {})
     gens.setdefault("naive", int(sum(int(x) for x in scores.n_fired)) + n)
-    always, auc = _always_and_auc(inputs, pt_correct, corrupted_correct, sweep, best)
+    if base_correct is not None and len(base_correct) != len(inputs):
+        raise InputError(f"{len(base_correct)} base_correct values for {len(inputs)} instances.")
+    always, auc = _always_and_auc(inputs, pt_correct, corrupted_correct, sweep, best, base_correct)
     return DPCCalibration(
         config=replace(base, detector=sweep.config(best)),
         best_point=dict(sweep.points[best]),
@@ -349,24 +354,30 @@ def always_pairs(sweep: TriggerSweep, point: int) -> list[Pair]:
     return [(i, r) for i, r in enumerate(rows) if r]
 
 
-def _always_and_auc(inputs, pt_correct, corrupted_correct, sweep, best):
-    """Always-corrupt accuracy of the best setting and its trigger's AUC on dev (``None`` each
-    when the always-corrupted answers were not generated)."""
+def _always_and_auc(inputs, pt_correct, corrupted_correct, sweep, best, base_correct=None):
+    """Always-corrupt accuracy of the best setting and its trigger's AUC on dev: for "corruption
+    helps vs hurts" when the always-corrupted answers were generated, for "PT wrong and base
+    right" when ``base_correct`` is given (``None`` where neither)."""
     from .detector import dynamic_trigger
     from .diagnostics import trigger_auc
 
-    pairs = always_pairs(sweep, best)
-    if any(p not in corrupted_correct for p in pairs):
-        return None, None
-    corrupted = {i: bool(corrupted_correct[(i, r)]) for i, r in pairs}
-    n = len(pt_correct)
-    always = sum(corrupted.get(i, bool(pt_correct[i])) for i in range(n)) / n
     cfg = sweep.config(best)
-    idx = sorted(corrupted)
-    share = [dynamic_trigger(inputs[i], cfg).deep_flow.affected_share for i in idx]
-    labels = [None if bool(pt_correct[i]) == corrupted[i] else corrupted[i] for i in idx]
-    return always, {"statistic": "deep_flow.affected_share",
-                    "corruption_helps_vs_hurts": trigger_auc(share, labels)}
+    present = [i for i, x in enumerate(inputs) if x is not None]
+    share = {i: dynamic_trigger(inputs[i], cfg).deep_flow.affected_share for i in present}
+    auc: dict[str, Any] = {"statistic": "deep_flow.affected_share"}
+    always = None
+    pairs = always_pairs(sweep, best)
+    if all(p in corrupted_correct for p in pairs):
+        corrupted = {i: bool(corrupted_correct[(i, r)]) for i, r in pairs}
+        n = len(pt_correct)
+        always = sum(corrupted.get(i, bool(pt_correct[i])) for i in range(n)) / n
+        idx = sorted(corrupted)
+        labels = [None if bool(pt_correct[i]) == corrupted[i] else corrupted[i] for i in idx]
+        auc["corruption_helps_vs_hurts"] = trigger_auc([share[i] for i in idx], labels)
+    if base_correct is not None:
+        auc["pt_wrong_base_right"] = trigger_auc(
+            [share[i] for i in present], [bool(base_correct[i]) and not bool(pt_correct[i]) for i in present])
+    return always, (auc if len(auc) > 1 else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,8 +396,13 @@ def calibrate_dpc(
     progress: bool | None = None,
     out_dir: str | os.PathLike | None = None,
     resume: bool = False,
+    base_correct: Mapping[Any, bool] | None = None,
 ) -> DPCCalibration:
     """Grid-search DPC's detector knobs on labelled dev ``examples``, maximising accuracy.
+
+    ``base_correct``: example id -> whether the base model (no soft prompt) answers it right,
+    when already known (e.g. the real test bed's ``answers_dev_base.jsonl``); it adds the
+    trigger's dev AUC for "PT wrong and base right" at no model cost.
 
     Steps: (1) PT generation of every example, and one saliency pass each (:func:`analyse`);
     (2) :func:`sweep_triggers` over the grid on the cached inputs; (3) one corrupted generation
@@ -435,8 +451,15 @@ def calibrate_dpc(
     if out_dir is not None:
         out_dir = check_out_dir(out_dir)
     with RunLock(out_dir, "calibrate") if out_dir is not None else nullcontext():
+        base = None
+        if base_correct is not None:
+            missing = [i for i in ids if i not in base_correct]
+            if missing:
+                raise InputError(f"base_correct has no entry for {len(missing)} dev example(s) (e.g. "
+                                 f"{missing[0]!r}); give one per example id, or leave it None.")
+            base = [bool(base_correct[i]) for i in ids]
         cal = _calibrate_locked(adapter, soft_prompt, examples, ids, task, cfg, grid, progress,
-                                out_dir, resume)
+                                out_dir, resume, base)
         if out_dir is not None:
             cal.save(out_dir)
         return cal
@@ -456,7 +479,7 @@ def _inputs_from_json(d: Mapping[str, Any] | None) -> DetectorInputs | None:
 
 
 def _calibrate_locked(adapter, soft_prompt, examples, ids, task, cfg, grid, progress, out_dir,
-                      resume) -> DPCCalibration:
+                      resume, base_correct=None) -> DPCCalibration:
     timings: dict[str, float] = {}
     prog = os.path.join(out_dir, "calibration_progress") if out_dir is not None else None
     pt_path = os.path.join(prog, "pt.jsonl") if prog else None
@@ -574,5 +597,5 @@ def _calibrate_locked(adapter, soft_prompt, examples, ids, task, cfg, grid, prog
         n_gen["reused"] = reused
     return calibrate_from_cache(
         inputs, pt_correct, table, grid, cfg,
-        sweep=sweep, n_generations=n_gen, timings=timings,
+        sweep=sweep, n_generations=n_gen, timings=timings, base_correct=base_correct,
     )

@@ -347,6 +347,11 @@ def test_calibration_reports_always_corrupt_and_trigger_auc_by_hand():
     assert any("does no better than corrupting" in r for r in cal.remarks)
     again = DPCCalibration.from_dict(cal.to_dict())
     assert again.always_accuracy == cal.always_accuracy and again.trigger_auc == cal.trigger_auc
+    # with the base model's grades: PT wrong and base right = instances 0 and 2 (shares 1.0, 0.0)
+    # against instance 1 (0.5) -> (1 + 0) / 2
+    with_base = calibrate_from_cache(_cal_inputs(), pt, corrupted, grid, base_correct=[True, True, True])
+    b = with_base.trigger_auc["pt_wrong_base_right"]
+    assert b["auc"] == pytest.approx(0.5) and (b["n_pos"], b["n_neg"]) == (2, 1)
     # without the always-corrupted answer of instance 2 there is nothing to report
     part = calibrate_from_cache(_cal_inputs(), pt, {k: v for k, v in corrupted.items() if k[0] != 2}, grid)
     assert part.always_accuracy is None and part.trigger_auc is None
