@@ -47,9 +47,12 @@ class Browser:
         self._r, from_child_w = os.pipe()
 
         def wire() -> None:  # in the child: the protocol pipes on fds 3 and 4
-            # copies first (above every fd in use), so neither pipe end is overwritten, and
-            # dup2 onto a different number, so fds 3 and 4 lose close-on-exec
-            a, b = os.dup(to_child_r), os.dup(from_child_w)
+            # copies at fd >= 10 first, so neither pipe end is overwritten by the other, and dup2
+            # always onto a different number, so the new fds 3 and 4 are inheritable
+            import fcntl
+
+            a = fcntl.fcntl(to_child_r, fcntl.F_DUPFD, 10)
+            b = fcntl.fcntl(from_child_w, fcntl.F_DUPFD, 10)
             os.dup2(a, 3)
             os.dup2(b, 4)
 
