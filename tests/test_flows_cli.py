@@ -170,3 +170,16 @@ def test_help_shows_the_defaults(capsys):
                  "(default: none)", "(default: off)", "layer, example, source, target, sum, count, mean",
                  "--device", "--resume"):
         assert want in text, want
+
+
+def test_a_locked_out_dir_is_refused(tmp_path, capsys):
+    import socket
+
+    prompts = _write(tmp_path / "p.jsonl", PROMPTS)
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = {"pid": 1, "host": socket.gethostname(), "started": 0, "command": "dpc"}  # pid 1 lives
+    (out / ".dpc_lens.lock").write_text(json.dumps(lock), encoding="utf-8")
+    assert main(["flows", "--model", "testbed", "--prompts", prompts, "--out", str(out)]) == 2
+    assert "is in use by another run" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == [".dpc_lens.lock"]  # nothing written, the lock left alone
