@@ -30,6 +30,7 @@ __all__ = [
     "pair_mask",
     "segment_flow_sums",
     "segment_pair_counts",
+    "layer_pair_counts",
     "flow_mean",
     "flow_proportions",
     "column_scores",
@@ -83,10 +84,20 @@ def saliency_map(
     return out
 
 
-def pair_mask(n_pos: int, *, include_diagonal: bool = False, device=None) -> Tensor:
-    """``[query_pos, key_pos]`` float mask of the pairs that count: ``j < i`` (or ``j <= i``)."""
+def pair_mask(n_pos: int, *, include_diagonal: bool = False, device=None,
+              window: int | None = None) -> Tensor:
+    """``[query_pos, key_pos]`` float mask of the pairs that count: ``j < i`` (or ``j <= i``).
+
+    ``window``: a sliding-window layer's size ``W`` (Hugging Face's rule: query ``i`` sees key
+    ``j`` when ``i - W < j <= i``); the pairs ``i - j >= W`` then never carry saliency and do not
+    count. ``None``: a global (full causal) layer."""
     offset = 0 if include_diagonal else -1
-    return torch.ones(n_pos, n_pos, device=device).tril(offset)
+    m = torch.ones(n_pos, n_pos, device=device).tril(offset)
+    if window is not None:
+        if int(window) < 1:
+            raise InputError(f"window={window!r} must be a positive int (the sliding window size).")
+        m = m.triu(-(int(window) - 1))
+    return m
 
 
 def segment_flow_sums(
@@ -107,16 +118,35 @@ def segment_flow_sums(
 
 
 def segment_pair_counts(
-    segment_masks: Float[Tensor, "batch segment pos"], *, include_diagonal: bool = False
+    segment_masks: Float[Tensor, "batch segment pos"], *, include_diagonal: bool = False,
+    window: int | None = None,
 ) -> Float[Tensor, "batch target source"]:
     """``C[b, t, s]``: the number of pairs ``(i, j)``, ``i in T_t``, ``j in S_s``, ``j < i``.
 
-    With ``include_diagonal`` the pairs ``j <= i`` count. A zero count means the flow is
-    undefined (for example question->soft, which the causal mask forbids).
+    With ``include_diagonal`` the pairs ``j <= i`` count; with ``window`` (a sliding-window
+    layer) only the pairs ``i - j < window``. A zero count means the flow is undefined (for
+    example question->soft, which the causal mask forbids).
     """
     m = segment_masks.float()
-    pm = pair_mask(m.shape[-1], include_diagonal=include_diagonal, device=m.device)
+    pm = pair_mask(m.shape[-1], include_diagonal=include_diagonal, device=m.device, window=window)
     return torch.einsum("btq,qk,bsk->bts", m, pm, m)
+
+
+def layer_pair_counts(
+    segment_masks: Float[Tensor, "batch segment pos"],
+    windows: Sequence[int | None],
+    *,
+    include_diagonal: bool = False,
+) -> Float[Tensor, "layer batch target source"] | None:
+    """Per-layer pair counts, each layer's under its own attention mask (``windows[l]``: the
+    sliding window of the ``l``-th measured layer, ``None`` for a global layer). ``None`` when
+    no layer has a window (every layer then counts the causal pairs of
+    :func:`segment_pair_counts`)."""
+    if all(w is None for w in windows):
+        return None
+    by_window = {w: segment_pair_counts(segment_masks, include_diagonal=include_diagonal, window=w)
+                 for w in dict.fromkeys(windows)}
+    return torch.stack([by_window[w] for w in windows])
 
 
 def flow_mean(

@@ -19,7 +19,10 @@ where the papers are silent"):
   named twice is an error.
 * the **names** ``"shallow"`` (the first third without layer 0, at least ``[1]``) and ``"deep"``
   (the last third, at least ``[n-1]``), which also work on 2- and 3-layer models where a third
-  is less than one layer.
+  is less than one layer;
+* the **names** ``"global"`` (the layers with full causal attention) and ``"sliding"`` (the
+  sliding-window layers, e.g. Gemma 3's 15 of 18), which need the model's layer types
+  (``windows=``, see :func:`attention_windows`).
 
 Every malformed or unresolvable spec raises :class:`~dpc_lens.errors.ConfigError` (one error
 class for both methods). Before this module, IAP rounded fraction boundaries half up (the last
@@ -39,11 +42,13 @@ from dpc_lens.errors import ConfigError
 from dpc_lens.validate import is_int as _is_int
 from dpc_lens.validate import is_real as _is_real
 
-__all__ = ["LayerSpec", "LayerName", "normalize_layer_spec", "resolve_layers", "layer_spec_json"]
+__all__ = ["LayerSpec", "LayerName", "attention_windows", "normalize_layer_spec", "resolve_layers",
+           "layer_spec_json"]
 
-LayerName = Literal["shallow", "deep"]
+LayerName = Literal["shallow", "deep", "global", "sliding"]
 #: A layer set: a sequence of layer indices (negative counts from the end), a
-#: ``(start_frac, end_frac)`` pair of floats, or one of the names ``"shallow"`` / ``"deep"``.
+#: ``(start_frac, end_frac)`` pair of floats, or one of the names ``"shallow"`` / ``"deep"`` /
+#: ``"global"`` / ``"sliding"``.
 LayerSpec = LayerName | Sequence[int] | tuple[float, float]
 
 _LAYER_NAMES: tuple[str, ...] = get_args(LayerName)
@@ -51,6 +56,27 @@ _LAYER_NAMES: tuple[str, ...] = get_args(LayerName)
 # Fraction boundaries like 0.28 * 25 come out as 7.000000000000001 in floating point; the
 # boundary must still count as 7, so ceil() is taken after subtracting this tolerance.
 _FRACTION_EPS = 1e-9
+
+
+def attention_windows(config: Any, n_layers: int) -> tuple[int | None, ...]:
+    """Per layer, its sliding window (``None`` for a global layer), from a Hugging Face config
+    (``layer_types`` with ``"sliding_attention"`` entries and ``sliding_window``; Gemma 2/3,
+    Mistral, Qwen2, ... in transformers >= 5) or a TransformerLens config (``attn_types`` with
+    ``"local"`` entries and ``window_size``). A config that names no layer types: every layer
+    global."""
+    types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    local = "sliding_attention"
+    if types is None:
+        types, local = getattr(config, "attn_types", None), "local"
+        window = getattr(config, "window_size", None)
+    if types is None or window is None:
+        return (None,) * n_layers
+    types = list(types)
+    if len(types) != n_layers:
+        raise ConfigError(f"The model config lists {len(types)} layer types for {n_layers} layers; "
+                          "dpc_lens cannot tell which layers use a sliding window.")
+    return tuple(int(window) if t == local else None for t in types)
 
 
 def normalize_layer_spec(spec: Any, what: str = "layer spec") -> str | tuple[int, ...] | tuple[float, float]:
@@ -111,7 +137,8 @@ def _fraction_layers(start: float, end: float, n_layers: int) -> list[int]:
     return list(range(max(lo, 0), min(hi, n_layers)))
 
 
-def resolve_layers(spec: LayerSpec, n_layers: int) -> list[int]:
+def resolve_layers(spec: LayerSpec, n_layers: int,
+                   windows: Sequence[int | None] | None = None) -> list[int]:
     """Turn a layer-set spec into a sorted list of distinct layer indices in ``[0, n_layers)``.
 
     Forms of ``spec``:
@@ -129,6 +156,8 @@ def resolve_layers(spec: LayerSpec, n_layers: int) -> list[int]:
     * ``"deep"``: the last third -- the fraction pair ``(2/3, 1)``, i.e. layers
       ``ceil(2n/3) .. n-1`` (that is the last ``floor(n/3)`` layers). When that is empty
       (n_layers <= 2) it falls back to ``[n - 1]``.
+    * ``"global"`` / ``"sliding"``: the layers whose ``windows`` entry is ``None`` / a window
+      (``windows``: one entry per layer, :func:`attention_windows`; needed for these names).
 
     Defaults by model size (SPEC section 3 step 6; the paper gives none, and reports the
     strongest soft-prompt flow around layers 2-10 of 32-40-layer models)::
@@ -150,6 +179,20 @@ def resolve_layers(spec: LayerSpec, n_layers: int) -> list[int]:
             f"n_layers={n_layers!r} must be a positive int (the model's cfg.n_layers)."
         )
     norm = normalize_layer_spec(spec, "layer spec")
+    if norm in ("global", "sliding"):
+        if windows is None:
+            raise ConfigError(
+                f"the layer set {norm!r} needs the model's layer types (which layers use a sliding "
+                "window); here only the layer count is known. Pass windows="
+                "dpc_lens.layers.attention_windows(hf_config, n_layers), or list the layers.")
+        if len(windows) != n_layers:
+            raise ConfigError(f"windows has {len(windows)} entries for {n_layers} layers; "
+                              "give one per layer.")
+        layers = [i for i, w in enumerate(windows) if (w is None) == (norm == "global")]
+        if not layers:
+            raise ConfigError(f"the layer set {norm!r} selects no layer: this model has "
+                              f"{'no global' if norm == 'global' else 'no sliding-window'} layer.")
+        return layers
     if norm == "shallow":
         if n_layers < 2:
             raise ConfigError(

@@ -150,6 +150,19 @@ class ModelAdapter:
         return getattr(self.model, "tokenizer", None)
 
     @property
+    def attention_windows(self) -> tuple[int | None, ...]:
+        """Per layer, its sliding attention window (``None``: a global layer), read from the
+        Hugging Face config (``layer_types`` / ``sliding_window``) or TransformerLens's
+        (``attn_types`` / ``window_size``); see :func:`dpc_lens.layers.attention_windows`."""
+        from .layers import attention_windows
+
+        try:
+            config = self._hf_model.config if self.family != "hooked" else self.cfg
+        except (ModelError, AttributeError):
+            config = self.cfg
+        return attention_windows(config, self.n_layers)
+
+    @property
     def hook_dict(self) -> dict:
         return self.model.hook_dict
 
@@ -550,9 +563,10 @@ def load_model(
     The bridge (``TransformerBridge.boot_transformers``) forces eager attention. The model is put
     in eval mode with every weight frozen. ``device`` defaults to CUDA when present.
     ``family="hooked"`` uses ``HookedTransformer.from_pretrained`` (TransformerLens < 4 only).
-    ``name_or_path`` may also be a GGUF file, a directory holding one, or ``"smollm2"`` (the
-    embedded SmolLM2-135M-Instruct): converted once into a cached Hugging Face directory, see
-    :mod:`dpc_lens.checkpoints`.
+    ``name_or_path`` may also be a GGUF file, a directory holding one, or a known real model's
+    name (``"smollm2"``: SmolLM2-135M-Instruct; ``"gemma3-270m"``: Gemma 3 270M base, under the
+    Gemma Terms of Use; :data:`dpc_lens.checkpoints.KNOWN_MODELS`): converted once into a cached
+    Hugging Face directory, see :mod:`dpc_lens.checkpoints`.
 
     ``progress``: transformers' loading bars (and a GGUF conversion's) follow dpc_lens's rule
     (:func:`dpc_lens.progress.progress_on`): ``None`` shows them only when stderr is a terminal.
@@ -594,7 +608,7 @@ def load_model(
             ) from None
     from .checkpoints import resolve_source
 
-    # "smollm2" or a GGUF file/directory -> a converted HF directory (or an in-memory model)
+    # a known real model or a GGUF file/directory -> a converted HF directory (or an in-memory model)
     from .progress import hf_progress, progress_on
 
     show = progress_on(progress)

@@ -157,6 +157,7 @@ class SaliencyStore:
             layouts=p.batch.layouts,
             flow_sums=stack("flow_sums"),
             pair_counts=F.segment_pair_counts(p.masks.seg, include_diagonal=self.config.include_diagonal),
+            layer_pair_counts=_layer_pair_counts(self, p),
             loss=loss.to(torch.promote_types(loss.dtype, torch.float32)),
             column_sums=stack("column_sums"),
             column_shares=stack("column_shares"),
@@ -169,6 +170,16 @@ class SaliencyStore:
     def __repr__(self) -> str:
         return (f"SaliencyStore(layers={self.layers}, passes={self.n_passes}, "
                 f"batch={self.batch.batch_size}x{self.batch.seq_len}, segments={self.names})")
+
+
+def _layer_pair_counts(store: SaliencyStore, p: _Pass) -> Tensor | None:
+    """Per measured layer, the pairs under that layer's own mask (sliding windows), or ``None``
+    when every measured layer is global."""
+    if store.adapter is None:
+        return None
+    all_windows = store.adapter.attention_windows
+    return F.layer_pair_counts(p.masks.seg, [all_windows[l] for l in store.layers],
+                               include_diagonal=store.config.include_diagonal)
 
 
 def _check_batch(batch: Any) -> PromptBatch:
@@ -257,7 +268,7 @@ def saliency_hooks(
     _check_batch(batch)
     config = _as_config(config)
     adapter = as_adapter(model)
-    layers = config.resolved_layers(adapter.n_layers)
+    layers = config.resolved_layers(adapter.n_layers, adapter.attention_windows)
     hook_list = [hook_names.pattern(l) for l in layers]
     hook_names.check_hook_names(adapter.hook_dict, hook_list)
     store = SaliencyStore(config, layers, None, batch, adapter)

@@ -46,7 +46,16 @@ class SaliencyConfig:
             stream between blocks and one block's graph are alive at a time, for about one more
             forward pass of time; ``"auto"`` (default) is normal unless an estimate of the normal
             pass's attention memory exceeds 80% of the free memory of the model's device.
+            ``"blockwise"`` never forms a ``T x T`` pattern: the model's attention runs
+            without eager patterns, keeping q, k, v, and saliency is formed in the backward a
+            block of ``block_size`` query rows at a time from q, k, v and dz and reduced at once
+            (docs/blockwise.md); memory linear in ``T``, for models whose attention it reproduces
+            exactly (GPT-2, Llama, Mistral, Qwen2, OPT, Gemma 2/3), else a SaliencyError names
+            the eager fallback. ``"auto"`` takes normal if it fits, else lean if one layer's
+            pattern fits (80% of free memory), else blockwise where the architecture allows.
             Saliency is the same in every mode.
+        block_size: query rows per block in the blockwise mode (``None``: chosen from the free
+            memory, see :func:`dpc_lens.saliency.blockwise.default_block_size`).
         loss_fp64: the default loss accumulates its log-softmax over the scored rows in float64
             (the vocabulary-long sum of exponentials, where float32 loses digits; the elementwise
             work stays float32, so it costs ~1% of a SmolLM2 pass): SmolLM2 saliency is then within
@@ -66,11 +75,20 @@ class SaliencyConfig:
     keep_full: bool = False
     memory: str = "auto"
     loss_fp64: bool = True
+    block_size: int | None = None
 
     def __post_init__(self) -> None:
-        if self.memory not in ("auto", "normal", "lean"):
+        if self.memory not in ("auto", "normal", "lean", "blockwise"):
             raise ConfigError(
-                f"SaliencyConfig.memory must be 'auto', 'normal' or 'lean', got {self.memory!r}."
+                "SaliencyConfig.memory must be 'auto', 'normal', 'lean' or 'blockwise', got "
+                f"{self.memory!r}."
+            )
+        if self.block_size is not None and (
+                isinstance(self.block_size, bool) or not isinstance(self.block_size, int)
+                or self.block_size < 1):
+            raise ConfigError(
+                f"SaliencyConfig.block_size must be a positive int (query rows per block) or "
+                f"None (chosen from free memory), got {self.block_size!r}."
             )
         for name in ("loss_segments", "flow_segments", "column_targets", "row_sources"):
             v = getattr(self, name)
@@ -86,13 +104,14 @@ class SaliencyConfig:
                 "SaliencyConfig.loss_segments is empty; name the segments the loss is taken over."
             )
 
-    def resolved_layers(self, n_layers: int) -> list[int]:
+    def resolved_layers(self, n_layers: int, windows: Any = None) -> list[int]:
         """The layers this config measures in an ``n_layers``-layer model (sorted; the one layer
-        grammar of :mod:`dpc_lens.layers`)."""
+        grammar of :mod:`dpc_lens.layers`; ``windows``: per layer its sliding window or ``None``,
+        which ``"global"`` / ``"sliding"`` need)."""
         if self.layers is None:
             return list(range(n_layers))
         try:
-            return resolve_layers(self.layers, n_layers)
+            return resolve_layers(self.layers, n_layers, windows)
         except ConfigError as err:
             raise ConfigError(f"SaliencyConfig.layers: {err}") from None
 

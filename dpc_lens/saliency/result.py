@@ -33,7 +33,11 @@ class SaliencyResult:
         segment_names: order of the ``target``/``source`` axes of ``flow_sums``.
         layouts: per example, the named spans in padded coordinates.
         flow_sums: ``[layer, batch, (head), target, source]`` sums of ``I`` over segment pairs.
-        pair_counts: ``[batch, target, source]`` pairs that enter each sum.
+        pair_counts: ``[batch, target, source]`` pairs that enter each sum (the causal pairs:
+            those of a global layer).
+        layer_pair_counts: ``[layer, batch, target, source]``, each layer's pairs under its own
+            attention mask, when some measured layer has a sliding window (Gemma 2/3); ``None``
+            when every layer is global. Means divide by these when present.
         column_sums / column_shares: ``[layer, batch, (head), key_pos]`` column scores over
             ``config.column_targets`` rows, raw and row-normalised.
         row_sums / row_totals: ``[layer, batch, (head), query_pos]`` incoming flow from
@@ -65,6 +69,7 @@ class SaliencyResult:
     meta: dict[str, Any] = field(default_factory=dict)
     tokens: tuple[tuple[str, ...], ...] | None = None
     groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    layer_pair_counts: Tensor | None = None
 
     def __post_init__(self) -> None:
         groups = {str(k): tuple(v) for k, v in dict(self.groups).items()}
@@ -141,10 +146,15 @@ class SaliencyResult:
         return out
 
     def _pooled(self, source: Any, target: Any) -> tuple[Tensor, Tensor]:
-        """``(sums [layer, batch, (head)], counts [batch])`` over every pair of the groups."""
+        """``(sums [layer, batch, (head)], counts)`` over every pair of the groups; ``counts``
+        is ``[batch]``, or ``[layer, batch]`` with sliding-window layers (each layer's own
+        pairs)."""
         ti, si = self._members(target), self._members(source)
         sums = self.flow_sums[..., ti, :][..., si].sum((-1, -2))
-        counts = self.pair_counts[:, ti][:, :, si].sum((-1, -2))
+        if self.layer_pair_counts is not None:
+            counts = self.layer_pair_counts[:, :, ti][:, :, :, si].sum((-1, -2))
+        else:
+            counts = self.pair_counts[:, ti][:, :, si].sum((-1, -2))
         return sums, counts
 
     def flow(self, source: "str | Sequence[str]", target: "str | Sequence[str]",
@@ -162,11 +172,40 @@ class SaliencyResult:
             return sums
         if reduce != "mean":
             raise InputError(f"reduce must be 'mean' or 'sum', got {reduce!r}.")
-        if bool((counts == 0).any()):
-            self._warn_forbidden(source, target, counts)
-        shape = [1, counts.shape[0]] + [1] * (sums.dim() - 2)
+        if counts.dim() == 2:  # sliding-window layers: each layer divides by its own pairs
+            causal = self._pooled_causal(source, target)
+            if bool((causal == 0).any()):
+                self._warn_forbidden(source, target, causal)
+            self._warn_out_of_window(source, target, counts, causal)
+            shape = list(counts.shape) + [1] * (sums.dim() - 2)
+        else:
+            if bool((counts == 0).any()):
+                self._warn_forbidden(source, target, counts)
+            shape = [1, counts.shape[0]] + [1] * (sums.dim() - 2)
         c = counts.view(shape).to(sums.dtype)
         return torch.where(c > 0, sums / c.clamp(min=1), torch.full_like(sums, float("nan")))
+
+    def _pooled_causal(self, source: Any, target: Any) -> Tensor:
+        ti, si = self._members(target), self._members(source)
+        return self.pair_counts[:, ti][:, :, si].sum((-1, -2))
+
+    def _warn_out_of_window(self, source: Any, target: Any, counts: Tensor, causal: Tensor) -> None:
+        """Warn (naming the layers) where a flow has causal pairs but none inside a sliding
+        layer's window: its mean there is NaN (undefined), not a zero averaged in."""
+        import warnings
+
+        empty = (counts == 0) & (causal > 0).unsqueeze(0)  # [layer, batch]
+        if not bool(empty.any()):
+            return
+        layers = [self.layers[i] for i in empty.any(1).nonzero().flatten().tolist()]
+        examples = empty.any(0).nonzero().flatten().tolist()
+        src, tgt = _spec_name(source), _spec_name(target)
+        warnings.warn(
+            f"The flow {src}->{tgt} is structurally empty in the sliding-window layers {layers} "
+            f"(examples {examples}): every {tgt!r} token is a window or more away from every "
+            f"{src!r} token, so those layers' attention never sees the pair. Its mean there is NaN "
+            "(not a zero averaged into the statistics); choose the global layers "
+            "(layers='global') or move the segments closer.", DpcLensWarning, stacklevel=3)
 
     def _warn_forbidden(self, source: Any, target: Any, counts: Tensor) -> None:
         import warnings
@@ -188,7 +227,8 @@ class SaliencyResult:
 
     def pair_count(self, source: "str | Sequence[str]", target: "str | Sequence[str]") -> Tensor:
         """``[batch]``: the pairs ``(i, j)``, ``i in target, j in source, j < i`` that a flow's
-        mean divides by (groups pooled as in :meth:`flow`)."""
+        mean divides by (groups pooled as in :meth:`flow`); ``[layer, batch]`` when some layer
+        has a sliding window (:attr:`layer_pair_counts`)."""
         return self._pooled(source, target)[1]
 
     def flows(self, names: Sequence[Any], reduce: str = "mean") -> dict[str, Tensor]:
@@ -223,16 +263,17 @@ class SaliencyResult:
         units = [(n, [i]) for i, n in enumerate(self.segment_names)]
         units += [(g, [self.segment_names.index(m) for m in ms]) for g, ms in self.groups.items()]
         fs = self.flow_sums.detach().cpu().double()
-        pc = self.pair_counts.cpu().double()
+        pc = (self.layer_pair_counts if self.layer_pair_counts is not None
+              else self.pair_counts.unsqueeze(0).expand(len(self.layers), -1, -1, -1)).cpu().double()
         per_head = self.config.per_head
         rows = []
         for tn, ti in units:
             for sn, si in units:
                 s_all = fs[..., ti, :][..., si].sum((-1, -2))  # [layer, batch, (head)]
-                c_all = pc[:, ti][:, :, si].sum((-1, -2))  # [batch]
+                c_all = pc[:, :, ti][:, :, :, si].sum((-1, -2))  # [layer, batch]
                 for li, layer in enumerate(self.layers):
                     for b in range(fs.shape[1]):
-                        c = float(c_all[b])
+                        c = float(c_all[li, b])
                         if c == 0:
                             continue
                         for h in (range(fs.shape[2]) if per_head else [None]):
@@ -257,7 +298,8 @@ class SaliencyResult:
 
         path = check_out_dir(path, "SaliencyResult.save path")
         tensors = {"flow_sums": self.flow_sums, "pair_counts": self.pair_counts, "loss": self.loss}
-        for name in ("column_sums", "column_shares", "row_sums", "row_totals", "full"):
+        for name in ("column_sums", "column_shares", "row_sums", "row_totals", "full",
+                     "layer_pair_counts"):
             v = getattr(self, name)
             if v is not None:
                 tensors[name] = v
@@ -301,6 +343,7 @@ class SaliencyResult:
             meta=meta.get("meta", {}),
             tokens=tuple(tuple(x) for x in toks) if toks is not None else None,
             groups={k: tuple(v) for k, v in (meta.get("groups") or {}).items()},
+            layer_pair_counts=t.get("layer_pair_counts"),
         )
 
 
