@@ -64,6 +64,7 @@ __all__ = [
     "PromptTuningResult",
     "AccuracyResult",
     "initial_soft_prompt",
+    "input_embedding_rms",
     "encode_training_example",
     "train_soft_prompt",
     "evaluate_accuracy",
@@ -105,7 +106,10 @@ class PromptTuningConfig:
         init: ``"vocab"`` — P rows of the embedding matrix drawn at random (seeded, special
             tokens excluded; PEFT's ``SAMPLE_VOCAB``); ``"text"`` — the embeddings of
             ``init_text`` repeated or cut to P tokens (PEFT's ``TEXT``); ``"random"`` — normal
-            noise scaled to the root-mean-square of the embedding matrix.
+            noise scaled to the root-mean-square of the model's input embeddings (the embedding
+            layer's output, so Gemma's ``sqrt(d_model)`` scale is included). Every init lives
+            at the scale the first layer sees: vocab and text rows go through the embedding
+            layer itself.
         init_text: the text for ``init="text"`` (required there, refused otherwise).
         lr: AdamW learning rate, constant. 1e-2 suits the small models dpc_lens ships; the DPC
             paper used 1e-3 with 100 tokens on 7-13B models.
@@ -381,13 +385,27 @@ def initial_soft_prompt(model: Any, config: PromptTuningConfig) -> SoftPrompt:
                 "tokenizer_name_or_path": tok_name} if tok_name
                else {"prompt_tuning_init": "RANDOM"})
     else:
-        with torch.no_grad():
-            rms = adapter.embedding_weight.detach().float().pow(2).mean().sqrt()
+        rms = input_embedding_rms(adapter)
         noise = torch.randn(P, adapter.d_model, generator=gen)
         emb = noise * rms.cpu()
         cfg = {"prompt_tuning_init": "RANDOM"}
     emb = emb.detach().to(device=adapter.device, dtype=torch.float32).clone()
     return SoftPrompt(emb, cfg)
+
+
+def input_embedding_rms(model: Any, chunk: int = 8192) -> Tensor:
+    """The root mean square of the model's *input* embeddings over the whole vocabulary: the
+    embedding layer's own output (``embed_tokens``), so a model that scales its embeddings
+    (Gemma: by ``sqrt(d_model)``, ~25x at d_model = 640) is measured at the scale its first
+    layer sees, not at the raw matrix's. Computed in chunks of ``chunk`` rows (float64 sum)."""
+    adapter = as_adapter(model)
+    n = int(adapter.embedding_weight.shape[0])
+    total = torch.zeros((), dtype=torch.float64)
+    with torch.no_grad():
+        for start in range(0, n, chunk):
+            ids = torch.arange(start, min(start + chunk, n))[None]
+            total += adapter.embed_tokens(ids).double().pow(2).sum().cpu()
+    return (total / (n * adapter.d_model)).sqrt().float()
 
 
 # ------------------------------------------------------------------------------ tokenisation
