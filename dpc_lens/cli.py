@@ -457,7 +457,9 @@ def _add_view_commands(sub) -> None:
                        description="Build RUN_DIR/report.html from a dpc, iap, calibrate or demo run's "
                                    "files alone: summary tables with intervals, a per-question browser "
                                    "with outcome filters, tokens shaded by flow, the flow figures, the "
-                                   "config and provenance. One file, no network; open it in a browser.")
+                                   "config and provenance. One file, no network; open it in a browser.",
+                       epilog="files written into --out (here: RUN_DIR, or the --out file):\n"
+                              "  report.html  the page")
     p.add_argument("run_dir", metavar="RUN_DIR", help="the --out directory of a run")
     p.add_argument("--out", default=None, help="where to write the page (default: RUN_DIR/report.html)")
     p.add_argument("--no-figures", action="store_true",

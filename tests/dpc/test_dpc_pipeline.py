@@ -145,9 +145,14 @@ def test_record_schema(setup, full_run):
         "base",
         "always",
         "random",
+        "rationale_tokens",
     }
     for r, ex in zip(records, examples):
         assert set(r) == top, sorted(r)
+        # the text of each PT rationale token, in the order of the trigger's per-token flow f_i
+        assert "".join(r["rationale_tokens"]) == r["pt"]["rationale"]
+        if r["trigger"] is not None:
+            assert len(r["rationale_tokens"]) == len(r["trigger"]["deep_flow"]["f"])
         assert (r["id"], r["question"], r["gold"]) == (ex.id, ex.question, ex.answer)
         check_answer(r["pt"])
         check_answer(r["dpc"], {"fired": bool, "corrupted_rows": list})
