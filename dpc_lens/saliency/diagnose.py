@@ -64,6 +64,8 @@ def _other_hooks(adapter: Any, ours: set[str]) -> list[str]:
     """Hook points with a non-permanent forward hook besides dpc_lens's capture, by name."""
     out: list[str] = []
     for aliases, hp in _hook_points(adapter):
+        if not getattr(hp, "_forward_hooks", True):  # torch's own table: no hook, skip cheaply
+            continue
         hooks = getattr(hp, "fwd_hooks", None)
         if not hooks:
             continue
