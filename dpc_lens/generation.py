@@ -33,9 +33,35 @@ from .model import as_adapter
 from .progress import bar
 from .segments import PromptBatch, SegmentLayout
 
-__all__ = ["GenerationConfig", "Generation", "generate", "encode_prompts", "token_texts"]
+__all__ = ["GenerationConfig", "Generation", "generate", "encode_prompts", "token_texts",
+           "TURN_END_TOKENS", "tokenizer_stop_ids"]
 
-StopReason = Literal["eos", "stop_string", "max_new_tokens"]
+StopReason = Literal["eos", "stop_token", "stop_string", "max_new_tokens"]
+
+#: Tokens that end a chat turn, by family: a tokenizer that has one as a special token stops
+#: generation there (``stop_at_eos``): Gemma's ``<end_of_turn>``, ChatML's ``<|im_end|>``
+#: (SmolLM2, Qwen), Llama 3's ``<|eot_id|>``, Phi-3's ``<|end|>``.
+TURN_END_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>")
+
+
+def tokenizer_stop_ids(tokenizer: Any) -> tuple[int, ...]:
+    """The ids a row stops at with ``stop_at_eos``: the tokenizer's EOS, then the
+    :data:`TURN_END_TOKENS` it names as special tokens (in that order, no repeats)."""
+    if tokenizer is None:
+        return ()
+    out: list[int] = []
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(eos, int):
+        out.append(eos)
+    special = set(getattr(tokenizer, "all_special_tokens", ()) or ())
+    added = getattr(tokenizer, "added_tokens_encoder", None) or {}
+    for t in TURN_END_TOKENS:
+        if t in special or t in added:
+            i = tokenizer.convert_tokens_to_ids(t)
+            unk = getattr(tokenizer, "unk_token_id", None)
+            if isinstance(i, int) and i != unk and i not in out:
+                out.append(i)
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -47,7 +73,11 @@ class GenerationConfig:
         do_sample: sample instead of greedy argmax.
         temperature / top_k: sampling knobs (ignored when greedy).
         seed: seed of the sampling generator (``None``: unseeded).
-        stop_at_eos: stop a row at the tokenizer's EOS (the EOS is not part of the output).
+        stop_at_eos: stop a row at the tokenizer's EOS and at the turn-end token it names
+            (Gemma's ``<end_of_turn>``, SmolLM2's ``<|im_end|>``; :func:`tokenizer_stop_ids`);
+            the stop token is not part of the output.
+        stop_token_ids: more token ids that stop a row (not part of the output), whatever
+            ``stop_at_eos`` says; reason ``"stop_token"``.
         stop_strings: stop a row once its decoded text contains one of these (the text is cut
             before it).
         batch_size: rows generated together.
@@ -61,6 +91,7 @@ class GenerationConfig:
     seed: int | None = 0
     stop_at_eos: bool = True
     stop_strings: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
     batch_size: int = 16
     use_kv_cache: bool = True
 
@@ -74,6 +105,13 @@ class GenerationConfig:
             raise ConfigError(f"top_k must be >= 1 or None, got {self.top_k}.")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}.")
+        ids = self.stop_token_ids
+        ids = (ids,) if isinstance(ids, int) else ids
+        if isinstance(ids, (str, bytes)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise ConfigError(f"stop_token_ids must be token ids (ints >= 0), got {self.stop_token_ids!r}; "
+                              "find one with tokenizer.convert_tokens_to_ids('<end_of_turn>').")
+        object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in ids))
         if isinstance(self.stop_strings, str):
             object.__setattr__(self, "stop_strings", (self.stop_strings,))
         else:
@@ -82,6 +120,7 @@ class GenerationConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["stop_strings"] = list(self.stop_strings)
+        d["stop_token_ids"] = list(self.stop_token_ids)
         return d
 
     @classmethod
@@ -90,6 +129,7 @@ class GenerationConfig:
 
         d = dict(check_keys(d, [f.name for f in fields(cls)], "GenerationConfig"))
         d["stop_strings"] = tuple(d.get("stop_strings", ()))
+        d["stop_token_ids"] = tuple(d.get("stop_token_ids", ()))
         return cls(**d)
 
 
@@ -169,7 +209,10 @@ def _generate_batch(adapter: Any, seqs: list[list[int]], soft: Any, cfg: Generat
             f"model's context n_ctx={n_ctx}; lower max_new_tokens or shorten the prompt."
         )
     tok = adapter.tokenizer
-    eos = getattr(tok, "eos_token_id", None) if (tok is not None and cfg.stop_at_eos) else None
+    eos_ids = tokenizer_stop_ids(tok) if cfg.stop_at_eos else ()
+    stops = {i: ("eos" if k == 0 and i == getattr(tok, "eos_token_id", None) else "stop_token")
+             for k, i in enumerate(eos_ids)}
+    stops.update({i: "stop_token" for i in cfg.stop_token_ids if i not in stops})
     pad = adapter.pad_token_id()
     embeds, mask, pos = batch.embeds, batch.attention_mask, batch.position_ids
     use_cache = cfg.use_kv_cache and adapter.supports_kv_cache
@@ -190,8 +233,8 @@ def _generate_batch(adapter: Any, seqs: list[list[int]], soft: Any, cfg: Generat
                 if done[b]:
                     continue
                 t = int(nxt[b])
-                if eos is not None and t == eos:
-                    done[b], reason[b] = True, "eos"
+                if t in stops:
+                    done[b], reason[b] = True, stops[t]
                     continue
                 out[b].append(t)
                 if cfg.stop_strings and tok is not None:
