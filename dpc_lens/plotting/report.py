@@ -330,6 +330,34 @@ def _per_question(r: Mapping[str, Any], method: str) -> float | None:
     return float(bool(a.get("correct"))) if isinstance(a, Mapping) else None
 
 
+def _regime(summary: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> str:
+    """The regime DPC needs, in sentences: the soft prompt helps (PT beats base), some questions
+    are right without it and wrong with it (the ceiling a trigger could recover), the trigger
+    fires on some questions but not all."""
+    from ..evaluation import paired_bootstrap
+
+    acc = summary.get("accuracy") or {}
+    run = [r for r in records if not r.get("skipped")]
+    out = []
+    if "base" in acc and run and all(isinstance(r.get("base"), Mapping) for r in run):
+        d, lo, hi = paired_bootstrap([_per_question(r, "pt") for r in run],
+                                     [_per_question(r, "base") for r in run])
+        verdict = ("the soft prompt helps" if lo > 0 else "the soft prompt hurts" if hi < 0
+                   else "no evidence that the soft prompt helps")
+        out.append(f"PT − base {_fmt(d, True)} [{_fmt(lo, True)}, {_fmt(hi, True)}]: {verdict}.")
+    if "ceiling" in summary:
+        out.append(f"{summary['ceiling']} question(s) right without the soft prompt and wrong with it: "
+                   f"the most any trigger could recover ({summary.get('pt_only', '?')} the other way).")
+    rate = summary.get("trigger_rate")
+    if isinstance(rate, (int, float)):
+        how = ("never fires: DPC is PT here" if rate == 0 else "fires on every question: DPC is "
+               "always-corrupt here" if rate == 1 else "fires on some questions, not all")
+        out.append(f"The trigger {how} ({_fmt(rate, True)}).")
+    if not out:
+        return ""
+    return "<h3>Regime checks</h3><ul>" + "".join(f"<li>{esc(x)}</li>" for x in out) + "</ul>"
+
+
 def _dpc_accuracy(summary: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> str:
     from ..evaluation import paired_bootstrap
 
@@ -404,6 +432,7 @@ def _dpc_report(run_dir: str, figures: bool) -> str:
     warning = (trig.get("located_token") or {}).get("warning") if isinstance(trig.get("located_token"),
                                                                             Mapping) else None
     summary_html = (note + "<h3>Accuracy</h3>" + _dpc_accuracy(summary, records)
+                    + _regime(summary, records)
                     + "<h3>Trigger and detector</h3>"
                     + (f'<p class="box bad small">{esc(warning)}</p>' if warning else "")
                     + (_tree(trig, []) if trig else '<p class="muted">none</p>')

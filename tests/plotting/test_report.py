@@ -294,3 +294,15 @@ def test_calibration_report_shows_calibration_json(browser, tmp_path):
     _only_local(page.requested_urls(), str(out / "report.html"))
     _summary_numbers_equal(page, cal)  # every grid point too
     assert page.js("document.querySelector('h1').textContent") == "dpc-lens report: DPC calibration"
+
+
+def test_regime_checks_say_what_the_numbers_mean():
+    from dpc_lens.plotting.report import _regime
+
+    recs = [{"pt": {"correct": True}, "base": {"correct": i < 2}} for i in range(10)]  # PT 10, base 2
+    text = _regime({"accuracy": {"pt": 1.0, "base": 0.2}, "ceiling": 0, "pt_only": 8, "trigger_rate": 0.0},
+                   recs)
+    # every bootstrap resample of ten questions of which 8 are +1 and 2 are 0 has a mean in (0, 1]
+    assert "PT − base 80.0% [" in text and "the soft prompt helps" in text
+    assert "0 question(s) right without the soft prompt" in text and "(8 the other way)" in text
+    assert "never fires: DPC is PT here (0.0%)" in text
