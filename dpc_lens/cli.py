@@ -558,7 +558,12 @@ def _with_report(args, rc: int, argv) -> int:
         model=getattr(args, "model", None), soft_prompt=getattr(args, "soft_prompt", None),
         data=getattr(args, "data", None), task=getattr(args, "task", None),
         limit=getattr(args, "limit", None), dev=getattr(args, "dev", None)))
-    print(f"report: {write_report(args.out)}")
+    try:
+        print(f"report: {write_report(args.out)}")
+    except Exception as exc:  # the run's own files are written and whole: keep its exit code
+        print(f"dpc-lens {args.command}: warning: the report could not be written ({type(exc).__name__}: "
+              f"{exc}); the run's files are complete. Retry with: dpc-lens report {args.out}",
+              file=sys.stderr)
     return rc
 
 

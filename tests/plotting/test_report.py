@@ -306,3 +306,18 @@ def test_regime_checks_say_what_the_numbers_mean():
     assert "PT − base 80.0% [" in text and "the soft prompt helps" in text
     assert "0 question(s) right without the soft prompt" in text and "(8 the other way)" in text
     assert "never fires: DPC is PT here (0.0%)" in text
+
+
+def test_a_failing_report_does_not_fail_the_finished_run(tmp_path, capsys, monkeypatch):
+    import dpc_lens.plotting.report as report
+
+    def broken(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(report, "write_report", broken)
+    out = tmp_path / "run"
+    assert main(["dpc", "--model", "testbed", "--soft-prompt", "testbed", "--data", "testbed", "--task",
+                 "arith", "--limit", "2", "--baselines", "", "--out", str(out), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the report could not be written (RuntimeError: boom)" in err
+    assert f"dpc-lens report {out}" in err and (out / "records.jsonl").exists()
