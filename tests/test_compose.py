@@ -119,6 +119,9 @@ def test_reused_store_gives_each_pass_its_own_result(frozen):
     assert len(both) == 2
     _close(both[0].full, first.full)
     _close(both[1].full, second.full)
+    store.clear()
+    with pytest.raises(SaliencyError, match="No forward pass has run"):
+        store.result()
 
 
 def test_a_pass_that_does_not_fit_the_stores_batch_is_refused(frozen):

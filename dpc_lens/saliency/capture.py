@@ -94,6 +94,12 @@ class SaliencyStore:
             batch.union_mask(cfg.row_sources) if cfg.row_sources else None,
         )
 
+    def clear(self) -> None:
+        """Forget every pass so far (a long loop that keeps full maps can call it after reading
+        each pass's :meth:`result`); the batch and the hooks stay as they are."""
+        self.passes.clear()
+        self.gradless_forwards = 0
+
     @property
     def n_passes(self) -> int:
         """How many passes (forwards with gradients on) have run through the hooks."""
