@@ -132,7 +132,10 @@ def test_auto_switches_to_lean_when_the_estimate_does_not_fit(models, monkeypatc
     assert sal.normal_mode_bytes(sal.as_adapter(model), batch) == (
         3 * model.cfg.n_layers * batch.batch_size * model.cfg.n_heads * batch.seq_len ** 2 * 4)
     assert len(_count_firings(model, batch, "auto")) == model.cfg.n_layers  # fits: normal
-    monkeypatch.setattr(sal, "_free_bytes", lambda device: 1000)
+    # normal does not fit, one layer's pattern does: lean (below that, blockwise: see
+    # test_saliency_blockwise.py)
+    one_layer = sal.normal_mode_bytes(sal.as_adapter(model), batch) // model.cfg.n_layers
+    monkeypatch.setattr(sal, "_free_bytes", lambda device: 2 * one_layer)
     assert len(_count_firings(model, batch, "auto")) == 2 * model.cfg.n_layers  # does not fit: lean
 
 
@@ -174,5 +177,5 @@ def test_recompute_without_checkpointing_is_a_clear_error(models):
 
 
 def test_memory_mode_is_validated():
-    with pytest.raises(ConfigError, match="'auto', 'normal' or 'lean'"):
+    with pytest.raises(ConfigError, match="'auto', 'normal', 'lean' or 'blockwise'"):
         SaliencyConfig(memory="small")

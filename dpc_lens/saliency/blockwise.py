@@ -1,0 +1,399 @@
+"""The blockwise saliency engine (``SaliencyConfig(memory="blockwise")``): saliency from q, k, v
+and dz, block by block over query rows, without a ``T x T`` pattern (docs/blockwise.md).
+
+For one layer, with the post-rotary query ``q_i``, key ``k_j`` and value ``v_j`` (shared across a
+group under GQA), scale ``s``, additive mask ``M`` (causal, padding, sliding window) and softcap
+``c`` where the architecture has one::
+
+    A_ij = softmax_j(c tanh(s q_i.k_j / c) + M_ij),  z_i = sum_j A_ij v_j,  dL/dA_ij = dz_i . v_j
+    I(i, j) = | sum_h A^h_ij (dz^h_i . v^h_j) |
+
+During the pass the model's own attention function is replaced, layer by layer, by
+:class:`_BlockwiseAttention`, which receives exactly what the model's eager attention receives
+(q and k after the rotary embedding, v, the layer's own mask — a sliding window for Gemma 3's
+sliding layers, the full causal mask for its global ones — the scale and the softcap). Its forward
+computes ``z`` a block of query rows at a time (op for op, as the model's eager attention does) and keeps
+only q, k, v. Its backward recomputes each block with the model's own operations under autograd
+(activation checkpointing per block), takes ``dq, dk, dv`` and ``dL/dA`` for the block, and
+reduces ``A * dL/dA`` at once into what the config asks for. Memory is linear in ``T`` apart from
+one block's ``[batch, head, Bq, T]`` (and the ``[batch, 1, T, T]`` mask the model itself builds
+for eager attention); only ``keep_full=True`` holds ``T x T`` per layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from .. import flows as F
+from .._typing import Tensor
+from ..errors import ConfigError, InputError, SaliencyError
+from ..model import frozen_for_saliency
+from ..segments import PromptBatch
+from .capture import SaliencyStore
+from .config import SaliencyConfig, target_nll
+
+__all__ = ["blockwise_supported", "compute_blockwise", "default_block_size", "lean_mode_bytes"]
+
+# Hugging Face attention classes whose eager attention is ``softmax(s q.k^T [softcap] + mask)``
+# with no other term, the function this engine reproduces; the value says whether the softmax
+# runs in float32 (``softmax(..., dtype=float32).to(q.dtype)``) or in q's dtype.
+_KNOWN_HF_ATTENTION = {
+    "GPT2Attention": False,
+    "LlamaAttention": True,
+    "MistralAttention": True,
+    "Qwen2Attention": True,
+    "OPTAttention": True,
+    "Gemma3Attention": True,
+    "Gemma2Attention": True,
+}
+# keyword arguments of the attention call that change the function (attention sinks, ALiBi or a
+# position bias): refused rather than ignored
+_UNKNOWN_TERMS = ("s_aux", "sinks", "alibi", "position_bias", "attention_bias", "head_mask")
+_CALL_KNOWN = ("dropout", "scaling", "softcap", "sliding_window", "position_ids", "cache_position",
+               "is_causal", "output_attentions", "use_cache", "past_key_values", "cache",
+               "layer_idx", "position_embeddings")
+
+
+def _fallback(what: str) -> str:
+    return (f"{what} Use the eager engine instead: SaliencyConfig(memory='normal') (every layer's "
+            "pattern kept) or memory='lean' (one layer's pattern at a time, recomputed).")
+
+
+def _hf_attention_modules(adapter: Any) -> list[Any]:
+    """The Hugging Face attention module inside each block's attention bridge (raises when the
+    architecture's attention is not one this engine reproduces exactly)."""
+    if adapter.family != "bridge":
+        raise SaliencyError(_fallback(
+            "memory='blockwise' needs a TransformerBridge over a Hugging Face model; this is a "
+            f"{adapter.family} model."))
+    mods = []
+    for l, block in enumerate(adapter.model.blocks):
+        bridge = getattr(block, "attn", None)
+        hf = getattr(bridge, "original_component", None)
+        name = type(hf).__name__
+        in_hf = type(hf).__module__.split(".")[:2] == ["transformers", "models"]
+        if name not in _KNOWN_HF_ATTENTION or not in_hf:
+            raise SaliencyError(_fallback(
+                f"memory='blockwise' cannot reproduce the attention of layer {l} ({name}, in a "
+                f"{type(adapter.model).__name__}) exactly: it knows the eager attention of "
+                f"{sorted(_KNOWN_HF_ATTENTION)} (softmax of scaled q.k plus mask, with softcap)."))
+        if getattr(hf, "reorder_and_upcast_attn", False) or getattr(hf, "sinks", None) is not None:
+            raise SaliencyError(_fallback(
+                f"memory='blockwise' does not reproduce {name} with reorder_and_upcast_attn or "
+                "attention sinks."))
+        if getattr(getattr(hf, "config", None), "_attn_implementation", "eager") != "eager":
+            raise SaliencyError(_fallback(
+                f"Layer {l}'s attention runs {hf.config._attn_implementation!r}; blockwise "
+                "replaces the eager function, so load the model with eager attention "
+                "(dpc_lens.load_model does)."))
+        mods.append((bridge, hf))
+    return mods
+
+
+def blockwise_supported(adapter: Any) -> bool:
+    """Whether :func:`compute_blockwise` can reproduce this model's attention exactly."""
+    try:
+        _hf_attention_modules(adapter)
+    except SaliencyError:
+        return False
+    return True
+
+
+def lean_mode_bytes(adapter: Any, batch: PromptBatch) -> int:
+    """Estimated attention memory of the lean mode: one layer's three ``[batch, head, T, T]``
+    tensors (scores, pattern, saved pattern) at the model's element size."""
+    T = batch.seq_len
+    elt = torch.finfo(adapter.dtype).bits // 8
+    return 3 * batch.batch_size * adapter.n_heads * T * T * elt
+
+
+def default_block_size(adapter: Any, batch: PromptBatch, free: int | None) -> int:
+    """Query rows per block: about six ``[batch, head, Bq, T]`` float32 work tensors are alive
+    per block; they get 5% of the free memory of the model's device (at most 512 MiB, 256 MiB
+    when the free memory is unknown), rounded down to a multiple of 16, between 16 and T."""
+    T = batch.seq_len
+    budget = min(512 << 20, int(0.05 * free)) if free else 256 << 20
+    per_row = 6 * batch.batch_size * adapter.n_heads * T * 4
+    bq = max(16, (budget // max(per_row, 1)) // 16 * 16)
+    return int(min(T, bq))
+
+
+# --------------------------------------------------------------------------- the attention
+# The forward's z through SDPA where that is mathematically the same function. Off: on CPU,
+# torch's fused SDPA kernel differs from the eager ops by up to 4.6e-4 of a layer's largest
+# saliency entry on SmolLM2 (the differences reach dz through 30 layers), while op-for-op blocks
+# give 3e-6 (block 8) and 0 (one block) — exactness is the point of this engine.
+_USE_SDPA = False
+
+def _repeat_kv(x: Tensor, groups: int) -> Tensor:
+    """``[B, KV, T, D] -> [B, KV * groups, T, D]``, head ``h`` using kv head ``h // groups``
+    (Hugging Face's ``repeat_kv``)."""
+    if groups == 1:
+        return x
+    B, KV, T, D = x.shape
+    return x[:, :, None].expand(B, KV, groups, T, D).reshape(B, KV * groups, T, D)
+
+
+def _block_probs(qb: Tensor, k: Tensor, mask_b: Tensor | None, scaling: float,
+                 softcap: float | None, sm_fp32: bool) -> Tensor:
+    """The model's eager attention weights for one block of query rows, op for op."""
+    s = torch.matmul(qb, k.transpose(-1, -2)) * scaling
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    if mask_b is not None:
+        s = s + mask_b
+    if sm_fp32:
+        return torch.softmax(s, dim=-1, dtype=torch.float32).to(qb.dtype)
+    return torch.softmax(s, dim=-1)
+
+
+class _BlockwiseAttention(torch.autograd.Function):
+    """``z = softmax(s q k^T [+ softcap] + M) v`` keeping only q, k, v; the backward recomputes
+    one block of query rows at a time and hands ``(A, dL/dA)`` of the block to ``sink``."""
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling: float,
+                softcap: float | None, sm_fp32: bool, block: int,
+                sink: Callable[[Tensor, Tensor, int, int], None] | None) -> Tensor:
+        B, H, T, D = q.shape
+        g = H // k.shape[1]
+        ke, ve = _repeat_kv(k, g), _repeat_kv(v, g)
+        out = torch.empty(B, H, T, v.shape[-1], dtype=q.dtype, device=q.device)
+        # SDPA is the same function when the softmax runs in q's dtype and nothing else enters
+        sdpa = _USE_SDPA and softcap is None and (not sm_fp32 or q.dtype == torch.float32) and \
+            q.dtype in (torch.float32, torch.float64)
+        for r0 in range(0, T, block):
+            r1 = min(T, r0 + block)
+            mb = None if mask is None else mask[:, :, r0:r1]
+            if sdpa:
+                out[:, :, r0:r1] = torch.nn.functional.scaled_dot_product_attention(
+                    q[:, :, r0:r1], ke, ve, attn_mask=mb, scale=scaling)
+            else:
+                out[:, :, r0:r1] = torch.matmul(
+                    _block_probs(q[:, :, r0:r1], ke, mb, scaling, softcap, sm_fp32), ve)
+        ctx.save_for_backward(q, k, v)
+        ctx.mask = mask
+        ctx.args = (scaling, softcap, sm_fp32, block, sink)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, dout: Tensor) -> Any:
+        q, k, v = ctx.saved_tensors
+        mask = ctx.mask
+        scaling, softcap, sm_fp32, block, sink = ctx.args
+        B, H, T, D = q.shape
+        KV = k.shape[1]
+        g = H // KV
+        dq = torch.zeros_like(q)
+        dke = torch.zeros(B, H, T, k.shape[-1], dtype=k.dtype, device=k.device)
+        dve = torch.zeros(B, H, T, v.shape[-1], dtype=v.dtype, device=v.device)
+        with torch.enable_grad():
+            ke = _repeat_kv(k.detach(), g).detach().requires_grad_(True)
+            ve = _repeat_kv(v.detach(), g).detach().requires_grad_(True)
+            for r0 in range(0, T, block):
+                r1 = min(T, r0 + block)
+                qb = q[:, :, r0:r1].detach().requires_grad_(True)
+                mb = None if mask is None else mask[:, :, r0:r1]
+                A = _block_probs(qb, ke, mb, scaling, softcap, sm_fp32)
+                zb = torch.matmul(A, ve)
+                gq, gk, gv, gA = torch.autograd.grad(zb, (qb, ke, ve, A), dout[:, :, r0:r1])
+                dq[:, :, r0:r1] = gq
+                dke += gk
+                dve += gv
+                if sink is not None:
+                    sink(A.detach(), gA, r0, r1)
+                del A, zb, gA, gk, gv
+        if g > 1:
+            dk = dke.view(B, KV, g, T, -1).sum(2)
+            dv = dve.view(B, KV, g, T, -1).sum(2)
+        else:
+            dk, dv = dke, dve
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------- reduction
+class _LayerReducer:
+    """Reduces one layer's row blocks of ``A * dL/dA`` into the keys the eager capture fills
+    (``flow_sums``, ``row_sums``/``row_totals``, ``column_sums``/``column_shares``, ``full``),
+    with :mod:`dpc_lens.flows`' own functions on each block."""
+
+    def __init__(self, config: SaliencyConfig, seg: Tensor, targets: Tensor | None,
+                 sources: Tensor | None) -> None:
+        self.config = config
+        self.seg, self.targets, self.sources = seg, targets, sources
+        self.out: dict[str, Tensor] = {}
+
+    def _acc(self, key: str, value: Tensor) -> None:
+        if key in self.out:
+            self.out[key] += value
+        else:
+            self.out[key] = value
+
+    def _slot(self, key: str, value: Tensor, r0: int, r1: int, T: int) -> None:
+        if key not in self.out:
+            self.out[key] = torch.zeros(*value.shape[:-1], T, dtype=value.dtype, device=value.device)
+        self.out[key][..., r0:r1] = value
+
+    def __call__(self, A: Tensor, gA: Tensor, r0: int, r1: int) -> None:
+        cfg = self.config
+        T = A.shape[-1]
+        I = F.saliency_map(A, gA, per_head=cfg.per_head, signed=cfg.signed, include_diagonal=True,
+                           fp32=cfg.fp32)
+        if not cfg.include_diagonal:
+            idx = torch.arange(r1 - r0, device=I.device)
+            I[..., idx, idx + r0] = 0
+        m = self.seg.to(device=I.device, dtype=I.dtype)
+        rows = m[..., r0:r1]
+        if I.dim() == 4:
+            m, rows = m.unsqueeze(1), rows.unsqueeze(1)
+        self._acc("flow_sums", (rows @ I) @ m.transpose(-1, -2))
+        if self.sources is not None or self.targets is not None:
+            total = F.row_totals(I)
+        if self.sources is not None:
+            self._slot("row_sums", F.row_scores(I, self.sources.to(I.device)), r0, r1, T)
+            self._slot("row_totals", total, r0, r1, T)
+        if self.targets is not None:
+            tm = self.targets.to(I.device)[:, r0:r1]
+            self._acc("column_sums", F.column_scores(I, tm))
+            self._acc("column_shares", F.column_scores(I, tm, row_normalize=True, row_total=total))
+        if cfg.keep_full:
+            if "full" not in self.out:
+                self.out["full"] = torch.zeros(*I.shape[:-2], T, T, dtype=I.dtype, device=I.device)
+            self.out["full"][..., r0:r1, :] = I
+
+
+# --------------------------------------------------------------------------- the pass
+@contextlib.contextmanager
+def _blockwise_attention(adapter: Any, store: SaliencyStore, pass_: Any, block: int) -> Iterator[None]:
+    """Within the block every attention bridge runs its Hugging Face attention module directly
+    with the eager attention function replaced by :class:`_BlockwiseAttention`; instance
+    attributes and module globals are restored on exit, also after an exception."""
+    mods = _hf_attention_modules(adapter)
+    layer_of = {id(hf): l for l, (_, hf) in enumerate(mods)}
+    wanted = set(store.layers)
+    m = pass_.masks
+
+    def attention(module: Any, query: Tensor, key: Tensor, value: Tensor,
+                  attention_mask: Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                  softcap: float | None = None, **kwargs: Any) -> tuple[Tensor, None]:
+        layer = layer_of.get(id(module))
+        extra = sorted(k for k in kwargs if k in _UNKNOWN_TERMS or (
+            k not in _CALL_KNOWN and isinstance(kwargs[k], torch.Tensor)))
+        if layer is None or extra or (dropout and module.training):
+            raise SaliencyError(_fallback(
+                f"memory='blockwise' met an attention call it cannot reproduce exactly "
+                f"({type(module).__name__}, extra terms {extra}, dropout {dropout})."))
+        if scaling is None:
+            scaling = query.size(-1) ** -0.5
+        mask = None if attention_mask is None else attention_mask[:, :, :, : key.shape[-2]]
+        if mask is not None and mask.dtype == torch.bool:
+            raise SaliencyError(_fallback("memory='blockwise' got a boolean attention mask (an "
+                                          "SDPA-style mask), where eager attention adds a float one."))
+        sink = None
+        if layer in wanted:
+            red = _LayerReducer(store.config, m.seg, m.targets, m.sources)
+            pass_.hooked.append(layer)
+            pass_.on_graph.append(layer)
+            pass_.reducers[layer] = red
+            sink = red
+        out = _BlockwiseAttention.apply(query, key, value, mask, float(scaling), softcap,
+                                        _KNOWN_HF_ATTENTION[type(module).__name__], block, sink)
+        return out.transpose(1, 2).contiguous(), None
+
+    patched_modules = {}
+    for _, hf in mods:
+        mod = sys.modules[type(hf).__module__]
+        if hasattr(mod, "eager_attention_forward"):
+            patched_modules[mod.__name__] = mod
+    olds = {n: mod.eager_attention_forward for n, mod in patched_modules.items()}
+    missing = [type(hf).__name__ for _, hf in mods if type(hf).__module__ not in patched_modules]
+    if missing:
+        raise SaliencyError(_fallback(f"memory='blockwise' found no eager attention function for {missing}."))
+    bridges = [b for b, _ in mods]
+    for b in bridges:
+        if "forward" in b.__dict__:
+            raise SaliencyError(_fallback(
+                f"{type(b).__name__} already has an instance-level forward; blockwise will not "
+                "stack a second one."))
+    try:
+        for mod in patched_modules.values():
+            mod.eager_attention_forward = attention
+        for b, hf in mods:
+            object.__setattr__(b, "forward", hf.forward)
+        yield
+    finally:
+        for b in bridges:
+            b.__dict__.pop("forward", None)
+        for n, mod in patched_modules.items():
+            mod.eager_attention_forward = olds[n]
+
+
+# attention hooks of the bridge that do not fire when the Hugging Face attention runs directly
+_SILENT_HOOKS = ("hook_pattern", "hook_attn_scores", "hook_rot_q", "hook_rot_k", "hook_q_normed",
+                 "hook_k_normed", "hook_result", "hook_in", "hook_out", "hook_hidden_states",
+                 "hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input", "hook_cos", "hook_sin")
+
+
+def _check_caller_hooks(fwd_hooks: Sequence[tuple[Any, Any]]) -> None:
+    for name, _ in fwd_hooks:
+        if isinstance(name, str):
+            parts = name.split(".")
+            if len(parts) >= 4 and parts[0] == "blocks" and parts[2] == "attn" and parts[-1] in _SILENT_HOOKS:
+                raise ConfigError(
+                    f"Hook {name!r} does not fire in memory='blockwise' (the attention runs "
+                    "without a pattern: only attn.hook_q/hook_k/hook_v/hook_z and the q/k/v/o "
+                    "projections fire there). Use SaliencyConfig(memory='normal') or 'lean' for "
+                    "hooks inside the attention.")
+        elif callable(name):
+            raise ConfigError("memory='blockwise' takes fwd_hooks by name only (a name filter "
+                              "could select attention hooks that do not fire); use 'normal'/'lean'.")
+
+
+def compute_blockwise(adapter: Any, batch: PromptBatch, config: SaliencyConfig,
+                      fwd_hooks: Sequence[tuple[Any, Any]], loss_fn: Any,
+                      free: int | None) -> Any:
+    """One forward + backward in the blockwise mode; the :class:`SaliencyResult` (the body of
+    :func:`~dpc_lens.saliency.compute_saliency` for ``memory="blockwise"``)."""
+    _check_caller_hooks(fwd_hooks)
+    block = config.block_size or default_block_size(adapter, batch, free)
+    layers = config.resolved_layers(adapter.n_layers)
+    store = SaliencyStore(config, layers, None, batch, adapter)
+    p = store._start_pass()
+    p.reducers = {}
+    with frozen_for_saliency(adapter.model), torch.enable_grad(), \
+            _blockwise_attention(adapter, store, p, block):
+        embeds = batch.embeds.detach().requires_grad_(True)
+        with adapter.hooks(fwd_hooks=list(fwd_hooks)):
+            logits = adapter.forward_embeds(embeds, batch.attention_mask, batch.position_ids)
+            if loss_fn is None:
+                per_example = target_nll(logits, batch, config.loss_segments,
+                                         dtype=torch.float64 if config.loss_fp64 else None)
+                loss = per_example.sum()
+                per_example = per_example.detach().to(torch.promote_types(logits.dtype, torch.float32))
+            else:
+                raw = loss_fn(logits, batch)
+                if not isinstance(raw, torch.Tensor) or raw.dim() > 1 or (
+                        raw.dim() == 1 and raw.shape[0] != batch.batch_size):
+                    raise SaliencyError(
+                        f"The loss must be a scalar tensor or one value per example "
+                        f"([{batch.batch_size}]); got {getattr(raw, 'shape', type(raw).__name__)}.")
+                per_example = raw.detach().reshape(-1)
+                loss = raw.sum()
+            if not torch.isfinite(loss):
+                raise SaliencyError(
+                    f"The loss is not finite ({loss.item()}); check the inputs and loss function.")
+            if not loss.requires_grad:
+                raise InputError("The loss does not depend on the model's output (no gradient); a "
+                                 "custom loss must be computed from the logits it is given.")
+            del logits
+            loss.backward(inputs=[embeds])
+            p.backward_ran = True
+    for l, red in p.reducers.items():
+        if red.out:
+            p.per_layer[l] = red.out
+    return store.result(per_example)
