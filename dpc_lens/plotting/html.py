@@ -317,7 +317,9 @@ def saliency_token_scores(
       source, from ``row_sums``;
     * ``target``: the flow *out of* each token into the target's tokens,
       ``sum_{i in target} I_l[i, j]`` — from the full map or from ``column_sums`` computed with
-      ``column_targets`` equal to the target.
+      ``column_targets`` equal to the target; an int ``target`` is one token (its index among
+      the example's tokens, negative from the end): the flow into it, ``I_l[target, j]`` (full
+      map only).
 
     Neither given: the result's own per-token scores (``row_sources`` first, then
     ``column_targets``), else, with a full map, the flow from the first segment.
@@ -332,6 +334,8 @@ def saliency_token_scores(
     if not 0 <= b < n_batch:
         raise InputError(f"example {example} is not in this result; it holds examples 0..{n_batch - 1}.")
     groups = getattr(result, "groups", None) or {}
+    if isinstance(target, int) and not isinstance(target, bool):
+        return _into_one_token(result, b, target, source, layers)
     src, tgt = _names(source, groups), _names(target, groups)
     if src is not None and tgt is not None:
         raise InputError("give source= or target=, not both: a token view shades each token by the "
@@ -391,6 +395,32 @@ def saliency_token_scores(
     label = (f"flow from {'+'.join(src)} into each token" if src is not None
              else f"flow from each token into {'+'.join(tgt)}") + f", mean over {band}"
     return {"values": [float(v) for v in vals], "lo": lo, "hi": hi, "layers": chosen, "label": label}
+
+
+def _into_one_token(result: Any, b: int, token: int, source: Any, layers: Any) -> dict[str, Any]:
+    """The flow from each earlier token into token ``token`` (an index into the example's tokens,
+    as shown): one row of the full map, averaged over the layers."""
+    import numpy as np
+
+    if source is not None:
+        raise InputError("give source= or target=, not both.")
+    full = getattr(result, "full", None)
+    if full is None:
+        raise InputError("the flow into one token needs the full map: recompute with "
+                         "SaliencyConfig(keep_full=True).")
+    lo, hi = _real_span(result.layouts[b])
+    if not -(hi - lo) <= token < hi - lo:
+        raise InputError(f"target token {token} is not in example {b}, which has {hi - lo} tokens "
+                         f"(0..{hi - lo - 1}, or negative from the end).")
+    q = lo + (token % (hi - lo))
+    li = _layer_indices(result, layers)
+    m = _np(full[:, b])
+    if result.config.per_head:
+        m = m.sum(axis=1)
+    vals = np.asarray(m[li][:, q, lo:hi]).mean(axis=0)
+    chosen = [int(result.layers[i]) for i in li]
+    return {"values": [float(v) for v in vals], "lo": lo, "hi": hi, "layers": chosen,
+            "label": f"flow from each token into token {q - lo}, mean over layers {chosen}"}
 
 
 def _segment_table(result: Any, b: int, li: list[int]) -> str:

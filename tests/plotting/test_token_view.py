@@ -121,3 +121,13 @@ def test_records_render_in_notebooks():
                       n_tokens={}, loss=0.1, chat_template=False)
     h = pair._repr_html_()
     assert "&lt;i&gt;no&lt;/i&gt;" in h and "question-&gt;prompt" in h and "0.25" in h
+
+
+def test_flow_into_one_chosen_token_by_hand():
+    res = _result()
+    d = saliency_token_scores(res, 0, target=3)  # row 3 of I: [4, 5, 6, 0, 0], mean of I0 and 2 x I0
+    assert d["values"] == pytest.approx([6, 7.5, 9, 0, 0])
+    assert saliency_token_scores(res, 0, target=-1, layers=[0])["values"] == pytest.approx([7, 8, 9, 10, 0])
+    with pytest.raises(InputError, match="target token 5 is not in example 0, which has 5 tokens"):
+        saliency_token_scores(res, 0, target=5)
+    assert "into token 4" in res.show(0, target=-1).html
