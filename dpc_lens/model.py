@@ -261,12 +261,17 @@ class ModelAdapter:
         embeds: Float[Tensor, "batch pos d_model"],
         attention_mask: Int[Tensor, "batch pos"],
         position_ids: Int[Tensor, "batch pos"],
+        logits_at: Tensor | None = None,
     ) -> Float[Tensor, "batch pos d_vocab"]:
         """Logits for an input given as embeddings (soft prompt included), left-padded.
 
         ``position_ids`` must be ``cumsum(mask) - 1`` on real positions (what
         :class:`dpc_lens.segments.PromptBatch` builds); the HookedTransformer derives the same
         positions from the mask itself.
+
+        ``logits_at``: the unembedding runs only at these positions (a 1-D index tensor; the
+        result is ``[batch, len(logits_at), d_vocab]``) where :attr:`keeps_logits_subset`;
+        callers check it first (elsewhere every position's logits are returned).
         """
         if self.family == "hooked":
             residual, short = self._hooked_residual(embeds, attention_mask)
@@ -277,12 +282,22 @@ class ModelAdapter:
         kwargs = {"attention_mask": attention_mask}
         if self._accepts_position_ids():
             kwargs["position_ids"] = position_ids
+        if logits_at is not None and self.keeps_logits_subset:
+            kwargs["logits_to_keep"] = logits_at.to(embeds.device)
         if _DIRECT.get(self.model):  # inside decoding_session: the wrapped HF modules directly
             return self._hf_model(inputs_embeds=embeds, **kwargs).logits
         return self.model(embeds, **kwargs)
 
     def _accepts_position_ids(self) -> bool:
         return "position_ids" in self._forward_params
+
+    @property
+    def keeps_logits_subset(self) -> bool:
+        """Whether the wrapped Hugging Face model computes logits only where asked
+        (``logits_to_keep``, every causal LM in transformers >= 4.45): a saliency pass then
+        unembeds only the scored positions, and a prefill only the last one (with a 262,144-word
+        vocabulary the unembedding dominates a pass)."""
+        return self.family != "hooked" and "logits_to_keep" in self._forward_params
 
     @functools.cached_property
     def _forward_params(self) -> frozenset[str]:
@@ -314,10 +329,13 @@ class ModelAdapter:
         attention_mask: Int[Tensor, "batch pos"],
         position_ids: Int[Tensor, "batch pos"],
     ) -> tuple[Float[Tensor, "batch pos d_vocab"], Any]:
-        """Bridge only: forward over embeddings returning logits and the KV cache."""
+        """Bridge only: forward over embeddings returning the KV cache and the logits at the
+        last position only (``[batch, 1, d_vocab]``) where :attr:`keeps_logits_subset`."""
         kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": True}
         if self._accepts_position_ids():
             kwargs["position_ids"] = position_ids
+        if self.keeps_logits_subset:  # decoding reads the last position only
+            kwargs["logits_to_keep"] = 1
         if _DIRECT.get(self.model):
             return self._hf_direct(inputs_embeds=embeds, **kwargs)
         with _quiet_cache_rename():

@@ -44,13 +44,13 @@ from ..errors import InputError, SaliencyError
 from ..model import as_adapter, frozen_for_saliency
 from ..segments import PromptBatch, SegmentLayout, _warn_if_all_unknown
 from .capture import SaliencyStore, _all_segment_names, _check_batch, _outside_inference_mode, saliency_hooks
-from .config import LossFn, SaliencyConfig, _as_config, _did_you_mean, target_nll
+from .config import LossFn, SaliencyConfig, _as_config, _did_you_mean, scored_positions, target_nll
 from .diagnose import diagnose
 from .result import SaliencyResult
 
 __all__ = [
     "SaliencyConfig", "SaliencyResult", "SaliencyStore", "compute_saliency", "diagnose",
-    "normal_mode_bytes", "saliency_hooks", "target_nll",
+    "normal_mode_bytes", "logits_bytes", "saliency_hooks", "scored_positions", "target_nll",
 ]
 
 
@@ -175,7 +175,7 @@ def compute_saliency(
         )
     batch = _outside_inference_mode(batch)
     _check_loss_segments(batch, config, loss_fn)
-    fits = not _normal_mode_would_not_fit(adapter, batch)
+    fits = not _normal_mode_would_not_fit(adapter, batch, _logit_positions(adapter, batch, config, loss_fn))
     if config.memory == "blockwise" or (config.memory == "auto" and not fits):
         from .blockwise import blockwise_supported, compute_blockwise, lean_mode_bytes
 
@@ -196,14 +196,19 @@ def compute_saliency(
             embeds = batch.embeds.detach().requires_grad_(True)
             recompute = _checkpointed_blocks(adapter) if lean else contextlib.nullcontext()
             with adapter.hooks(fwd_hooks=mine + hooks), recompute:
-                logits = adapter.forward_embeds(embeds, batch.attention_mask, batch.position_ids)
+                # the default loss reads the logits of the scored positions only: unembed there
+                keep = (scored_positions(batch, config.loss_segments)
+                        if loss_fn is None and adapter.keeps_logits_subset else None)
+                logits = adapter.forward_embeds(embeds, batch.attention_mask, batch.position_ids,
+                                                logits_at=keep)
                 if not store.passes:
                     raise SaliencyError(diagnose(store))
                 p = store.passes[-1]
                 p.cut_by = list(dict.fromkeys(cuts))
                 if loss_fn is None:
                     per_example = target_nll(logits, batch, config.loss_segments,
-                                             dtype=torch.float64 if config.loss_fp64 else None)
+                                             dtype=torch.float64 if config.loss_fp64 else None,
+                                             positions=keep)
                     loss = per_example.sum()
                     # the result keeps the loss at the model's precision (>= float32)
                     per_example = per_example.detach().to(torch.promote_types(logits.dtype, torch.float32))
@@ -288,9 +293,27 @@ def _free_bytes(device: torch.device) -> int | None:
         return None
 
 
-def _normal_mode_would_not_fit(adapter: Any, batch: PromptBatch) -> bool:
+def logits_bytes(adapter: Any, batch: PromptBatch, n_positions: int | None = None) -> int:
+    """Estimated memory of a pass's logits: the ``[batch, positions, vocab]`` logits, their
+    float32 log-softmax work copy and its gradient (``n_positions``: the positions unembedded,
+    default all; a saliency pass with the default loss unembeds the scored ones only)."""
+    n = batch.seq_len if n_positions is None else n_positions
+    elt = max(torch.finfo(adapter.dtype).bits // 8, 4)
+    return 3 * batch.batch_size * n * int(adapter.embedding_weight.shape[0]) * elt
+
+
+def _logit_positions(adapter: Any, batch: PromptBatch, config: SaliencyConfig, loss_fn: Any) -> int | None:
+    if loss_fn is None and adapter.keeps_logits_subset:
+        return int(scored_positions(batch, config.loss_segments).numel())
+    return None
+
+
+def _normal_mode_would_not_fit(adapter: Any, batch: PromptBatch,
+                               n_logit_positions: int | None = None) -> bool:
+    """The normal mode's attention estimate plus the pass's logits (:func:`logits_bytes`)."""
     free = _free_bytes(adapter.device)
-    return free is not None and normal_mode_bytes(adapter, batch) > 0.8 * free
+    need = normal_mode_bytes(adapter, batch) + logits_bytes(adapter, batch, n_logit_positions)
+    return free is not None and need > 0.8 * free
 
 
 @contextlib.contextmanager

@@ -127,19 +127,31 @@ class SaliencyConfig:
         return cls(**kw)
 
 
+def scored_positions(batch: PromptBatch, segments: Sequence[str]) -> Tensor:
+    """The positions whose logits :func:`target_nll` reads (``t - 1`` for every token ``t`` of
+    ``segments`` in any example), sorted: the unembedding need not run anywhere else."""
+    tmask = batch.union_mask(segments)
+    tmask[:, 0] = 0.0
+    return (tmask[:, 1:] > 0).any(0).nonzero().flatten()
+
+
 def target_nll(
     logits: Float[Tensor, "batch pos d_vocab"],
     batch: PromptBatch,
     segments: Sequence[str] = ("rationale", "answer"),
     *,
     dtype: torch.dtype | None = None,
+    positions: Tensor | None = None,
 ) -> Float[Tensor, " batch"]:
     """Teacher-forced mean NLL per example of the tokens in ``segments``.
 
     Token at position ``t`` is scored by the logits at ``t - 1``. Positions of segments an
     example lacks are skipped; an example with no target token raises :class:`InputError`.
+    ``positions``: ``logits`` holds only these positions (``[batch, len(positions), vocab]``,
+    e.g. from ``logits_to_keep=scored_positions(batch, segments)``), which must include every
+    scored one; default: every position.
     """
-    B, T, _ = logits.shape
+    B, T = batch.token_ids.shape
     tmask = batch.union_mask(segments).to(logits.device)
     tmask[:, 0] = 0.0  # the first position has no prediction
     if (tmask.sum(-1) == 0).any():
@@ -155,7 +167,17 @@ def target_nll(
     # log-softmax only at the scored positions: the full [batch, T, vocab] copy costs
     # 8 x 139 x 49,152 x 4 B = 219 MB on SmolLM2, and most positions are not scored
     rows = w > 0
-    x = logits[:, :-1][rows]
+    if positions is None:
+        x = logits[:, :-1][rows]
+    else:  # compact logits: position q sits at index inv[q]
+        inv = torch.full((T,), -1, dtype=torch.long, device=logits.device)
+        inv[positions.to(logits.device)] = torch.arange(positions.numel(), device=logits.device)
+        b_idx, q_idx = rows.nonzero(as_tuple=True)
+        k_idx = inv[q_idx]
+        if bool((k_idx < 0).any()):
+            raise InputError("target_nll: positions misses a scored position; pass "
+                             "scored_positions(batch, segments).")
+        x = logits[b_idx, k_idx]
     picked = targets[rows].unsqueeze(-1)
     if work == x.dtype or x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or \
             work != torch.float64:
