@@ -38,6 +38,10 @@ matplotlib is imported inside the builders only. They create ``matplotlib.figure
 objects directly, without pyplot: no backend is selected, no global figure list grows, and
 saving renders with Agg, so the builders work on a machine without a display. In Jupyter the
 inline backend displays a returned figure as usual.
+
+:func:`write_report` writes a run's self-contained ``report.html`` (:mod:`dpc_lens.plotting.report`,
+what every run command and ``dpc-lens report`` call); :mod:`dpc_lens.plotting.html` is the one
+renderer of tokens shaded by flow behind it and behind ``SaliencyResult.show``.
 """
 
 from ._figure import save
@@ -59,6 +63,7 @@ from .iap import (
     save_iap_figures,
     score_auc_data,
 )
+from .report import write_report
 from .saliency import (
     DPC_FLOWS,
     IAP_FLOWS,
@@ -94,6 +99,7 @@ __all__ = [
     "plot_before_after",
     "save",
     "save_standard_figures",
+    "write_report",
     "interactive_saliency",
     "score_auc_data",
     "plot_score_auc",
