@@ -44,7 +44,15 @@ from ..errors import InputError, SaliencyError
 from ..model import as_adapter, frozen_for_saliency
 from ..segments import PromptBatch, SegmentLayout, _warn_if_all_unknown
 from .capture import SaliencyStore, _all_segment_names, _check_batch, _outside_inference_mode, saliency_hooks
-from .config import LossFn, SaliencyConfig, _as_config, _did_you_mean, scored_positions, target_nll
+from .config import (
+    LossFn,
+    SaliencyConfig,
+    _as_config,
+    _did_you_mean,
+    scored_positions,
+    target_nll,
+    warn_low_precision,
+)
 from .diagnose import diagnose
 from .result import SaliencyResult
 
@@ -175,6 +183,7 @@ def compute_saliency(
         )
     batch = _outside_inference_mode(batch)
     _check_loss_segments(batch, config, loss_fn)
+    warn_low_precision(adapter.dtype, config)
     fits = not _normal_mode_would_not_fit(adapter, batch, _logit_positions(adapter, batch, config, loss_fn))
     if config.memory == "blockwise" or (config.memory == "auto" and not fits):
         from .blockwise import blockwise_supported, compute_blockwise, lean_mode_bytes

@@ -31,7 +31,10 @@ class SaliencyConfig:
         per_head: keep the head axis (IAP's layer x head maps).
         signed: no absolute value.
         include_diagonal: keep ``I[i, i]`` (default: zeroed, as Wang et al.).
-        fp32: accumulate in float32 under bf16/fp16 models.
+        fp32: accumulate in float32 under bf16/fp16 models (``False`` there warns once per
+            process: see :func:`warn_low_precision`).
+        layers may also be ``"global"`` / ``"sliding"`` (the model's full-attention /
+            sliding-window layers).
         loss_segments: segments whose tokens the default teacher-forced NLL is taken over.
         flow_segments: segments to compute pairwise flows between; ``None`` = every segment in
             the batch's layouts.
@@ -125,6 +128,30 @@ class SaliencyConfig:
         check_keys(d, [f.name for f in fields(cls)], "SaliencyConfig")
         kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
         return cls(**kw)
+
+
+_LOW_PRECISION_WARNED: set[str] = set()
+
+
+def warn_low_precision(dtype: torch.dtype, config: SaliencyConfig) -> None:
+    """Once per process and dtype: a saliency pass in bf16 / fp16 without float32 accumulation
+    (``config.fp32=False``) is told how far off such maps can be. dpc_lens's bf16 saliency
+    equals transformers' own bf16 model, but bf16 differs from fp32 by up to 2.6x of a layer's
+    largest entry (Gemma 3 270M, T = 810); load the model in float32 for maps you compare."""
+    if dtype not in (torch.bfloat16, torch.float16) or config.fp32 or str(dtype) in _LOW_PRECISION_WARNED:
+        return
+    import warnings
+
+    from ..errors import DpcLensWarning
+
+    _LOW_PRECISION_WARNED.add(str(dtype))
+    name = str(dtype).removeprefix("torch.")
+    warnings.warn(
+        f"Saliency in {name} without float32 accumulation (SaliencyConfig(fp32=False)): "
+        f"{name} saliency can differ from float32 by more than a layer's largest entry (up to "
+        "2.6x measured on Gemma 3 270M at T = 810). Keep fp32=True, and load the model in "
+        "float32 (load_model(..., dtype='float32')) for maps you compare or publish. "
+        "(Shown once per process.)", DpcLensWarning, stacklevel=3)
 
 
 def scored_positions(batch: PromptBatch, segments: Sequence[str]) -> Tensor:
