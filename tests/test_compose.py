@@ -530,3 +530,26 @@ def test_older_torch_without_the_private_hooks_gives_the_same_saliency(frozen, m
     monkeypatch.delattr(torch.autograd.graph if missing == "get_gradient_edge" else torch._C, missing)
     for m in modes:
         _close(compute_saliency(frozen, batch, dataclasses.replace(FULL, memory=m)).full, want[m])
+
+
+def test_same_shape_batch_without_set_batch_is_refused_not_silently_wrong(frozen):
+    """The trap of issue 18: one (store, hooks) pair, a second batch of the same shape, no
+    set_batch. The pass must not be reduced with the first batch's segments."""
+    a, b = _text_batch(frozen, IDS_A), _text_batch(frozen, IDS_B)
+    store, hooks = saliency_hooks(frozen, a, FULL)
+    _manual_pass(frozen, a, hooks)
+    _manual_pass(frozen, a, hooks)  # the same input again is fine
+    assert store.n_passes == 2
+    with pytest.raises(SaliencyError, match=r"different input than the store.s batch.*set_batch"):
+        _manual_pass(frozen, b, hooks)
+    assert store.n_passes == 2  # the refused forward started no pass
+    store.set_batch(b)
+    _manual_pass(frozen, b, hooks)
+    ref_b = reference_maps(frozen, b)
+    for l in range(N_LAYERS):
+        _close(store.result().full[l], ref_b[l], f"layer {l}")
+    # the TransformerLens idiom over token batches refuses the same way
+    store2, hooks2 = saliency_hooks(frozen, a, FULL)
+    frozen.run_with_hooks(torch.tensor(IDS_A), fwd_hooks=hooks2)
+    with pytest.raises(SaliencyError, match="different input"):
+        frozen.run_with_hooks(torch.tensor(IDS_B), fwd_hooks=hooks2)

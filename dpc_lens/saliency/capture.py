@@ -88,6 +88,7 @@ class SaliencyStore:
                     )
         self.batch = batch
         self.names = names
+        self._fingerprint: tuple[PromptBatch, Tensor] | None = None  # see saliency_hooks
         self._masks = _Masks(
             tuple(names), batch.segment_masks(names),
             batch.union_mask(cfg.column_targets) if cfg.column_targets else None,
@@ -351,7 +352,34 @@ def saliency_hooks(
         p.register_hook(on_grad)
         return out
 
-    return store, [(n, capture) for n in hook_list]
+    # The same (store, hooks) pair on another batch of the same shape, without set_batch, would
+    # reduce the new pass with the old batch's segments: silently wrong. The residual stream
+    # entering block 0 is fingerprinted per batch (its sum over d_model, [batch, pos]); a pass
+    # whose input differs from the first pass on the same batch object raises instead.
+    fp_hook = hook_names.resid_pre(0)
+    if fp_hook not in adapter.hook_dict:  # an architecture without it: no fingerprint
+        return store, [(n, capture) for n in hook_list]
+
+    def fingerprint(resid: Tensor, hook: Any) -> None:
+        if not torch.is_grad_enabled():
+            return None
+        fp = resid.detach().float().sum(dim=-1)
+        seen = store._fingerprint
+        if seen is None or seen[0] is not store.batch or seen[1].shape != fp.shape:
+            store._fingerprint = (store.batch, fp)
+        elif not torch.allclose(fp, seen[1], rtol=1e-5, atol=1e-6):
+            raise SaliencyError(
+                "This forward pass runs on a different input than the store's batch (the residual "
+                "stream entering block 0 differs from the first pass on that batch), so its "
+                "saliency would be reduced with the old batch's segments. Call "
+                "store.set_batch(new_batch) before each new batch's pass. If you changed the input "
+                "on purpose and the segments are the same (e.g. a patch at block 0), call "
+                "store.set_batch(batch) again before the pass to say so."
+            )
+        return None
+
+    store._hook_names = hook_list + [fp_hook]  # ours: not a caller's hook in the diagnosis
+    return store, [(fp_hook, fingerprint)] + [(n, capture) for n in hook_list]
 
 
 def _in_backward(recompute: bool) -> bool:
