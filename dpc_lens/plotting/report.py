@@ -303,7 +303,7 @@ def _header(kind: str, run_dir: str, n_text: str, warning: str | None = None) ->
     title = {"dpc": "DPC run", "iap": "IAP run", "calibrate": "DPC calibration"}[kind]
     warn = (f'<p class="box bad" id="degenerate">{esc(warning)}</p>' if warning else "")
     return (f"<h1>dpc-lens report: {title}</h1><p class=\"muted\">{esc(os.path.abspath(run_dir))} · "
-            f"{n_text} · {_versions_note()}</p>{warn}"
+            f"{esc(n_text)} · {_versions_note()}</p>{warn}"
             '<p class="small"><a href="#summary">summary</a> · <a href="#questions">questions</a> · '
             '<a href="#figures">figures</a> · <a href="#config">config</a></p>')
 
@@ -588,7 +588,7 @@ def _calibrate_report(run_dir: str) -> str:
     gens = gens.get("total", "?") if isinstance(gens, Mapping) else gens
     n_text = (f"{cal.get('n_examples', '?')} dev questions, {cal.get('n_points', '?')} grid points, "
               f"{gens} generations")
-    return _header("calibrate", run_dir, esc(n_text)) + body + _config_section(run_dir, ["dpc_config.json"])
+    return _header("calibrate", run_dir, n_text) + body + _config_section(run_dir, ["dpc_config.json"])
 
 
 # =============================================================================================

@@ -321,3 +321,26 @@ def test_a_failing_report_does_not_fail_the_finished_run(tmp_path, capsys, monke
     err = capsys.readouterr().err
     assert "warning: the report could not be written (RuntimeError: boom)" in err
     assert f"dpc-lens report {out}" in err and (out / "records.jsonl").exists()
+
+
+def test_iap_prompt_and_generation_scripts_show_as_text(browser, iap_run, tmp_path):
+    run = tmp_path / "iap"
+    shutil.copytree(iap_run, run)
+    pairs = _records(run / "pairs.jsonl")
+    pairs[0]["rationale"] = f"{XSS} 4+5=9"
+    pairs[0]["prompt"] = f"Think. {XSS}"
+    with open(run / "pairs.jsonl", "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(p) + "\n" for p in pairs)
+    summary = json.load(open(run / "summary.json", encoding="utf-8"))
+    summary["n_prompts"] = XSS
+    summary["accuracy"]["single"][f"Think. {XSS}"] = 0.5
+    summary["degenerate"] = f"IAP-ss is the first prompt {XSS}"
+    json.dump(summary, open(run / "summary.json", "w", encoding="utf-8"))
+    report = write_report(run, figures=False)
+    page = browser.open(report)
+    page.js("document.querySelectorAll('details').forEach(q => q.open = true)")
+    assert page.js("document.querySelectorAll('script').length") == 1
+    body = page.js("document.body.innerText")
+    assert body.count(XSS) >= 5  # header, accuracy row, degenerate line, prompt, rationale
+    assert not page.events("Page.javascriptDialogOpening")
+    _only_local(page.requested_urls(), report)
