@@ -298,3 +298,4 @@ def test_the_cli_shards_when_started_under_torchrun(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ranks"] == 2 and summary["n"] == 8
     assert (out / "rank-0" / "records.jsonl").exists() and (out / "rank-1" / "records.jsonl").exists()
+    assert p.stdout.count("report: ") == 1 and (out / "report.html").exists()  # rank 0 writes it once
