@@ -41,8 +41,8 @@ import torch
 
 from dpc_lens.iap import PromptPool, run_iap
 from dpc_lens.model import as_adapter, load_model
-from dpc_lens.real_testbed import artefacts, real_data_dir
 from dpc_lens.tasks import get_task
+from dpc_lens.testbed.real import artefacts, real_data_dir
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from evidence_iap_real import run_config  # noqa: E402

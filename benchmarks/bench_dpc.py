@@ -68,7 +68,7 @@ def main(argv=None) -> int:
                     help="the shipped 0.62 M reasoner (default) or SmolLM2-135M-Instruct + its soft prompt")
     args = ap.parse_args(argv)
     if args.testbed == "real":
-        from dpc_lens.real_testbed import artefacts
+        from dpc_lens.testbed.real import artefacts
 
         art = artefacts()
     else:

@@ -44,8 +44,8 @@ from dpc_lens.generation import GenerationConfig
 from dpc_lens.iap import IAPRunConfig, PromptPool, calibrate_iap, run_iap
 from dpc_lens.iap.diagnostics import paired_differences
 from dpc_lens.model import load_model
-from dpc_lens.real_testbed import BUILD, real_data_dir
 from dpc_lens.tasks import get_task
+from dpc_lens.testbed.real import BUILD, real_data_dir
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 ROOT = os.path.join(RESULTS, "iap_real")

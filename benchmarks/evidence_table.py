@@ -28,7 +28,7 @@ run and exits.
 
 Usage: ``python benchmarks/evidence_table.py [--testbed reasoner|real] [--limit N]``: the
 shipped reasoner test bed (``dpc_lens/data``, writes ``benchmarks/results/evidence_arith.json``)
-or the real one, SmolLM2-135M-Instruct with its tuned adapter (``dpc_lens.real_testbed``, writes
+or the real one, SmolLM2-135M-Instruct with its tuned adapter (``dpc_lens.testbed.real``, writes
 ``benchmarks/results/evidence_real.json``); prints a Markdown table. Questions are processed in
 chunks whose per-question outcomes are appended to ``<out>.records.jsonl`` as they finish, so a
 killed run continues where it stopped (``--fresh`` starts over); the JSON is rewritten after
@@ -74,11 +74,11 @@ from dpc_lens.testbed.demo import DEMO_RANDOM_DRAWS
 
 def _artefacts(testbed: str) -> dict[str, str]:
     if testbed == "real":
-        from dpc_lens.real_testbed import artefacts
+        from dpc_lens.testbed.real import artefacts
 
         art = artefacts()
         if art is None:
-            raise SystemExit("the real test bed is not built: python -m dpc_lens.real_testbed build")
+            raise SystemExit("the real test bed is not built: python -m dpc_lens.testbed.real build")
         return art
     art = shipped_artefacts()
     if art is None:

@@ -1,7 +1,7 @@
 """Is the SmolLM2 attention sink an accident of the shipped soft prompt? (issue 19, item 6)
 
 Trains more soft prompts on the real test bed's task and model, with the shipped build's data
-and layout (``dpc_lens.real_testbed.BUILD``), changing one thing each:
+and layout (``dpc_lens.testbed.real.BUILD``), changing one thing each:
 
 * ``paper``: the DPC paper's setting, 100 soft tokens at lr 1e-3 (the shipped text init
   repeated to 100 tokens), as many steps as fit in ``--budget-min`` minutes;
@@ -47,7 +47,7 @@ def _dir(variant: str) -> str:
 
 
 def _soft_dir(variant: str) -> str:
-    from dpc_lens.real_testbed import real_data_dir
+    from dpc_lens.testbed.real import real_data_dir
 
     if variant == "shipped":
         return os.path.join(real_data_dir(), "soft_prompt")
@@ -57,7 +57,7 @@ def _soft_dir(variant: str) -> str:
 def cmd_train(variant: str, budget_min: float) -> None:
     from dpc_lens.model import load_model
     from dpc_lens.prompt_tuning import PromptTuningConfig, train_soft_prompt
-    from dpc_lens.real_testbed import BUILD, _template, make_real_mixture
+    from dpc_lens.testbed.real import BUILD, _template, make_real_mixture
 
     out = _soft_dir(variant)
     if os.path.exists(os.path.join(out, "adapter_config.json")):
@@ -100,10 +100,10 @@ def cmd_dev(variant: str, chunk: int = 16, limit: int | None = None) -> None:
     from dpc_lens.dpc.sinks import sinks_by_band
     from dpc_lens.evaluation import grade
     from dpc_lens.model import load_model
-    from dpc_lens.real_testbed import real_data_dir, regime
     from dpc_lens.runs import read_records
     from dpc_lens.soft_prompt import SoftPrompt
     from dpc_lens.tasks import get_task
+    from dpc_lens.testbed.real import real_data_dir, regime
 
     d = _dir(variant)
     task = get_task("arith")
@@ -193,7 +193,7 @@ def main(argv=None) -> int:
         RESULTS = a.results
     if a.stage == "train":
         if a.variant == "shipped":
-            raise SystemExit("the shipped prompt is trained by python -m dpc_lens.real_testbed build")
+            raise SystemExit("the shipped prompt is trained by python -m dpc_lens.testbed.real build")
         cmd_train(a.variant, a.budget_min)
     else:
         cmd_dev(a.variant, limit=a.limit)

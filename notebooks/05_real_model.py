@@ -30,7 +30,8 @@ import os
 from IPython.display import display
 
 import dpc_lens
-from dpc_lens import iap, plotting, real_testbed
+from dpc_lens import iap, plotting
+from dpc_lens.testbed import real as real_testbed
 
 N_DPC, N_IAP = 4, 2
 art = real_testbed.artefacts()  # paths of the shipped adapter, splits and calibrated config

@@ -1,12 +1,12 @@
-"""The real test bed's data and bookkeeping (dpc_lens.real_testbed), without the model."""
+"""The real test bed's data and bookkeeping (dpc_lens.testbed.real), without the model."""
 
 from __future__ import annotations
 
 import json
 import os
 
-from dpc_lens import real_testbed as rt
 from dpc_lens.tasks import get_task
+from dpc_lens.testbed import real as rt
 
 
 def test_mixture_is_deterministic_non_negative_and_half_each_source():

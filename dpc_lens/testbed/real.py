@@ -16,7 +16,7 @@ on arith it is the capability (8% -> 33%). dev/test are therefore 90% gym + 10% 
 PT close, flips both ways (``pilots.json`` has the numbers behind the choice, ``regime.json``
 the shipped ones).
 
-``python -m dpc_lens.real_testbed build`` (the rebuild command) tunes the soft prompt, writes
+``python -m dpc_lens.testbed.real build`` (the rebuild command) tunes the soft prompt, writes
 the dev/test splits (JSONL, so runs repeat without the generators), measures the regime (base,
 PT, flips each way, ceiling, oracle) on dev, calibrates DPC on dev, and (stage ``test``) measures
 the regime on test; ``probe`` / ``probe-pt`` measure candidate parts; ``regime-from-records``
@@ -115,8 +115,8 @@ def gym_part(n: int, seed: int, config: dict | None = None, instruction: str | N
     non-negative integer (deterministic). Rationale: ``"<expression> = <answer>. The answer is
     <answer>."`` (the data set has no worked solution; this is the arith task's style).
     """
-    from .tasks.base import Example
-    from .tasks.gym import GymTask
+    from ..tasks.base import Example
+    from ..tasks.gym import GymTask
 
     cfg = dict(BUILD["gym_config"] if config is None else config)
     instr = BUILD["instruction"] if instruction is _UNSET else instruction
@@ -142,8 +142,8 @@ def arith_part(n: int, seed: int, steps: Sequence[int] | None = None,
                instruction: str | None = _UNSET) -> list:
     """``n`` dpc_lens ``arith`` word problems of 1-2 steps (train templates, standard phrasing),
     with the answer instruction appended like the reasoning-gym questions."""
-    from .tasks.arith import generate_examples
-    from .tasks.base import Example
+    from ..tasks.arith import generate_examples
+    from ..tasks.base import Example
 
     lo, hi = steps or BUILD["arith_steps"]
     instr = BUILD["instruction"] if instruction is _UNSET else instruction
@@ -157,7 +157,7 @@ def make_real_mixture(name: str, n: int, seed: int, gym_share: float = 0.5) -> l
     """``n`` questions, ``round(n * gym_share)`` from :func:`gym_part`, the rest from
     :func:`arith_part`, each part seeded from ``(name, seed)``, shuffled with a seeded shuffle;
     ids ``f"{name}-{seed}-{i}"`` (the source id is kept in ``meta["source_id"]``)."""
-    from .tasks.base import Example
+    from ..tasks.base import Example
 
     n_gym = round(n * gym_share)
     s_gym = (seed * 1_000_003 + zlib.crc32(f"{name}/gym".encode())) % (2**31)
@@ -170,14 +170,14 @@ def make_real_mixture(name: str, n: int, seed: int, gym_share: float = 0.5) -> l
 
 
 def _generation_config():
-    from .generation import GenerationConfig
+    from ..generation import GenerationConfig
 
     return GenerationConfig(max_new_tokens=BUILD["max_new_tokens"], batch_size=BUILD["batch_size"])
 
 
 def _template(model: Any) -> str:
-    from .model import as_adapter
-    from .tasks.gym import chat_prompt_template
+    from ..model import as_adapter
+    from ..tasks.gym import chat_prompt_template
 
     return chat_prompt_template(as_adapter(model).tokenizer)
 
@@ -186,8 +186,8 @@ def _evaluate(model: Any, soft: Any, examples: Sequence, *, progress: bool | Non
     """Accuracy of ``examples`` with ``soft`` (``None``: the base model) under the test bed's
     prompt layout: ``[soft] chat_template(question)``, no extra BOS (the template opens with
     ``<|im_start|>``, SmolLM2's BOS)."""
-    from .prompt_tuning import evaluate_accuracy
-    from .tasks import get_task
+    from ..prompt_tuning import evaluate_accuracy
+    from ..tasks import get_task
 
     return evaluate_accuracy(model, soft, examples, get_task("arith"), _generation_config(),
                              add_bos=False, template=_template(model), progress=progress)
@@ -195,10 +195,10 @@ def _evaluate(model: Any, soft: Any, examples: Sequence, *, progress: bool | Non
 
 def probe(n: int = 50, *, out: str | None = None, progress: bool | None = None) -> dict:
     """Base zero-shot accuracy of each candidate part on ``n`` questions (seed 12345)."""
-    from .model import load_model
+    from ..model import load_model
 
     model = load_model("smollm2")
-    from .tasks.gym import ANSWER_INSTRUCTION
+    from ..tasks.gym import ANSWER_INSTRUCTION
 
     short = BUILD["instruction"]
     one_digit = dict(BUILD["gym_config"], max_digits=1)
@@ -228,8 +228,8 @@ def probe(n: int = 50, *, out: str | None = None, progress: bool | None = None) 
 def probe_pt(n: int = 60, *, out: str | None = None, progress: bool | None = None) -> dict:
     """Base and PT answers (the built adapter) of candidate gym parts on ``n`` questions each
     (seed 54321): which part, mixed with arith, puts base and PT close with flips both ways."""
-    from .model import load_model
-    from .soft_prompt import SoftPrompt
+    from ..model import load_model
+    from ..soft_prompt import SoftPrompt
 
     model = load_model("smollm2")
     soft = SoftPrompt.from_peft(os.path.join(real_data_dir(), "soft_prompt"))
@@ -279,7 +279,9 @@ def regime(base_correct: Sequence[bool], pt_correct: Sequence[bool],
 
 def real_data_dir() -> str:
     """Where the real test bed's artefacts live (``dpc_lens/data/real``)."""
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "real")
+    from . import data_dir
+
+    return os.path.join(data_dir(), "real")
 
 
 def artefacts(out_dir: str | None = None) -> dict[str, str] | None:
@@ -317,8 +319,8 @@ def _split(name: str) -> list:
 def _correctness(model: Any, soft: Any, examples: Sequence, path: str, *, progress: bool) -> list[bool]:
     """Graded answers of ``examples`` (``soft`` None: base), cached as JSONL at ``path`` and
     resumed from it (one line per finished batch of questions)."""
-    from .prompt_tuning import evaluate_accuracy  # noqa: F401  (same grading as _evaluate)
-    from .runs import read_records
+    from ..prompt_tuning import evaluate_accuracy  # noqa: F401  (same grading as _evaluate)
+    from ..runs import read_records
 
     done: dict[str, dict] = {rec["id"]: rec for rec in read_records(path)}
     todo = [e for e in examples if e.id not in done]
@@ -346,10 +348,10 @@ def build(out_dir: str | None = None, *, stages: Sequence[str] = ("pt", "splits"
     and the regime numbers in ``regime.json``), ``calibrate`` (DPC calibrated on dev ->
     ``dpc_config.json`` + ``calibration.json``). ``iap_pool.json`` is always written.
     """
-    from .model import load_model
-    from .soft_prompt import SoftPrompt
-    from .tasks import get_task
-    from .tasks.io import write_jsonl
+    from ..model import load_model
+    from ..soft_prompt import SoftPrompt
+    from ..tasks import get_task
+    from ..tasks.io import write_jsonl
 
     d = out_dir or real_data_dir()
     os.makedirs(d, exist_ok=True)
@@ -368,7 +370,7 @@ def build(out_dir: str | None = None, *, stages: Sequence[str] = ("pt", "splits"
     sp_dir = os.path.join(d, "soft_prompt")
 
     if "pt" in stages and not os.path.exists(os.path.join(sp_dir, "adapter_config.json")):
-        from .prompt_tuning import PromptTuningConfig, train_soft_prompt
+        from ..prompt_tuning import PromptTuningConfig, train_soft_prompt
 
         t0 = time.perf_counter()
         tr = BUILD["train"]
@@ -401,7 +403,7 @@ def build(out_dir: str | None = None, *, stages: Sequence[str] = ("pt", "splits"
         print(s, json.dumps(report[s]), flush=True)
         if s == "dev" and "calibrate" in stages and soft is not None \
                 and not os.path.exists(os.path.join(d, "dpc_config.json")):
-            from .dpc import CalibrationGrid, DPCConfig, calibrate_dpc
+            from ..dpc import CalibrationGrid, DPCConfig, calibrate_dpc
 
             t0 = time.perf_counter()
             g = BUILD["calibration_grid"]
@@ -429,11 +431,11 @@ def regime_from_records(records_path: str, split: str = "test", out_dir: str | N
     (``benchmarks/evidence_table.py --testbed real`` writes ``<out>.records.jsonl`` with the
     base and PT verdicts of every question, from the same prompts and decoding), instead of
     generating both answers a second time. Only the split's questions are counted, in order."""
-    from .tasks import get_task
+    from ..tasks import get_task
 
     d = out_dir or real_data_dir()
     exs = get_task("arith").load(os.path.join(d, f"{split}.jsonl"))
-    from .runs import read_records
+    from ..runs import read_records
 
     recs: dict[str, dict] = {r["id"]: r for r in read_records(records_path)}
     done = [e for e in exs if e.id in recs]
@@ -451,7 +453,7 @@ def regime_from_records(records_path: str, split: str = "test", out_dir: str | N
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dpc_lens.real_testbed", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m dpc_lens.testbed.real", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("probe", help="base zero-shot accuracy of the candidate parts")
     p.add_argument("--n", type=int, default=50)
