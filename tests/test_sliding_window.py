@@ -150,3 +150,22 @@ def test_global_models_have_no_layer_counts(tmp_path):
 
     res = compute_saliency(boot_tiny("llama", tmp_path / "llama"), "the cat sat")
     assert res.layer_pair_counts is None
+
+
+def test_dpc_analyse_says_which_layers_cannot_see_the_soft_prompt(gemma):
+    from dpc_lens.dpc import DPCConfig, analyse
+    from dpc_lens.generation import GenerationConfig, generate
+
+    g = torch.Generator().manual_seed(2)
+    soft = SoftPrompt(torch.randn(2, D_MODEL, generator=g) * 0.5)
+    cfg = DPCConfig(generation=GenerationConfig(max_new_tokens=3, stop_at_eos=False))
+    # with BOS, a 9-token question puts every rationale token >= 4 (the window) after the soft rows
+    long_q, short_q = "ann has 3 apples and buys 2 more pens", "ann"
+    tok = as_adapter(gemma).tokenizer
+    gens = generate(gemma, [[tok.bos_token_id] + tok(q, add_special_tokens=False)["input_ids"]
+                            for q in (long_q, short_q)], soft, cfg.generation, progress=False)
+    with pytest.warns(DpcLensWarning, match=r"sliding-window layers \[0, 1, 3\].*global layers are \[2\]"):
+        analyse(gemma, soft, [long_q], cfg, generations=gens[:1], progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DpcLensWarning)
+        analyse(gemma, soft, [short_q], cfg, generations=gens[1:], progress=False)  # within the window

@@ -248,10 +248,17 @@ def analyse(
             spans = {"bos": (0, 1), **spans}
         seqs.append(list(p) + g)
         lays.append(SegmentLayout(spans, len(p) + len(g)))
+    out_of_window: set[int] = set()
+
+    def per_example(res: Any, b: int, batch: Any) -> DetectorInputs:
+        out_of_window.update(_out_of_window_layers(res, b))
+        return _detector_inputs(res, b, batch.n_soft)
     measured = measure_flows(
         adapter, seqs, lays, DPC_FLOWS, sal_cfg, soft=soft_prompt, batch_size=cfg.saliency_batch_size,
-        per_example=lambda res, b, batch: _detector_inputs(res, b, batch.n_soft), progress=progress,
+        per_example=per_example, progress=progress,
     )
+    if out_of_window:
+        _warn_out_of_window(sorted(out_of_window), adapter.attention_windows)
     # the attention each soft row receives and its residual norm, for sink detection
     # (dpc_lens.dpc.sinks): one no-grad forward per batch with its own hooks
     sink_inputs = measure_sink_inputs(adapter, seqs, lays, soft_prompt, batch_size=cfg.saliency_batch_size)
@@ -259,6 +266,30 @@ def analyse(
         inputs = replace(m.extra, soft_attention=att, soft_residual=res)
         out[i] = Analysis(tuple(prompts[i]), generations[i], inputs, m.flows, m.loss)
     return [a for a in out if a is not None]
+
+
+def _out_of_window_layers(res: Any, b: int) -> list[int]:
+    """Sliding-window layers where no rationale token of example ``b`` sees a soft token."""
+    counts, names = getattr(res, "layer_pair_counts", None), res.segment_names
+    si, ri = names.index("soft"), names.index("rationale")
+    if counts is None or float(res.pair_counts[b, ri, si]) == 0:
+        return []
+    return [res.layers[k] for k in range(len(res.layers)) if float(counts[k, b, ri, si]) == 0]
+
+
+def _warn_out_of_window(layers: list[int], windows: Sequence[int | None]) -> None:
+    import warnings
+
+    from ..errors import DpcLensWarning
+
+    glob = [i for i, w in enumerate(windows) if w is None]
+    warnings.warn(
+        f"DPC: in the sliding-window layers {layers} some rationales lie a window or more after "
+        "the soft prompt, so those layers' soft->rationale saliency is structurally zero there "
+        "(the attention mask forbids the pairs), not a measured absence of flow. Their zeros enter "
+        "the detector's layer means; set shallow_layers / deep_layers to layers that see the soft "
+        f"prompt (the global layers are {glob}), or shorten the template.",
+        DpcLensWarning, stacklevel=3)
 
 
 def _check_soft_prompt(soft_prompt: Any, where: str) -> None:
