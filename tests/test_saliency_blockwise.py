@@ -309,3 +309,31 @@ def test_smollm2_blockwise_equals_eager():
     block = compute_saliency(model, text, SaliencyConfig(memory="blockwise", keep_full=True, block_size=8,
                                                          column_targets=("text",), row_sources=("text",)))
     _assert_same(eager, block, 1e-5)
+
+
+def test_no_pattern_wider_than_a_block_is_formed(dirs, monkeypatch):
+    """Every attention-weight tensor the engine forms is one block of query rows ``[B, H, Bq, T]``
+    (Bq <= block_size), forward and backward, and the eager pattern hook never fires."""
+    model = _model(dirs, "llama")
+    batch = _batch(model, torch.float32)
+    B, T, H = batch.batch_size, batch.seq_len, model.cfg.n_heads
+    shapes = []
+    real = bw._block_probs
+
+    def spy(qb, k, *a, **kw):
+        out = real(qb, k, *a, **kw)
+        shapes.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(bw, "_block_probs", spy)
+    fired = []
+    hook = ("blocks.0.attn.hook_attn_scores", lambda t, hook: fired.append(1))
+    model.add_hook(*hook)
+    try:
+        compute_saliency(model, batch, SaliencyConfig(memory="blockwise", block_size=4))
+    finally:
+        model.reset_hooks()
+    assert fired == []
+    assert shapes and all(s[:2] == (B, H) and s[2] <= 4 and s[3] == T for s in shapes)
+    # forward, recompute under block checkpointing, backward: 3 x ceil(T / 4) blocks per layer
+    assert len(shapes) == 3 * model.cfg.n_layers * -(-T // 4)

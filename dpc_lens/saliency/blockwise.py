@@ -296,11 +296,13 @@ def _blockwise_attention(adapter: Any, store: SaliencyStore, pass_: Any, block: 
                                           "SDPA-style mask), where eager attention adds a float one."))
         sink = None
         if layer in wanted:
-            red = _LayerReducer(store.config, m.seg, m.targets, m.sources)
-            pass_.hooked.append(layer)
-            pass_.on_graph.append(layer)
-            pass_.reducers[layer] = red
-            sink = red
+            # under block checkpointing this runs twice (forward, recompute in the backward);
+            # only the recomputed call's backward runs, into the same reducer
+            if layer not in pass_.reducers:
+                pass_.reducers[layer] = _LayerReducer(store.config, m.seg, m.targets, m.sources)
+                pass_.hooked.append(layer)
+                pass_.on_graph.append(layer)
+            sink = pass_.reducers[layer]
         out = _BlockwiseAttention.apply(query, key, value, mask, float(scaling), softcap,
                                         _KNOWN_HF_ATTENTION[type(module).__name__], block, sink)
         return out.transpose(1, 2).contiguous(), None
@@ -324,13 +326,28 @@ def _blockwise_attention(adapter: Any, store: SaliencyStore, pass_: Any, block: 
         for mod in patched_modules.values():
             mod.eager_attention_forward = attention
         for b, hf in mods:
-            object.__setattr__(b, "forward", hf.forward)
+            object.__setattr__(b, "forward", _without_cache(hf.forward))
         yield
     finally:
         for b in bridges:
             b.__dict__.pop("forward", None)
         for n, mod in patched_modules.items():
             mod.eager_attention_forward = olds[n]
+
+
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "cache", "layer_past")
+
+
+def _without_cache(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """The attention forward without a KV cache: a saliency pass has no use for one, and the
+    recomputation of a checkpointed block would append its keys a second time."""
+    def run(*args: Any, **kwargs: Any) -> Any:
+        for k in _CACHE_KWARGS:
+            if kwargs.get(k) is not None:
+                kwargs[k] = None
+        return forward(*args, **kwargs)
+
+    return run
 
 
 # attention hooks of the bridge that do not fire when the Hugging Face attention runs directly
@@ -354,6 +371,18 @@ def _check_caller_hooks(fwd_hooks: Sequence[tuple[Any, Any]]) -> None:
                               "could select attention hooks that do not fire); use 'normal'/'lean'.")
 
 
+def _scored_positions(adapter: Any, batch: PromptBatch, config: SaliencyConfig,
+                      loss_fn: Any) -> Tensor | None:
+    """The positions the default loss reads, where the model can unembed only those (the logits
+    at every position cost more than all of this engine's attention state at long T)."""
+    from . import config as config_module
+
+    pick = getattr(config_module, "scored_positions", None)
+    if loss_fn is not None or pick is None or not getattr(adapter, "keeps_logits_subset", False):
+        return None
+    return pick(batch, config.loss_segments)
+
+
 def compute_blockwise(adapter: Any, batch: PromptBatch, config: SaliencyConfig,
                       fwd_hooks: Sequence[tuple[Any, Any]], loss_fn: Any,
                       free: int | None) -> Any:
@@ -365,14 +394,19 @@ def compute_blockwise(adapter: Any, batch: PromptBatch, config: SaliencyConfig,
     store = SaliencyStore(config, layers, None, batch, adapter)
     p = store._start_pass()
     p.reducers = {}
+    from . import _checkpointed_blocks  # the lean mode's per-block activation checkpointing
+
     with frozen_for_saliency(adapter.model), torch.enable_grad(), \
-            _blockwise_attention(adapter, store, p, block):
+            _blockwise_attention(adapter, store, p, block), _checkpointed_blocks(adapter):
         embeds = batch.embeds.detach().requires_grad_(True)
         with adapter.hooks(fwd_hooks=list(fwd_hooks)):
-            logits = adapter.forward_embeds(embeds, batch.attention_mask, batch.position_ids)
+            keep = _scored_positions(adapter, batch, config, loss_fn)
+            at = {} if keep is None else {"logits_at": keep}
+            logits = adapter.forward_embeds(embeds, batch.attention_mask, batch.position_ids, **at)
             if loss_fn is None:
                 per_example = target_nll(logits, batch, config.loss_segments,
-                                         dtype=torch.float64 if config.loss_fp64 else None)
+                                         dtype=torch.float64 if config.loss_fp64 else None,
+                                         **({} if keep is None else {"positions": keep}))
                 loss = per_example.sum()
                 per_example = per_example.detach().to(torch.promote_types(logits.dtype, torch.float32))
             else:
