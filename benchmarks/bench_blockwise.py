@@ -130,12 +130,14 @@ def _point(mode: str, T: int, root: str, block_size: int | None) -> dict:
     run(batch)
     cpu, wall = time.process_time() - c0, time.perf_counter() - w0
     peak = _status("VmHWM") - before
-    from dpc_lens.saliency.blockwise import default_block_size
+    from dpc_lens.saliency.blockwise import checkpoint_blocks, default_block_size
 
     return {"mode": mode, "T": T, "batch": 1, "peak_extra_bytes": int(peak),
             "peak_extra_gib": round(peak / 2**30, 3), "cpu_s": round(cpu, 2), "wall_s": round(wall, 2),
             "block_size": (block_size or default_block_size(adapter, batch, _available()))
-            if mode == "blockwise" else None}
+            if mode == "blockwise" else None,
+            "checkpoint_blocks": (checkpoint_blocks(adapter, batch, _available())
+                                  if mode == "blockwise" else None)}
 
 
 def _available() -> int:

@@ -103,7 +103,8 @@ def _assert_same(eager, block, tol, *, skip=()):
 @pytest.mark.parametrize("arch", ALL)
 @pytest.mark.parametrize("opts", [{}, {"per_head": True, "signed": True}, {"include_diagonal": True}],
                          ids=["default", "per_head-signed", "diagonal"])
-def test_equals_eager_fp32(dirs, arch, opts):
+def test_equals_eager_fp32(dirs, arch, opts, monkeypatch):
+    monkeypatch.setattr(bw, "_CHECKPOINT_BLOCKS", opts == {})  # both routes on every architecture
     model = _model(dirs, arch)
     batch = _batch(model, torch.float32)
     assert batch.pad_lengths[1] > 0  # left padding is exercised
@@ -114,10 +115,12 @@ def test_equals_eager_fp32(dirs, arch, opts):
 
 
 @pytest.mark.parametrize("arch", ALL)
-def test_equals_eager_fp64(dirs, arch):
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_equals_eager_fp64(dirs, arch, checkpoint, monkeypatch):
     """Float64 without padding: Hugging Face's float64 padding mask (-1.8e308) becomes -inf in
     the float32 softmax of every architecture but GPT-2, so a left-padded float64 batch gives a
     NaN loss in the model itself, in either engine; GPT-2 is also checked padded."""
+    monkeypatch.setattr(bw, "_CHECKPOINT_BLOCKS", checkpoint)
     model = _model(dirs, arch, torch.float64)
     batch = _batch(model, torch.float64, PIECES if arch == "gpt2" else PIECES[:1])
     for opts in ({}, {"per_head": True, "signed": True}):
@@ -129,7 +132,10 @@ def test_equals_eager_fp64(dirs, arch):
 
 
 @pytest.mark.parametrize("block_size", [1, 3, 64])
-def test_block_size_does_not_change_the_result(dirs, block_size):
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_block_size_does_not_change_the_result(dirs, block_size, checkpoint, monkeypatch):
+    """Any block size, with or without checkpointing every transformer block."""
+    monkeypatch.setattr(bw, "_CHECKPOINT_BLOCKS", checkpoint)
     model = _model(dirs, "llama", torch.float64)
     batch = _batch(model, torch.float64, PIECES[:1])
     eager = compute_saliency(model, batch, SaliencyConfig(memory="normal", **FULL))
@@ -279,6 +285,17 @@ def test_config_validation():
     assert SaliencyConfig.from_dict(cfg.to_dict()) == cfg
 
 
+def test_checkpointing_rule_follows_free_memory(dirs):
+    model = _model(dirs, "llama")
+    adapter = as_adapter(model)
+    batch = _batch(model, torch.float32)
+    act = 20 * adapter.n_layers * batch.batch_size * batch.seq_len * adapter.d_model * 4
+    assert bw.activation_bytes(adapter, batch) == act
+    assert bw.checkpoint_blocks(adapter, batch, 4 * act - 4) is True
+    assert bw.checkpoint_blocks(adapter, batch, 4 * act) is False
+    assert bw.checkpoint_blocks(adapter, batch, None) is True
+
+
 def test_default_block_size_follows_free_memory(dirs):
     model = _model(dirs, "llama")
     adapter = as_adapter(model)
@@ -326,6 +343,7 @@ def test_no_pattern_wider_than_a_block_is_formed(dirs, monkeypatch):
         return out
 
     monkeypatch.setattr(bw, "_block_probs", spy)
+    monkeypatch.setattr(bw, "_CHECKPOINT_BLOCKS", True)
     fired = []
     hook = ("blocks.0.attn.hook_attn_scores", lambda t, hook: fired.append(1))
     model.add_hook(*hook)
