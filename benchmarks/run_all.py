@@ -18,6 +18,9 @@ with them:
 * P4 throughput at batch 1, 4, 16 (target batch 16 >= 1.5x batch 1 per example on CPU, >= 6x on
   a GPU) — ``bench_throughput.py``; greedy decoding against Hugging Face's own cached
   ``generate`` on the same model and batches (target <= 1.15) — ``bench_decode.py``
+* Blockwise saliency (issue 21): time / plain SDPA forward+backward at T = 512..8192 (target
+  <= 1.5), peak memory against T for sdpa, plain, normal, lean and blockwise (target GPT-2-small
+  T = 8192 <= 2 GiB; T = 16,384 measured), the fitted cost curve — ``bench_blockwise.py``
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
-SUITE = ["bench_saliency.py", "bench_memory.py", "bench_dpc.py", "bench_throughput.py", "bench_decode.py"]
+SUITE = ["bench_saliency.py", "bench_memory.py", "bench_dpc.py", "bench_throughput.py", "bench_decode.py",
+         "bench_blockwise.py"]
 
 
 def _load(name: str) -> dict | None:
@@ -103,6 +107,21 @@ def summary(device: str = "cpu") -> str:
             lines.append(f"| P4 | {what} / HF generate, same tokens: {dec['same_tokens']} | {v:.2f} "
                          f"[{sp[0]:.2f}-{sp[1]:.2f}] | {'<= 1.15' if ours else '—'} | {holds} "
                          f"| decode_{device}.json |")
+    blk = _load(f"blockwise_{device}.json")
+    if blk:
+        for T, ratio in sorted(blk["ratios_blockwise_vs_sdpa"].items(), key=lambda kv: int(kv[0])):
+            lines.append(f"| B1 | blockwise saliency / plain SDPA fwd+bwd (GPT-2-small, T={T}) | "
+                         f"{ratio:.2f} | <= 1.5 | {'yes' if ratio <= 1.5 else 'no'} | "
+                         f"blockwise_{device}.json |")
+        for x in blk["rows"]:
+            if x["mode"] == "blockwise" and x["T"] in (8192, 16384):
+                got = (_gib(x["peak_extra_bytes"]) if "peak_extra_bytes" in x else
+                       next((x[k] for k in ("timed_out", "not_run", "skipped", "error") if k in x), "—"))
+                target = "<= 2 GiB" if x["T"] == 8192 else "completes"
+                holds = ("yes" if x.get("peak_extra_bytes", 1 << 62) <= 2 << 30 else "no") \
+                    if x["T"] == 8192 else ("yes" if "peak_extra_bytes" in x else "no")
+                lines.append(f"| B2 | blockwise peak extra memory (GPT-2-small, T={x['T']}) | {got} | "
+                             f"{target} | {holds} | blockwise_{device}.json |")
     if mem:
         lines += ["", "## P5: peak extra memory and CPU time of one pass (batch 1) against T", "",
                   "| shape | T | plain | normal | lean | lean time / normal |", "|---|---|---|---|---|---|"]
@@ -126,6 +145,29 @@ def summary(device: str = "cpu") -> str:
             lines.append(f"| {shape} | {T} | {cell(m.get('plain'))} | {cell(n)} | {cell(lean)} | {tr} |")
         lines += ["", f"Machine: {mem['machine']['platform']}, {mem['machine']['cpus']} CPUs; "
                   f"versions {mem['versions']}; threads {mem['threads']}."]
+    if blk:
+        modes = ["sdpa", "plain", "normal", "lean", "blockwise"]
+        lines += ["", "## Blockwise saliency: peak extra memory and CPU time against T "
+                      "(GPT-2-small, batch 1)",
+                  "", "| T | " + " | ".join(modes) + " |", "|---" * (len(modes) + 1) + "|"]
+        grid: dict[int, dict[str, dict]] = {}
+        for x in blk["rows"]:
+            grid.setdefault(x["T"], {})[x["mode"]] = x
+
+        def bcell(x: dict | None) -> str:
+            if x is None:
+                return "—"
+            for k in ("skipped", "timed_out", "not_run", "error"):
+                if k in x:
+                    return k.replace("_", " ")
+            return f"{_gib(x['peak_extra_bytes'])}, {x['cpu_s']:.0f} CPU-s"
+
+        for T, m in sorted(grid.items()):
+            lines.append(f"| {T} | " + " | ".join(bcell(m.get(k)) for k in modes) + " |")
+        fit = blk.get("cost_fit_blockwise")
+        if fit:
+            lines += ["", f"Blockwise cost curve (least squares): {fit['formula']} "
+                          f"(max relative residual {fit['max_rel_residual']:.2f})."]
     return "\n".join(lines) + "\n"
 
 
