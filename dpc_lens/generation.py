@@ -121,6 +121,8 @@ class GenerationConfig:
         d = asdict(self)
         d["stop_strings"] = list(self.stop_strings)
         d["stop_token_ids"] = list(self.stop_token_ids)
+        if not self.stop_token_ids:  # runs saved before the field existed resume unchanged
+            del d["stop_token_ids"]
         return d
 
     @classmethod

@@ -38,6 +38,9 @@ def test_stop_token_ids_cut_at_the_first_one(model):
     assert list(got.token_ids) == want and got.stop_reason == "stop_token"
     cfg = GenerationConfig(stop_token_ids=[t, 5])
     assert GenerationConfig.from_dict(cfg.to_dict()) == cfg and cfg.stop_token_ids == (t, 5)
+    # settings written before the field existed compare equal (a run resumes)
+    assert "stop_token_ids" not in GenerationConfig().to_dict()
+    assert GenerationConfig.from_dict(GenerationConfig().to_dict()) == GenerationConfig()
     with pytest.raises(ConfigError, match="stop_token_ids"):
         GenerationConfig(stop_token_ids=("<end_of_turn>",))
 
