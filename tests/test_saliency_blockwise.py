@@ -260,6 +260,20 @@ def test_hooks_inside_the_attention_are_refused(dirs):
                          fwd_hooks=[("blocks.0.attn.hook_pattern", lambda t, hook: t)])
 
 
+def test_a_caller_hook_that_does_not_fire_is_an_error(dirs):
+    """GPT-2's bridge fires hook_q inside its own joint-QKV attention, which blockwise replaces:
+    the hook would silently do nothing, so the pass refuses."""
+    model = _model(dirs, "gpt2")
+    batch = _batch(model, torch.float32)
+    seen = []
+    with pytest.raises(ConfigError, match=r"blocks.0.attn.hook_q.*did not fire.*'normal'"):
+        compute_saliency(model, batch, SaliencyConfig(memory="blockwise"),
+                         fwd_hooks=[("blocks.0.attn.hook_q", lambda t, hook: seen.append(1))])
+    assert compute_saliency(model, batch, SaliencyConfig(memory="normal"),
+                            fwd_hooks=[("blocks.0.attn.hook_q", lambda t, hook: seen.append(1))])
+    assert seen == [1]
+
+
 def test_caller_hook_on_hook_z_is_honoured(dirs):
     """A patch at hook_z (which still fires) changes blockwise saliency exactly as eager."""
     model = _model(dirs, "llama")

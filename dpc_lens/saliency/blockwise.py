@@ -411,6 +411,15 @@ def compute_blockwise(adapter: Any, batch: PromptBatch, config: SaliencyConfig,
     """One forward + backward in the blockwise mode; the :class:`SaliencyResult` (the body of
     :func:`~dpc_lens.saliency.compute_saliency` for ``memory="blockwise"``)."""
     _check_caller_hooks(fwd_hooks)
+    fired: set[str] = set()
+
+    def noting(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(tensor: Any, hook: Any) -> Any:
+            fired.add(name)
+            return fn(tensor, hook=hook)
+        return run
+
+    fwd_hooks = [(n, noting(n, f)) for n, f in fwd_hooks]
     block = config.block_size or default_block_size(adapter, batch, free)
     layers = config.resolved_layers(adapter.n_layers)
     store = SaliencyStore(config, layers, None, batch, adapter)
@@ -427,6 +436,12 @@ def compute_blockwise(adapter: Any, batch: PromptBatch, config: SaliencyConfig,
             keep = _scored_positions(adapter, batch, config, loss_fn)
             at = {} if keep is None else {"logits_at": keep}
             logits = adapter.forward_embeds(embeds, batch.attention_mask, batch.position_ids, **at)
+            silent = [n for n, _ in fwd_hooks if n not in fired]
+            if silent:
+                raise ConfigError(
+                    f"Your hooks {silent} did not fire in memory='blockwise' (on this architecture "
+                    "the bridge fires them inside its own attention, which this mode replaces). "
+                    "Use SaliencyConfig(memory='normal') or 'lean' with these hooks.")
             if loss_fn is None:
                 per_example = target_nll(logits, batch, config.loss_segments,
                                          dtype=torch.float64 if config.loss_fp64 else None,
