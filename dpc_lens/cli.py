@@ -421,9 +421,15 @@ def _cmd_iap(args) -> int:
         print(format_summary(result[1]))
         print(f"pairs: {os.path.join(args.out, 'pairs.jsonl')}")
         return 0
-    _, summary, fit = calibrate_and_run_iap(lambda: _load(args), exs, task, pool, cfg, dev=dev,
-                                            out_dir=args.out, resume=args.resume,
-                                            progress=_bars(args))
+    import warnings
+
+    from .iap.diagnostics import IAPScoreWarning
+
+    with warnings.catch_warnings():  # printed below as "warning:" lines, not twice
+        warnings.simplefilter("ignore", IAPScoreWarning)
+        _, summary, fit = calibrate_and_run_iap(lambda: _load(args), exs, task, pool, cfg, dev=dev,
+                                                out_dir=args.out, resume=args.resume,
+                                                progress=_bars(args))
     if fit is not None:
         cal = fit.calibration
         print(f"dev calibration ({cal.n_questions} questions): IAP-ss {cal.best_ss}  IAP-mv {cal.best_mv}")
