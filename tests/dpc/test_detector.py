@@ -130,7 +130,8 @@ def test_fraction_pair_selecting_nothing():
 @pytest.mark.parametrize(
     "spec, message",
     [
-        ("middle", r"'middle' is not a layer-set name; expected one of \('shallow', 'deep'\)"),
+        ("middle", r"'middle' is not a layer-set name; expected one of "
+                   r"\('shallow', 'deep', 'global', 'sliding'\)"),
         ([], "empty list"),
         ((0.5, 0.2), r"0.0 <= start_frac < end_frac <= 1.0"),
         ((0.0, 1.5), r"0.0 <= start_frac < end_frac <= 1.0"),
