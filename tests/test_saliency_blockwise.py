@@ -369,3 +369,15 @@ def test_no_pattern_wider_than_a_block_is_formed(dirs, monkeypatch):
     assert shapes and all(s[:2] == (B, H) and s[2] <= 4 and s[3] == T for s in shapes)
     # forward, recompute under block checkpointing, backward: 3 x ceil(T / 4) blocks per layer
     assert len(shapes) == 3 * model.cfg.n_layers * -(-T // 4)
+
+
+def test_skipping_masked_columns_is_exact_up_to_rounding(dirs, monkeypatch):
+    """The opt-in column skipping (only the keys a block can see: causal triangle, sliding
+    window, padding) gives the eager result up to float32 summation order."""
+    monkeypatch.setattr(bw, "_SKIP_MASKED_COLUMNS", True)
+    for arch in ("llama", "gemma3"):
+        model = _model(dirs, arch)
+        batch = _batch(model, torch.float32)
+        eager = compute_saliency(model, batch, SaliencyConfig(memory="normal", **FULL))
+        block = compute_saliency(model, batch, SaliencyConfig(memory="blockwise", block_size=3, **FULL))
+        _assert_same(eager, block, 1e-5)

@@ -153,14 +153,39 @@ def _block_probs(qb: Tensor, k: Tensor, mask_b: Tensor | None, scaling: float,
     return torch.softmax(s, dim=-1)
 
 
+# Work only on the key columns a block can see (the causal triangle, a sliding window, left
+# padding): about half the attention FLOPs for causal attention, far more for Gemma 3's sliding
+# layers at long T. Off by default: every skipped weight is exactly 0, but the float32 softmax
+# then sums a shorter row in another order, which moved SmolLM2's saliency 1.4e-5 of a layer's
+# largest entry from the eager engine (limit 1e-5) and float64 Llama-family models (whose
+# softmax runs in float32) by ~1e-8 (limit 1e-10); with it off both hold.
+_SKIP_MASKED_COLUMNS = False
+
+
+def _key_span(mb: Tensor | None, T: int) -> tuple[int, int]:
+    """The columns ``[c0, c1)`` a block of query rows can see: outside them the model's mask is
+    ``finfo.min`` for every row of the block, so their attention weight is exactly 0 (``exp`` of
+    about ``-3.4e38`` underflows to 0) and so is everything they contribute (z, dL/dA * A, dq,
+    dk, dv, saliency). The causal triangle, a sliding window and left padding all shrink it.
+    A block holding a fully masked row (whose softmax is uniform over every column) keeps all."""
+    if mb is None or not _SKIP_MASKED_COLUMNS:
+        return 0, T
+    masked = mb == torch.finfo(mb.dtype).min
+    if bool(masked.all(-1).any()):
+        return 0, T
+    seen = (~masked).flatten(0, -2).any(0).nonzero().flatten()
+    return int(seen[0]), int(seen[-1]) + 1
+
+
 class _BlockwiseAttention(torch.autograd.Function):
     """``z = softmax(s q k^T [+ softcap] + M) v`` keeping only q, k, v; the backward recomputes
-    one block of query rows at a time and hands ``(A, dL/dA)`` of the block to ``sink``."""
+    one block of query rows at a time and hands ``(A, dL/dA)`` of the block to ``sink``. Each
+    block works only on the key columns its mask lets it see (:func:`_key_span`)."""
 
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling: float,
                 softcap: float | None, sm_fp32: bool, block: int,
-                sink: Callable[[Tensor, Tensor, int, int], None] | None) -> Tensor:
+                sink: Callable[[Tensor, Tensor, int, int, int, int], None] | None) -> Tensor:
         B, H, T, D = q.shape
         g = H // k.shape[1]
         ke, ve = _repeat_kv(k, g), _repeat_kv(v, g)
@@ -168,46 +193,51 @@ class _BlockwiseAttention(torch.autograd.Function):
         # SDPA is the same function when the softmax runs in q's dtype and nothing else enters
         sdpa = _USE_SDPA and softcap is None and (not sm_fp32 or q.dtype == torch.float32) and \
             q.dtype in (torch.float32, torch.float64)
+        spans = []
         for r0 in range(0, T, block):
             r1 = min(T, r0 + block)
             mb = None if mask is None else mask[:, :, r0:r1]
+            c0, c1 = _key_span(mb, T)
+            spans.append((r0, r1, c0, c1))
+            mb = None if mb is None else mb[..., c0:c1]
             if sdpa:
                 out[:, :, r0:r1] = torch.nn.functional.scaled_dot_product_attention(
-                    q[:, :, r0:r1], ke, ve, attn_mask=mb, scale=scaling)
+                    q[:, :, r0:r1], ke[:, :, c0:c1], ve[:, :, c0:c1], attn_mask=mb, scale=scaling)
             else:
                 out[:, :, r0:r1] = torch.matmul(
-                    _block_probs(q[:, :, r0:r1], ke, mb, scaling, softcap, sm_fp32), ve)
+                    _block_probs(q[:, :, r0:r1], ke[:, :, c0:c1], mb, scaling, softcap, sm_fp32),
+                    ve[:, :, c0:c1])
         ctx.save_for_backward(q, k, v)
         ctx.mask = mask
-        ctx.args = (scaling, softcap, sm_fp32, block, sink)
+        ctx.args = (scaling, softcap, sm_fp32, spans, sink)
         return out
 
     @staticmethod
     def backward(ctx: Any, dout: Tensor) -> Any:
         q, k, v = ctx.saved_tensors
         mask = ctx.mask
-        scaling, softcap, sm_fp32, block, sink = ctx.args
+        scaling, softcap, sm_fp32, spans, sink = ctx.args
         B, H, T, D = q.shape
         KV = k.shape[1]
         g = H // KV
         dq = torch.zeros_like(q)
         dke = torch.zeros(B, H, T, k.shape[-1], dtype=k.dtype, device=k.device)
         dve = torch.zeros(B, H, T, v.shape[-1], dtype=v.dtype, device=v.device)
+        ke_all, ve_all = _repeat_kv(k.detach(), g), _repeat_kv(v.detach(), g)
         with torch.enable_grad():
-            ke = _repeat_kv(k.detach(), g).detach().requires_grad_(True)
-            ve = _repeat_kv(v.detach(), g).detach().requires_grad_(True)
-            for r0 in range(0, T, block):
-                r1 = min(T, r0 + block)
+            for r0, r1, c0, c1 in spans:
                 qb = q[:, :, r0:r1].detach().requires_grad_(True)
-                mb = None if mask is None else mask[:, :, r0:r1]
-                A = _block_probs(qb, ke, mb, scaling, softcap, sm_fp32)
-                zb = torch.matmul(A, ve)
-                gq, gk, gv, gA = torch.autograd.grad(zb, (qb, ke, ve, A), dout[:, :, r0:r1])
+                kb = ke_all[:, :, c0:c1].detach().requires_grad_(True)
+                vb = ve_all[:, :, c0:c1].detach().requires_grad_(True)
+                mb = None if mask is None else mask[:, :, r0:r1, c0:c1]
+                A = _block_probs(qb, kb, mb, scaling, softcap, sm_fp32)
+                zb = torch.matmul(A, vb)
+                gq, gk, gv, gA = torch.autograd.grad(zb, (qb, kb, vb, A), dout[:, :, r0:r1])
                 dq[:, :, r0:r1] = gq
-                dke += gk
-                dve += gv
+                dke[:, :, c0:c1] += gk
+                dve[:, :, c0:c1] += gv
                 if sink is not None:
-                    sink(A.detach(), gA, r0, r1)
+                    sink(A.detach(), gA, r0, r1, c0, c1)
                 del A, zb, gA, gk, gv
         if g > 1:
             dk = dke.view(B, KV, g, T, -1).sum(2)
@@ -235,37 +265,40 @@ class _LayerReducer:
         else:
             self.out[key] = value
 
-    def _slot(self, key: str, value: Tensor, r0: int, r1: int, T: int) -> None:
+    def _zeros(self, key: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
         if key not in self.out:
-            self.out[key] = torch.zeros(*value.shape[:-1], T, dtype=value.dtype, device=value.device)
-        self.out[key][..., r0:r1] = value
+            self.out[key] = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        return self.out[key]
 
-    def __call__(self, A: Tensor, gA: Tensor, r0: int, r1: int) -> None:
+    def __call__(self, A: Tensor, gA: Tensor, r0: int, r1: int, c0: int, c1: int) -> None:
+        """One block: rows ``[r0, r1)``, the key columns ``[c0, c1)`` it can see (elsewhere
+        its saliency is exactly 0)."""
         cfg = self.config
-        T = A.shape[-1]
+        T = self.seg.shape[-1]
         I = F.saliency_map(A, gA, per_head=cfg.per_head, signed=cfg.signed, include_diagonal=True,
                            fp32=cfg.fp32)
         if not cfg.include_diagonal:
-            idx = torch.arange(r1 - r0, device=I.device)
-            I[..., idx, idx + r0] = 0
+            idx = torch.arange(max(r0, c0), min(r1, c1), device=I.device)
+            I[..., idx - r0, idx - c0] = 0
         m = self.seg.to(device=I.device, dtype=I.dtype)
-        rows = m[..., r0:r1]
+        rows, cols = m[..., r0:r1], m[..., c0:c1]
         if I.dim() == 4:
-            m, rows = m.unsqueeze(1), rows.unsqueeze(1)
-        self._acc("flow_sums", (rows @ I) @ m.transpose(-1, -2))
+            rows, cols = rows.unsqueeze(1), cols.unsqueeze(1)
+        self._acc("flow_sums", (rows @ I) @ cols.transpose(-1, -2))
+        lead = I.shape[:-2]
         if self.sources is not None or self.targets is not None:
             total = F.row_totals(I)
         if self.sources is not None:
-            self._slot("row_sums", F.row_scores(I, self.sources.to(I.device)), r0, r1, T)
-            self._slot("row_totals", total, r0, r1, T)
+            src = self.sources.to(I.device)[:, c0:c1]
+            self._zeros("row_sums", (*lead, T), I)[..., r0:r1] = F.row_scores(I, src)
+            self._zeros("row_totals", (*lead, T), I)[..., r0:r1] = total
         if self.targets is not None:
             tm = self.targets.to(I.device)[:, r0:r1]
-            self._acc("column_sums", F.column_scores(I, tm))
-            self._acc("column_shares", F.column_scores(I, tm, row_normalize=True, row_total=total))
+            self._zeros("column_sums", (*lead, T), I)[..., c0:c1] += F.column_scores(I, tm)
+            self._zeros("column_shares", (*lead, T), I)[..., c0:c1] += F.column_scores(
+                I, tm, row_normalize=True, row_total=total)
         if cfg.keep_full:
-            if "full" not in self.out:
-                self.out["full"] = torch.zeros(*I.shape[:-2], T, T, dtype=I.dtype, device=I.device)
-            self.out["full"][..., r0:r1, :] = I
+            self._zeros("full", (*lead, T, T), I)[..., r0:r1, c0:c1] = I
 
 
 # --------------------------------------------------------------------------- the pass
