@@ -486,7 +486,8 @@ def _iap_accuracy(summary: Mapping[str, Any]) -> str:
                     f"{_number(v, ['accuracy', 'single', prompt], pct=True)}</td></tr>")
     best = acc.get("best_single")
     if isinstance(best, Mapping):
-        rows.append(f"<tr><td>best single: {esc(best.get('prompt'))}</td><td class=\"num\">"
+        rows.append(f"<tr><td>best single on these questions (in-sample): {esc(best.get('prompt'))}</td>"
+                    "<td class=\"num\">"
                     f"{_number(best.get('accuracy'), ['accuracy', 'best_single', 'accuracy'], pct=True)}"
                     "</td></tr>")
     extra = {k: v for k, v in acc.items() if k not in ("iap_ss", "iap_mv", "majority", "oracle", "single",
