@@ -397,3 +397,32 @@ def test_bf16_within_bf16_rounding_of_eager(dirs, arch):
         one = compute_saliency(model, batch, SaliencyConfig(memory="blockwise", block_size=batch.seq_len,
                                                             **FULL))
         torch.testing.assert_close(one.full, eager.full, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_long_padded_batch_with_column_skipping(tmp_path, dtype, tol):
+    """T = 300 (left-padded in float32; float64 padding gives NaN in the model itself, see
+    test_equals_eager_fp64), blocks of 48 rows: the column skipping really trims (each block sees
+    a 64-aligned prefix of the keys; blocks holding fully masked pad rows keep every column) and
+    still equals the eager engine."""
+    from dpc_lens.segments import SegmentLayout
+
+    model = load_model(save_tiny_hf_model("llama", tmp_path, seed=4, n_layers=2, n_ctx=512),
+                       device="cpu", dtype=dtype)
+    g = torch.Generator().manual_seed(1)
+    lens = (300, 230) if dtype == torch.float32 else (300,)
+    seqs = [torch.randint(4, 100, (n,), generator=g).tolist() for n in lens]
+    lays = [SegmentLayout({"q": (0, n - 60), "rationale": (n - 60, n)}, n) for n in lens]
+    batch = PromptBatch.build(as_adapter(model), seqs, lays, None)
+    spans = []
+    real = bw._key_span
+    bw_span = lambda mb, T: spans.append(real(mb, T)) or spans[-1]  # noqa: E731
+    cfg = dict(FULL, row_sources=("q",), loss_segments=("rationale",))
+    eager = compute_saliency(model, batch, SaliencyConfig(memory="normal", **cfg))
+    import unittest.mock as um
+
+    with um.patch.object(bw, "_key_span", bw_span):
+        block = compute_saliency(model, batch, SaliencyConfig(memory="blockwise", block_size=48, **cfg))
+    assert min(c1 for _, c1 in spans) < 300
+    assert all(c0 == 0 and (c1 % 64 == 0 or c1 == 300) for c0, c1 in spans)
+    _assert_same(eager, block, tol)

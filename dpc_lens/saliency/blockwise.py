@@ -153,13 +153,16 @@ def _block_probs(qb: Tensor, k: Tensor, mask_b: Tensor | None, scaling: float,
     return torch.softmax(s, dim=-1)
 
 
-# Work only on the key columns a block can see (the causal triangle, a sliding window, left
-# padding): about half the attention FLOPs for causal attention, far more for Gemma 3's sliding
-# layers at long T. Off by default: every skipped weight is exactly 0, but the float32 softmax
-# then sums a shorter row in another order, which moved SmolLM2's saliency 1.4e-5 of a layer's
-# largest entry from the eager engine (limit 1e-5) and float64 Llama-family models (whose
-# softmax runs in float32) by ~1e-8 (limit 1e-10); with it off both hold.
-_SKIP_MASKED_COLUMNS = False
+# Work only on the key columns a block can see: about half the attention work under a causal
+# mask (FlashAttention's block skipping). Every skipped weight is exactly 0 (the mask there is
+# finfo.min for every row of the block). The kept columns are a prefix whose end is rounded up to
+# a multiple of _SPAN_ALIGN, so the float32 softmax and its backward reduce the kept entries in
+# the same vector lanes as over the full row (the skipped terms add exact zeros): without the
+# alignment, short unaligned rows moved SmolLM2's saliency 1.4e-5 of a layer's largest entry and
+# float64 Llama-family models (float32 softmax) ~1e-8 from the eager engine; with it, results
+# match as without skipping (tested at T = 300 against 1e-10 in float64).
+_SKIP_MASKED_COLUMNS = True
+_SPAN_ALIGN = 64
 
 
 def _key_span(mb: Tensor | None, T: int) -> tuple[int, int]:
@@ -174,6 +177,8 @@ def _key_span(mb: Tensor | None, T: int) -> tuple[int, int]:
     if bool(masked.all(-1).any()):
         return 0, T
     seen = (~masked).flatten(0, -2).any(0).nonzero().flatten()
+    if _SPAN_ALIGN:  # a prefix, its end rounded up: the kept columns reduce in the eager order
+        return 0, min(T, -(-(int(seen[-1]) + 1) // _SPAN_ALIGN) * _SPAN_ALIGN)
     return int(seen[0]), int(seen[-1]) + 1
 
 
