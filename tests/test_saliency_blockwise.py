@@ -324,6 +324,7 @@ def test_default_block_size_follows_free_memory(dirs):
         batch_size, seq_len = batch.batch_size, 4096
 
     assert bw.default_block_size(adapter, Long, free) == (int(0.05 * free) // per_row) // 16 * 16
+    assert bw.default_block_size(adapter, Long, 1 << 40) == 256  # capped: causal skipping pays
 
 
 # --------------------------------------------------------------------------- the real model

@@ -116,12 +116,14 @@ def lean_mode_bytes(adapter: Any, batch: PromptBatch) -> int:
 def default_block_size(adapter: Any, batch: PromptBatch, free: int | None) -> int:
     """Query rows per block: about six ``[batch, head, Bq, T]`` float32 work tensors are alive
     per block; they get 5% of the free memory of the model's device (at most 512 MiB, 256 MiB
-    when the free memory is unknown), rounded down to a multiple of 16, between 16 and T."""
+    when the free memory is unknown), rounded down to a multiple of 16, between 16 and T, and at
+    most 256 rows, so that the causal column skipping saves most of the masked half (a block of
+    ``Bq`` rows sees about ``Bq / 2`` columns it need not)."""
     T = batch.seq_len
     budget = min(512 << 20, int(0.05 * free)) if free else 256 << 20
     per_row = 6 * batch.batch_size * adapter.n_heads * T * 4
     bq = max(16, (budget // max(per_row, 1)) // 16 * 16)
-    return int(min(T, bq))
+    return int(min(T, bq, 256))
 
 
 # --------------------------------------------------------------------------- the attention
