@@ -43,7 +43,14 @@ from .._typing import Tensor
 from ..errors import InputError, SaliencyError
 from ..model import as_adapter, frozen_for_saliency
 from ..segments import PromptBatch, SegmentLayout, _warn_if_all_unknown
-from .capture import SaliencyStore, _all_segment_names, _check_batch, _outside_inference_mode, saliency_hooks
+from .capture import (
+    SaliencyStore,
+    _all_segment_names,
+    _check_batch,
+    _checkpointed_blocks,
+    _outside_inference_mode,
+    saliency_hooks,
+)
 from .config import (
     LossFn,
     SaliencyConfig,
@@ -323,34 +330,6 @@ def _normal_mode_would_not_fit(adapter: Any, batch: PromptBatch,
     free = _free_bytes(adapter.device)
     need = normal_mode_bytes(adapter, batch) + logits_bytes(adapter, batch, n_logit_positions)
     return free is not None and need > 0.8 * free
-
-
-@contextlib.contextmanager
-def _checkpointed_blocks(adapter: Any) -> Iterator[None]:
-    """Within the block, every transformer block runs under non-reentrant activation
-    checkpointing: its graph is dropped after the forward and recomputed during the backward.
-    The wrapper is set as an instance attribute (bypassing TransformerLens's attribute proxy)
-    and removed on exit, also after an exception, so the caller's model is left as found."""
-    blocks = list(adapter.model.blocks)
-    for block in blocks:
-        if "forward" in block.__dict__:
-            raise SaliencyError(
-                f"{type(block).__name__} already has an instance-level forward (another "
-                "checkpointing wrapper?); lean saliency will not stack a second one. Use "
-                "SaliencyConfig(memory='normal')."
-            )
-    try:
-        for block in blocks:
-            inner = block.forward
-
-            def forward(*args: Any, _inner: Callable[..., Any] = inner, **kwargs: Any) -> Any:
-                return torch.utils.checkpoint.checkpoint(_inner, *args, use_reentrant=False, **kwargs)
-
-            object.__setattr__(block, "forward", forward)
-        yield
-    finally:
-        for block in blocks:
-            block.__dict__.pop("forward", None)
 
 
 _KEEPERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -34,8 +34,8 @@ from .._typing import Tensor
 from ..errors import ConfigError, InputError, SaliencyError
 from ..model import frozen_for_saliency
 from ..segments import PromptBatch
-from .capture import SaliencyStore
-from .config import SaliencyConfig, target_nll
+from .capture import SaliencyStore, _checkpointed_blocks  # the lean mode's per-block checkpointing
+from .config import SaliencyConfig, scored_positions, target_nll
 
 __all__ = ["activation_bytes", "blockwise_supported", "checkpoint_blocks", "compute_blockwise",
            "default_block_size", "lean_mode_bytes"]
@@ -437,12 +437,9 @@ def _scored_positions(adapter: Any, batch: PromptBatch, config: SaliencyConfig,
                       loss_fn: Any) -> Tensor | None:
     """The positions the default loss reads, where the model can unembed only those (the logits
     at every position cost more than all of this engine's attention state at long T)."""
-    from . import config as config_module
-
-    pick = getattr(config_module, "scored_positions", None)
-    if loss_fn is not None or pick is None or not getattr(adapter, "keeps_logits_subset", False):
+    if loss_fn is not None or not getattr(adapter, "keeps_logits_subset", False):
         return None
-    return pick(batch, config.loss_segments)
+    return scored_positions(batch, config.loss_segments)
 
 
 def compute_blockwise(adapter: Any, batch: PromptBatch, config: SaliencyConfig,
@@ -465,8 +462,6 @@ def compute_blockwise(adapter: Any, batch: PromptBatch, config: SaliencyConfig,
     store = SaliencyStore(config, layers, None, batch, adapter)
     p = store._start_pass()
     p.reducers = {}
-    from . import _checkpointed_blocks  # the lean mode's per-block activation checkpointing
-
     ckpt = checkpoint_blocks(adapter, batch, free)
     with frozen_for_saliency(adapter.model), torch.enable_grad(), \
             _blockwise_attention(adapter, store, p, block), \

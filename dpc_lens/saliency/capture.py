@@ -3,12 +3,14 @@ reduces each layer's saliency inside its gradient hook, pass by pass."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 
 from .. import flows as F
 from .. import hook_names
@@ -399,3 +401,31 @@ def _all_segment_names(batch: PromptBatch) -> list[str]:
             if n not in names:
                 names.append(n)
     return names
+
+
+@contextlib.contextmanager
+def _checkpointed_blocks(adapter: Any) -> Iterator[None]:
+    """Within the block, every transformer block runs under non-reentrant activation
+    checkpointing: its graph is dropped after the forward and recomputed during the backward.
+    The wrapper is set as an instance attribute (bypassing TransformerLens's attribute proxy)
+    and removed on exit, also after an exception, so the caller's model is left as found."""
+    blocks = list(adapter.model.blocks)
+    for block in blocks:
+        if "forward" in block.__dict__:
+            raise SaliencyError(
+                f"{type(block).__name__} already has an instance-level forward (another "
+                "checkpointing wrapper?); lean saliency will not stack a second one. Use "
+                "SaliencyConfig(memory='normal')."
+            )
+    try:
+        for block in blocks:
+            inner = block.forward
+
+            def forward(*args: Any, _inner: Callable[..., Any] = inner, **kwargs: Any) -> Any:
+                return torch.utils.checkpoint.checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+            object.__setattr__(block, "forward", forward)
+        yield
+    finally:
+        for block in blocks:
+            block.__dict__.pop("forward", None)
