@@ -31,7 +31,8 @@ def test_dpc_config_from_dict_names_unknown_fields():
         DPCConfig.from_dict(d)
     d = DPCConfig().to_dict()
     d["corruption"]["gama"] = 10  # nested: a dpc_lens error with a did-you-mean, not a TypeError
-    with pytest.raises(ConfigError, match=r"CorruptionConfig has an unknown key 'gama' \(did you mean 'gamma'\?\)"):
+    with pytest.raises(ConfigError,
+                       match=r"CorruptionConfig has an unknown key 'gama' \(did you mean 'gamma'\?\)"):
         DPCConfig.from_dict(d)
     assert DPCConfig.from_dict(DPCConfig().to_dict()).to_dict() == DPCConfig().to_dict()
 
