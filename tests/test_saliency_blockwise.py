@@ -350,14 +350,20 @@ def test_no_pattern_wider_than_a_block_is_formed(dirs, monkeypatch):
     batch = _batch(model, torch.float32)
     B, T, H = batch.batch_size, batch.seq_len, model.cfg.n_heads
     shapes = []
-    real = bw._block_probs
+    real, real_manual = bw._block_probs, bw._block_probs_and_slope
 
     def spy(qb, k, *a, **kw):
         out = real(qb, k, *a, **kw)
         shapes.append(tuple(out.shape))
         return out
 
+    def spy_manual(qb, k, *a, **kw):  # the float32 backward's recompute
+        out = real_manual(qb, k, *a, **kw)
+        shapes.append(tuple(out[0].shape))
+        return out
+
     monkeypatch.setattr(bw, "_block_probs", spy)
+    monkeypatch.setattr(bw, "_block_probs_and_slope", spy_manual)
     monkeypatch.setattr(bw, "_CHECKPOINT_BLOCKS", True)
     fired = []
     hook = ("blocks.0.attn.hook_attn_scores", lambda t, hook: fired.append(1))
@@ -427,3 +433,46 @@ def test_long_padded_batch_with_column_skipping(tmp_path, dtype, tol):
     assert min(c1 for _, c1 in spans) < 300
     assert all(c0 == 0 and (c1 % 64 == 0 or c1 == 300) for c0, c1 in spans)
     _assert_same(eager, block, tol)
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("sm_fp32", [False, True])
+@pytest.mark.parametrize("manual", [True, False])
+def test_attention_function_against_plain_autograd(softcap, sm_fp32, manual, monkeypatch):
+    """The blockwise attention function alone, both backwards (by hand for float32/float64,
+    autograd of the model's ops otherwise), against plain torch autograd of the formula on the
+    full ``T x T`` matrix: GQA (4 query heads on 2 kv heads), left padding, a softcap, float64."""
+    monkeypatch.setattr(bw, "_MANUAL_BACKWARD", manual)
+    torch.manual_seed(0)
+    B, H, KV, T, D, scale = 2, 4, 2, 37, 8, 0.3
+    q = torch.randn(B, H, T, D, dtype=torch.float64)
+    k, v = (torch.randn(B, KV, T, D, dtype=torch.float64) for _ in range(2))
+    dout = torch.randn(B, H, T, D, dtype=torch.float64)
+    neg = torch.finfo(torch.float64).min
+    mask = torch.zeros(B, 1, T, T, dtype=torch.float64).masked_fill(
+        torch.ones(T, T, dtype=torch.bool).triu(1), neg)
+    mask[1, :, :, :5] = neg  # five left-padding columns in the second example
+    mask[1, :, torch.arange(5), torch.arange(5)] = 0  # padded rows see themselves (HF's rule)
+
+    qr, kr, vr = (x.clone().requires_grad_(True) for x in (q, k, v))
+    s = qr @ kr.repeat_interleave(H // KV, 1).transpose(-1, -2) * scale
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    A = (torch.softmax(s + mask, -1, dtype=torch.float32).to(q.dtype) if sm_fp32
+         else torch.softmax(s + mask, -1))
+    A.retain_grad()
+    (A @ vr.repeat_interleave(H // KV, 1)).backward(dout)
+    ref = (A * A.grad).sum(1).detach()
+
+    got = torch.zeros(B, T, T, dtype=torch.float64)
+
+    def sink(Ab, gA, r0, r1, c0, c1, product=None):
+        P = Ab * gA if product is None else product
+        got[:, r0:r1, c0:c1] += P.sum(1)
+
+    qb, kb, vb = (x.clone().requires_grad_(True) for x in (q, k, v))
+    bw._BlockwiseAttention.apply(qb, kb, vb, mask, scale, softcap, sm_fp32, 8, sink).backward(dout)
+    tol = 1e-6 if sm_fp32 else 1e-12  # a float32 softmax rounds A to float32 in both
+    assert torch.allclose(got, ref, atol=tol * ref.abs().max(), rtol=0)
+    for mine, theirs in ((qb, qr), (kb, kr), (vb, vr)):
+        assert torch.allclose(mine.grad, theirs.grad, atol=tol * theirs.grad.abs().max(), rtol=0)

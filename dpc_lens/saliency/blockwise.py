@@ -165,6 +165,12 @@ def _block_probs(qb: Tensor, k: Tensor, mask_b: Tensor | None, scaling: float,
 # match as without skipping (tested at T = 300 against 1e-10 in float64).
 _SKIP_MASKED_COLUMNS = True
 _SPAN_ALIGN = 64
+# float32 blocks (and float64 ones whose softmax runs in float64): the backward by hand
+# (dL/dA = dz v^T, the softmax backward from the same A * dL/dA the saliency reads, no
+# recomputed z), 7 matmuls a block as in FlashAttention's forward + backward. Otherwise (half
+# precision, or a float32 softmax inside a float64 model, whose backward autograd runs in
+# float32) the model's ops under autograd (8 matmuls), so every cast rounds as in the eager engine.
+_MANUAL_BACKWARD = True
 
 
 def _key_span(mb: Tensor | None, T: int) -> tuple[int, int]:
@@ -231,27 +237,73 @@ class _BlockwiseAttention(torch.autograd.Function):
         dke = torch.zeros(B, H, T, k.shape[-1], dtype=k.dtype, device=k.device)
         dve = torch.zeros(B, H, T, v.shape[-1], dtype=v.dtype, device=v.device)
         ke_all, ve_all = _repeat_kv(k.detach(), g), _repeat_kv(v.detach(), g)
-        with torch.enable_grad():
+        if _MANUAL_BACKWARD and (q.dtype == torch.float32 or (q.dtype == torch.float64 and not sm_fp32)):
             for r0, r1, c0, c1 in spans:
-                qb = q[:, :, r0:r1].detach().requires_grad_(True)
-                kb = ke_all[:, :, c0:c1].detach().requires_grad_(True)
-                vb = ve_all[:, :, c0:c1].detach().requires_grad_(True)
+                qb, kb, vb = q[:, :, r0:r1].detach(), ke_all[:, :, c0:c1], ve_all[:, :, c0:c1]
                 mb = None if mask is None else mask[:, :, r0:r1, c0:c1]
-                A = _block_probs(qb, kb, mb, scaling, softcap, sm_fp32)
-                zb = torch.matmul(A, vb)
-                gq, gk, gv, gA = torch.autograd.grad(zb, (qb, kb, vb, A), dout[:, :, r0:r1])
-                dq[:, :, r0:r1] = gq
-                dke[:, :, c0:c1] += gk
-                dve[:, :, c0:c1] += gv
+                db = dout[:, :, r0:r1]
+                A, dA_ds = _block_probs_and_slope(qb, kb, mb, scaling, softcap, sm_fp32)
+                gA = torch.matmul(db, vb.transpose(-1, -2))  # dL/dA = dz . v
+                dve[:, :, c0:c1] += torch.matmul(A.transpose(-1, -2), db)
+                P = A * gA  # the saliency's per-head term, and the softmax backward's
+                dS = torch.addcmul(P, A, P.sum(-1, keepdim=True), value=-1)  # A (gA - sum A gA)
+                if dA_ds is not None:
+                    dS.mul_(dA_ds)
+                # the scale on the [Bq, D] and [Tc, D] products, not on the [Bq, Tc] block
+                dq[:, :, r0:r1] = torch.matmul(dS, kb).mul_(scaling)
+                dke[:, :, c0:c1].add_(torch.matmul(dS.transpose(-1, -2), qb), alpha=scaling)
+                del dS
                 if sink is not None:
-                    sink(A.detach(), gA, r0, r1, c0, c1)
-                del A, zb, gA, gk, gv
+                    sink(A, gA, r0, r1, c0, c1, product=P)
+                del A, gA, P
+        else:
+            _autograd_blocks(q, ke_all, ve_all, mask, dout, spans, scaling, softcap, sm_fp32, sink,
+                             dq, dke, dve)
         if g > 1:
             dk = dke.view(B, KV, g, T, -1).sum(2)
             dv = dve.view(B, KV, g, T, -1).sum(2)
         else:
             dk, dv = dke, dve
         return dq, dk, dv, None, None, None, None, None, None
+
+
+def _block_probs_and_slope(qb: Tensor, k: Tensor, mask_b: Tensor | None, scaling: float,
+                           softcap: float | None, sm_fp32: bool) -> tuple[Tensor, Tensor | None]:
+    """:func:`_block_probs` for float32/float64 blocks, and the softcap's slope
+    ``d(c tanh(x / c))/dx = 1 - tanh^2(x / c)`` (``None`` without a softcap)."""
+    s = torch.matmul(qb, k.transpose(-1, -2)) * scaling
+    slope = None
+    if softcap is not None:
+        t = torch.tanh(s / softcap)
+        s = t * softcap
+        slope = 1 - t * t
+    if mask_b is not None:
+        s = s + mask_b
+    if sm_fp32:
+        return torch.softmax(s, dim=-1, dtype=torch.float32).to(qb.dtype), slope
+    return torch.softmax(s, dim=-1), slope
+
+
+def _autograd_blocks(q: Tensor, ke_all: Tensor, ve_all: Tensor, mask: Tensor | None, dout: Tensor,
+                     spans: list[tuple[int, int, int, int]], scaling: float, softcap: float | None,
+                     sm_fp32: bool, sink: Any, dq: Tensor, dke: Tensor, dve: Tensor) -> None:
+    """The backward of blocks in half precision (or with a float32 softmax in a float64 model):
+    the model's own ops under autograd, so every cast rounds as in the eager engine."""
+    with torch.enable_grad():
+        for r0, r1, c0, c1 in spans:
+            qb = q[:, :, r0:r1].detach().requires_grad_(True)
+            kb = ke_all[:, :, c0:c1].detach().requires_grad_(True)
+            vb = ve_all[:, :, c0:c1].detach().requires_grad_(True)
+            mb = None if mask is None else mask[:, :, r0:r1, c0:c1]
+            A = _block_probs(qb, kb, mb, scaling, softcap, sm_fp32)
+            zb = torch.matmul(A, vb)
+            gq, gk, gv, gA = torch.autograd.grad(zb, (qb, kb, vb, A), dout[:, :, r0:r1])
+            dq[:, :, r0:r1] = gq
+            dke[:, :, c0:c1] += gk
+            dve[:, :, c0:c1] += gv
+            if sink is not None:
+                sink(A.detach(), gA, r0, r1, c0, c1)
+            del A, zb, gA, gk, gv
 
 
 # --------------------------------------------------------------------------- reduction
@@ -277,13 +329,22 @@ class _LayerReducer:
             self.out[key] = torch.zeros(shape, dtype=like.dtype, device=like.device)
         return self.out[key]
 
-    def __call__(self, A: Tensor, gA: Tensor, r0: int, r1: int, c0: int, c1: int) -> None:
+    def __call__(self, A: Tensor, gA: Tensor, r0: int, r1: int, c0: int, c1: int,
+                 product: Tensor | None = None) -> None:
         """One block: rows ``[r0, r1)``, the key columns ``[c0, c1)`` it can see (elsewhere
-        its saliency is exactly 0)."""
+        its saliency is exactly 0). ``product``: ``A * gA`` where the caller has it already
+        (float32/float64, where :func:`~dpc_lens.flows.saliency_map` would compute the same)."""
         cfg = self.config
         T = self.seg.shape[-1]
-        I = F.saliency_map(A, gA, per_head=cfg.per_head, signed=cfg.signed, include_diagonal=True,
-                           fp32=cfg.fp32)
+        if product is not None and (product.dtype != torch.float32 and product.dtype != torch.float64):
+            product = None
+        if product is None:
+            I = F.saliency_map(A, gA, per_head=cfg.per_head, signed=cfg.signed,
+                               include_diagonal=True, fp32=cfg.fp32)
+        else:
+            I = product if cfg.per_head else product.sum(1)  # the caller is done with it
+            if not cfg.signed:
+                I.abs_()
         if not cfg.include_diagonal:
             idx = torch.arange(max(r0, c0), min(r1, c1), device=I.device)
             I[..., idx - r0, idx - c0] = 0
