@@ -169,3 +169,45 @@ def test_dpc_analyse_says_which_layers_cannot_see_the_soft_prompt(gemma):
     with warnings.catch_warnings():
         warnings.simplefilter("error", DpcLensWarning)
         analyse(gemma, soft, [short_q], cfg, generations=gens[1:], progress=False)  # within the window
+
+
+def test_dpc_detector_leaves_out_what_the_window_hides(gemma):
+    """The detector inputs mark, per layer, which rationale tokens can see a soft token; where
+    they cannot, the measured soft->token saliency is exactly zero (the model's own mask), and
+    the deep-flow means leave those (layer, token) pairs out instead of averaging zeros in."""
+    from dpc_lens.dpc import DetectorConfig, DPCConfig, analyse, dynamic_trigger
+    from dpc_lens.generation import GenerationConfig
+
+    g = torch.Generator().manual_seed(2)
+    soft = SoftPrompt(torch.randn(2, D_MODEL, generator=g) * 0.5)
+    cfg = DPCConfig(generation=GenerationConfig(max_new_tokens=3, stop_at_eos=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DpcLensWarning)
+        far, near = analyse(gemma, soft, ["ann has 3 apples and buys 2 more pens", "ann"], cfg,
+                            progress=False)
+    for a in (far, near):
+        x = a.inputs
+        assert x.layer_windows.tolist() == [WINDOW, WINDOW, 0, WINDOW]
+        assert x.windows == (WINDOW, WINDOW, None, WINDOW)
+        # [soft (2); BOS + question; rationale]: rationale token i sits at 2 + len(prompt) + i,
+        # the last soft token at 1; a sliding layer shows it the soft prompt when the gap < 4
+        gaps = [2 + len(a.prompt_ids) + i - 1 for i in range(len(a.generation.token_ids))]
+        for layer, w in enumerate((WINDOW, WINDOW, None, WINDOW)):
+            want = [w is None or gap < w for gap in gaps]
+            assert x.rationale_visible[layer].tolist() == want
+            hidden = ~x.rationale_visible[layer]
+            assert bool((x.rationale_rows[layer][hidden] == 0).all())  # the model's mask agrees
+    assert near.inputs.rationale_visible[0].tolist() == [True, False, False]
+
+    # deep layers all sliding: the far rationale sees the soft prompt in none -> not judged
+    d = dynamic_trigger(far.inputs, DetectorConfig(shallow_layers=[1], deep_layers="sliding"))
+    assert d.deep_layers == (0, 1, 3) and not d.deep_flow.defined and not d.fired
+    assert "see the soft prompt in none" in d.deep_flow.note
+    # the global layer judges every token; "global" resolves from the inputs' own layer types
+    d = dynamic_trigger(far.inputs, DetectorConfig(shallow_layers=[1], deep_layers="global"))
+    assert d.deep_layers == (2,) and d.deep_flow.defined and d.deep_flow.n_judged is None
+    # mixed: token 0 is seen by every deep layer, tokens 1-2 only by the global one
+    d = dynamic_trigger(near.inputs, DetectorConfig(shallow_layers=[1], deep_layers=[0, 2]))
+    rows = near.inputs.rows(d.statistic).double()
+    assert d.deep_flow.f.tolist() == pytest.approx(
+        [(rows[0, 0] + rows[2, 0]).item() / 2, rows[2, 1].item(), rows[2, 2].item()])

@@ -354,8 +354,14 @@ _NEW_FIELDS = ("sink_source", "sink_threshold", "sink_residual_threshold", "loca
 # --------------------------------------------------------------------------------------------
 
 
-def _tensor_list(t: Tensor) -> list[float]:
-    return [float(x) for x in t.tolist()]
+def _tensor_list(t: Tensor) -> list[float | None]:
+    """A tensor as a JSON-safe list (NaN, an undefined entry, as null)."""
+    return [None if x != x else float(x) for x in t.tolist()]
+
+
+def _list_tensor(xs: Sequence[float | None]) -> Tensor:
+    """Inverse of :func:`_tensor_list` (null -> NaN)."""
+    return torch.tensor([float("nan") if x is None else x for x in xs], dtype=torch.float64)
 
 
 @dataclass(frozen=True, eq=False)
@@ -435,8 +441,8 @@ class AccumulationStats:
             layers=tuple(int(x) for x in d["layers"]),
             sink=d["sink"],
             sink_scale=d["sink_scale"],
-            column=torch.tensor(d["column"], dtype=torch.float64),
-            scores=torch.tensor(d["scores"], dtype=torch.float64),
+            column=_list_tensor(d["column"]),
+            scores=_list_tensor(d["scores"]),
             total=float(d["total"]),
             max_share=float(d["max_share"]),
             max_over_mean=float(d["max_over_mean"]),
@@ -447,7 +453,7 @@ class AccumulationStats:
             # records written before sink detection existed: position 0 was the sink slot
             sink_positions=tuple(int(x) for x in d.get("sink_positions", (0,))),
             locator=str(d.get("locator", "argmax")),
-            z=torch.tensor(d["z"], dtype=torch.float64) if d.get("z") is not None else None,
+            z=_list_tensor(d["z"]) if d.get("z") is not None else None,
         )
 
 
@@ -572,6 +578,9 @@ class DeepFlowStats:
         affected_share: ``n_affected / |r2|`` (0.0 when undefined).
         defined: False when the rationale is too short to judge (then nothing is affected and
             the trigger cannot fire); ``note`` says why.
+        n_judged: the r2 tokens judged, when some were left out because they see the soft
+            prompt in none of the layers (sliding windows, :func:`deep_flow`'s ``visible``);
+            ``None`` when every r2 token was judged. Their ``f`` is NaN.
     """
 
     layers: tuple[int, ...]
@@ -584,10 +593,12 @@ class DeepFlowStats:
     affected_share: float
     defined: bool
     note: str
+    n_judged: int | None = None
 
     @property
     def n_second(self) -> int:
-        return int(self.f.shape[0]) - self.n_first
+        """``|r2|``: the second-half tokens judged (all of them unless some see no soft token)."""
+        return int(self.f.shape[0]) - self.n_first if self.n_judged is None else self.n_judged
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -601,12 +612,13 @@ class DeepFlowStats:
             "affected_share": self.affected_share,
             "defined": self.defined,
             "note": self.note,
+            **({} if self.n_judged is None else {"n_judged": self.n_judged}),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DeepFlowStats:
         _require_keys(d, "DeepFlowStats", _DEEP_FLOW_KEYS)
-        f = torch.tensor(d["f"], dtype=torch.float64)
+        f = _list_tensor(d["f"])
         mask = torch.zeros(f.shape[0], dtype=torch.bool)
         idx = [int(i) for i in d["affected_indices"]]
         if idx:
@@ -622,6 +634,7 @@ class DeepFlowStats:
             affected_share=float(d["affected_share"]),
             defined=bool(d["defined"]),
             note=str(d["note"]),
+            n_judged=None if d.get("n_judged") is None else int(d["n_judged"]),
         )
 
 
@@ -630,6 +643,8 @@ def deep_flow(
     layers: Sequence[int],
     beta_mode: BetaMode = "first_half_mean",
     beta_value: float | None = None,
+    *,
+    visible: Tensor | None = None,
 ) -> DeepFlowStats:
     """Deep-layer flow from the soft prompt into the rationale, and the affected tokens.
 
@@ -648,6 +663,13 @@ def deep_flow(
     flow that comes from the soft prompt. The threshold R is applied by
     :func:`dynamic_trigger`, so one DeepFlowStats serves every R.
 
+    ``visible`` (``[layer, rat]`` bool, :attr:`DetectorInputs.rationale_visible`): in a
+    sliding-window layer a rationale token a window or more past the soft prompt cannot attend to
+    it, and its zero flow there is structural, not measured. ``f_i`` is then the mean over the
+    chosen layers where token i sees the soft prompt; a token that sees it in none of them has no
+    ``f_i`` (NaN) and is left out of beta, of the affected count and of ``|r2|``
+    (``n_second``). ``None``: every (layer, token) counts.
+
     Short rationales give a defined no-trigger result (``defined=False``, share 0, no affected
     token, ``note`` says why) instead of an error, so one empty generation does not stop a
     batch run: n = 0 always, n = 1 with ``"first_half_mean"`` (r1 is empty, beta undefined).
@@ -662,27 +684,55 @@ def deep_flow(
     chosen = _check_layers(layers, n_layers, "deep_flow")
     if beta_mode == "fixed" and (beta_value is None or not math.isfinite(float(beta_value))):
         raise InputError(f"beta_mode='fixed' needs a finite beta_value, got {beta_value!r}.")
-    f = rows.detach().to(device="cpu", dtype=torch.float64)[chosen].mean(dim=0)
+    r = rows.detach().to(device="cpu", dtype=torch.float64)[chosen]
+    seen = None
+    if visible is not None:
+        if tuple(visible.shape) != tuple(rows.shape) or visible.dtype != torch.bool:
+            raise InputError(f"visible must be a bool tensor of the rows' shape {tuple(rows.shape)}, "
+                             f"got {visible.dtype} {tuple(visible.shape)}.")
+        vis = visible.detach().cpu()[chosen]
+        if bool(vis.all()):
+            vis = None
+    else:
+        vis = None
+    if vis is None:
+        f = r.mean(dim=0)
+    else:
+        k = vis.sum(0)
+        f = torch.where(k > 0, (r * vis).sum(0) / k.clamp(min=1), torch.full_like(r[0], float("nan")))
+        seen = k > 0
     n_first = n // 2
     mask = torch.zeros(n, dtype=torch.bool)
+    blind = "" if seen is None else (
+        f"; {int((~seen).sum())} of {n} rationale tokens see the soft prompt in none of the deep "
+        f"layers {list(chosen)} (a window or more past it) and are left out")
 
     def undefined(note: str) -> DeepFlowStats:
-        return DeepFlowStats(tuple(chosen), f, n_first, beta_mode, None, mask, 0, 0.0, False, note)
+        return DeepFlowStats(tuple(chosen), f, n_first, beta_mode, None, mask, 0, 0.0, False, note,
+                             None if seen is None else int(seen[n_first:].sum()))
 
     if n == 0:
         return undefined("empty rationale: nothing to judge, the trigger cannot fire")
+    first_ok = torch.ones(n_first, dtype=torch.bool) if seen is None else seen[:n_first]
+    second_ok = torch.ones(n - n_first, dtype=torch.bool) if seen is None else seen[n_first:]
     if beta_mode == "first_half_mean":
         if n_first == 0:
             return undefined(
                 f"rationale has {n} token; the first-half mean needs at least 2 tokens, "
                 "the trigger cannot fire"
             )
-        beta = float(f[:n_first].mean())
+        if not bool(first_ok.any()):
+            return undefined("no first-half rationale token sees the soft prompt in the deep "
+                             "layers, so beta is undefined; the trigger cannot fire" + blind)
+        beta = float(f[:n_first][first_ok].mean())
     else:
         beta = float(beta_value)  # type: ignore[arg-type]
-    mask[n_first:] = f[n_first:] > beta
+    n_second = int(second_ok.sum())
+    if n_second == 0:
+        return undefined("no second-half rationale token sees the soft prompt in the deep layers; "
+                         "the trigger cannot fire" + blind)
+    mask[n_first:] = (f[n_first:] > beta) & second_ok
     n_aff = int(mask.sum())
-    n_second = n - n_first
     return DeepFlowStats(
         layers=tuple(chosen),
         f=f,
@@ -693,7 +743,8 @@ def deep_flow(
         n_affected=n_aff,
         affected_share=n_aff / n_second,
         defined=True,
-        note="",
+        note=blind.lstrip("; "),
+        n_judged=None if seen is None else n_second,
     )
 
 
@@ -778,9 +829,10 @@ class TriggerDecision:
         )
 
 
-def _resolve_field(config: DetectorConfig, name: str, n_layers: int) -> list[int]:
+def _resolve_field(config: DetectorConfig, name: str, n_layers: int,
+                   windows: Sequence[int | None] | None = None) -> list[int]:
     try:
-        return resolve_layers(getattr(config, name), n_layers)
+        return resolve_layers(getattr(config, name), n_layers, windows)
     except ConfigError as err:
         raise ConfigError(f"{name}: {err}") from None
 
@@ -808,14 +860,15 @@ def dynamic_trigger(
         raise InputError(f"inputs must be DetectorInputs, got {type(inputs).__name__}.")
     if not isinstance(config, DetectorConfig):
         raise InputError(f"config must be DetectorConfig, got {type(config).__name__}.")
-    shallow = _resolve_field(config, "shallow_layers", inputs.n_layers)
-    deep = _resolve_field(config, "deep_layers", inputs.n_layers)
+    shallow = _resolve_field(config, "shallow_layers", inputs.n_layers, inputs.windows)
+    deep = _resolve_field(config, "deep_layers", inputs.n_layers, inputs.windows)
     acc = accumulation(
         inputs.columns(config.statistic), shallow, config.sink, config.top_k, config.sink_scale,
         sink_positions=sink_positions(inputs, config, shallow), locator=config.locator,
         profile=config.locator_profile,
     )
-    flow = deep_flow(inputs.rows(config.statistic), deep, config.beta_mode, config.beta_value)
+    flow = deep_flow(inputs.rows(config.statistic), deep, config.beta_mode, config.beta_value,
+                     visible=inputs.rationale_visible)
     value = acc.measure(config.accumulation_measure)
     present = value >= config.accumulation_threshold
     flow_triggered = flow.defined and flow.affected_share > config.R
@@ -877,7 +930,7 @@ def sink_positions(inputs: DetectorInputs, config: DetectorConfig,
             "dpc_lens.dpc.analyse, which records it, or use sink_source='position0'."
         )
     layers = list(shallow) if shallow is not None else _resolve_field(config, "shallow_layers",
-                                                                     inputs.n_layers)
+                                                                     inputs.n_layers, inputs.windows)
     return detect_sinks(inputs.soft_attention, layers, config.sink_threshold,
                         inputs.soft_residual, config.sink_residual_threshold)
 

@@ -179,7 +179,7 @@ def fit_sink_scale(inputs: Sequence[DetectorInputs], config: DetectorConfig | No
             raise InputError(
                 f"fit_sink_scale: item {k} has {x.n_soft} soft token; need at least 2."
             )
-        layers = resolve_layers(config.shallow_layers, x.n_layers)
+        layers = resolve_layers(config.shallow_layers, x.n_layers, x.windows)
         c = x.columns(config.statistic).detach().to("cpu", torch.float64)[layers].sum(dim=0)
         sinks = list(sink_positions(x, config, layers))
         others = [j for j in range(x.n_soft) if j not in sinks]

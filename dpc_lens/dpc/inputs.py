@@ -64,6 +64,14 @@ class DetectorInputs:
             (:mod:`dpc_lens.dpc.sinks`); ``None`` when not measured. Sink detection reads it.
         soft_residual: optional ``[layer, soft]``; each soft position's residual-stream norm
             entering the layer, as a multiple of the median position's.
+        layer_windows: optional ``[layer]`` int64; each layer's sliding window, ``0`` for a
+            global (full causal) layer. Needed for the layer sets ``"global"`` and
+            ``"sliding"``; ``None`` (the default) when every layer is global.
+        rationale_visible: optional ``[layer, rat]`` bool; whether rationale token i can attend
+            to any soft position in layer l under that layer's mask. Where it is False the
+            soft->token flow is structurally zero (the token is a window or more past the soft
+            prompt), so :func:`~dpc_lens.dpc.detector.deep_flow` leaves that (layer, token) out
+            of its means instead of averaging a zero in. ``None``: every pair is visible.
 
     Dim 0 covers all the model's layers (``n_layers``); the detector picks its layer sets.
     All four must be finite and non-negative. The rationale axis may have length 0 (empty
@@ -79,8 +87,11 @@ class DetectorInputs:
     rationale_rows_norm: Float[Tensor, "layer rat"]
     soft_attention: Float[Tensor, "layer soft"] | None = None
     soft_residual: Float[Tensor, "layer soft"] | None = None
+    layer_windows: Tensor | None = None
+    rationale_visible: Tensor | None = None
 
     def __post_init__(self) -> None:
+        self._check_windows()
         for name in ("soft_attention", "soft_residual"):
             t = getattr(self, name)
             if t is not None:
@@ -123,6 +134,37 @@ class DetectorInputs:
                 "but it is a share of a row's incoming flow; did you pass the raw rows there?"
             )
 
+    def _check_windows(self) -> None:
+        n_layers = self.soft_columns.shape[0] if isinstance(self.soft_columns, torch.Tensor) else None
+        w = self.layer_windows
+        if w is not None:
+            if (not isinstance(w, torch.Tensor) or w.ndim != 1 or w.is_floating_point()
+                    or w.dtype == torch.bool):
+                raise InputError("layer_windows must be a 1-D integer tensor [n_layers] (0 for a "
+                                 f"global layer), got {getattr(w, 'dtype', type(w).__name__)} "
+                                 f"of shape {tuple(getattr(w, 'shape', ()))}.")
+            if n_layers is not None and w.shape[0] != n_layers:
+                raise InputError(f"layer_windows has {w.shape[0]} entries for {n_layers} layers.")
+            if bool((w < 0).any()):
+                raise InputError("layer_windows holds a negative window; use 0 for a global layer.")
+        v = self.rationale_visible
+        if v is not None:
+            if not isinstance(v, torch.Tensor) or v.dtype != torch.bool or v.ndim != 2:
+                raise InputError("rationale_visible must be a 2-D bool tensor [n_layers, n_rationale], "
+                                 f"got {getattr(v, 'dtype', type(v).__name__)}.")
+            rr = self.rationale_rows
+            if isinstance(rr, torch.Tensor) and tuple(v.shape) != tuple(rr.shape):
+                raise InputError(f"rationale_visible has shape {tuple(v.shape)} but rationale_rows has "
+                                 f"{tuple(rr.shape)}; both are [n_layers, n_rationale].")
+
+    @property
+    def windows(self) -> tuple[int | None, ...] | None:
+        """Each layer's sliding window (``None`` for a global layer), or ``None`` when the inputs
+        carry no layer types (:func:`~dpc_lens.layers.resolve_layers`' ``windows``)."""
+        if self.layer_windows is None:
+            return None
+        return tuple(int(w) or None for w in self.layer_windows.tolist())
+
     @property
     def n_layers(self) -> int:
         return int(self.soft_columns.shape[0])
@@ -161,4 +203,4 @@ class DetectorInputs:
         return cls(**{f.name: tensors[f.name] for f in fields(cls) if f.name in tensors})
 
 
-_OPTIONAL_INPUTS = ("soft_attention", "soft_residual")
+_OPTIONAL_INPUTS = ("soft_attention", "soft_residual", "layer_windows", "rationale_visible")

@@ -174,7 +174,7 @@ class LocatorProfile:
                              f"inputs, got {len(items)}.")
         shares = []
         for x in items:
-            layers = resolve_layers(shallow_layers, x.n_layers)
+            layers = resolve_layers(shallow_layers, x.n_layers, x.windows)
             col = x.columns(statistic).detach().to("cpu", torch.float64)[layers].sum(0)
             shares.append(column_shares(col))
         if len({s.shape[0] for s in shares}) != 1:

@@ -184,10 +184,19 @@ def encode_questions(adapter: Any, questions: Sequence[str], cfg: DPCConfig) -> 
     return encode_prompts(adapter, [prompt_text(cfg.template, q) for q in questions], add_bos=cfg.add_bos)
 
 
-def _detector_inputs(res: Any, b: int, n_soft: int) -> DetectorInputs:
+def _detector_inputs(res: Any, b: int, n_soft: int,
+                     windows: Sequence[int | None] | None = None) -> DetectorInputs:
     lay = res.layouts[b]
     s0, s1 = lay.spans["soft"]
     r0, r1 = lay.spans["rationale"]
+    layer_windows = visible = None
+    if windows is not None and any(w is not None for w in windows):
+        # rationale token at position p sees a soft token in a layer with window W when
+        # p - (s1 - 1) < W (the last soft token is the nearest); a global layer sees them all
+        dist = torch.arange(r0, r1) - (s1 - 1)
+        layer_windows = torch.tensor([w or 0 for w in windows], dtype=torch.int64)
+        visible = torch.stack([dist < w if w else torch.ones_like(dist, dtype=torch.bool)
+                               for w in windows])
     rows = res.row_sums[:, b, r0:r1]
     tot = res.row_totals[:, b, r0:r1]
     safe = torch.where(tot > 0, tot, torch.ones_like(tot))
@@ -197,6 +206,8 @@ def _detector_inputs(res: Any, b: int, n_soft: int) -> DetectorInputs:
         soft_columns_norm=res.column_shares[:, b, s0:s1].double().cpu(),
         rationale_rows=(rows / n_soft).double().cpu(),
         rationale_rows_norm=share.clamp(0.0, 1.0).double().cpu(),
+        layer_windows=layer_windows,
+        rationale_visible=visible,
     )
 
 
@@ -252,7 +263,7 @@ def analyse(
 
     def per_example(res: Any, b: int, batch: Any) -> DetectorInputs:
         out_of_window.update(_out_of_window_layers(res, b))
-        return _detector_inputs(res, b, batch.n_soft)
+        return _detector_inputs(res, b, batch.n_soft, adapter.attention_windows)
     measured = measure_flows(
         adapter, seqs, lays, DPC_FLOWS, sal_cfg, soft=soft_prompt, batch_size=cfg.saliency_batch_size,
         per_example=per_example, progress=progress,
@@ -286,9 +297,10 @@ def _warn_out_of_window(layers: list[int], windows: Sequence[int | None]) -> Non
     warnings.warn(
         f"DPC: in the sliding-window layers {layers} some rationales lie a window or more after "
         "the soft prompt, so those layers' soft->rationale saliency is structurally zero there "
-        "(the attention mask forbids the pairs), not a measured absence of flow. Their zeros enter "
-        "the detector's layer means; set shallow_layers / deep_layers to layers that see the soft "
-        f"prompt (the global layers are {glob}), or shorten the template.",
+        "(the attention mask forbids the pairs), not a measured absence of flow. The detector "
+        "leaves those (layer, token) pairs out of its deep-flow means (a token that sees the soft "
+        "prompt in no deep layer is not judged); to judge every token, set "
+        f"deep_layers='global' (the global layers are {glob}) or shorten the template.",
         DpcLensWarning, stacklevel=3)
 
 

@@ -297,12 +297,13 @@ class TriggerSweep:
         return replace(self.settings[point // len(self.R)], R=self.R[point % len(self.R)])
 
 
-def _resolved_specs(specs: Sequence[Any], n_layers: int, name: str, notes: list[str]) -> list[Any]:
+def _resolved_specs(specs: Sequence[Any], n_layers: int, name: str, notes: list[str],
+                    windows: Sequence[int | None] | None = None) -> list[Any]:
     kept: list[Any] = []
     seen: dict[tuple[int, ...], Any] = {}
     for spec in specs:
         try:
-            layers = tuple(resolve_layers(spec, n_layers))
+            layers = tuple(resolve_layers(spec, n_layers, windows))
         except ConfigError as err:
             notes.append(f"{name} {_spec_json(spec)!r} dropped for this {n_layers}-layer model: {err}")
             continue
@@ -371,8 +372,9 @@ def sweep_triggers(
                     f"(P={n_soft}, sink={sink!r}); drop that top_k from the grid."
                 )
     notes: list[str] = []
-    shallow = _resolved_specs(grid.shallow_layers, n_layers, "shallow_layers", notes)
-    deep = _resolved_specs(grid.deep_layers, n_layers, "deep_layers", notes)
+    windows = present[0].windows  # one model: the same layer types on every instance
+    shallow = _resolved_specs(grid.shallow_layers, n_layers, "shallow_layers", notes, windows)
+    deep = _resolved_specs(grid.deep_layers, n_layers, "deep_layers", notes, windows)
 
     sink_fields = {"sink_threshold": base.sink_threshold,
                    "sink_residual_threshold": base.sink_residual_threshold}

@@ -350,7 +350,8 @@ def _score_items(
     ]
     gens = generate(adapter, [ids for ids, _, _ in encoded], None, cfg.generation,
                     progress=progress, desc=f"{desc}: generate")
-    layer_sets = {k: list(v) for k, v in cfg.ss.layers(adapter.n_layers).items()}
+    layer_sets = {k: list(v) for k, v in
+                  cfg.ss.layers(adapter.n_layers, adapter.attention_windows).items()}
     sal_cfg = SaliencyConfig(loss_segments=("rationale",), flow_segments=_PAIR_SEGMENTS, fp32=cfg.fp32)
     head_cfg = replace(sal_cfg, per_head=True) if cfg.per_head else None
     flows: list[dict[str, list[float]]] = [{} for _ in items]
@@ -377,8 +378,10 @@ def _score_items(
         if flows[i]:
             pos = {layer: k for k, layer in enumerate(layers)}
             for n in IAP_FLOWS:
-                vals = [flows[i][n][pos[layer]] for layer in layer_sets[n]]
-                means[n] = float(sum(vals) / len(vals))
+                # a layer where the flow is structurally empty (a sliding window that keeps the
+                # rationale from the prompt: NaN, and the saliency pass said so) is left out
+                vals = [v for v in (flows[i][n][pos[layer]] for layer in layer_sets[n]) if v == v]
+                means[n] = float(sum(vals) / len(vals)) if vals else float("nan")
         n_tok = {n: b - a for n, (a, b) in spans.items()}
         n_tok["rationale"] = len(g.token_ids)
         n_tok["total"] = len(ids) + len(g.token_ids)

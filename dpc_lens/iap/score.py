@@ -301,12 +301,15 @@ class IAPConfig:
                 "not implemented yet."
             )
 
-    def layers(self, n_layers: int) -> dict[str, tuple[int, ...]]:
-        """Resolved layer indices per flow for a model with ``n_layers`` layers."""
+    def layers(self, n_layers: int,
+               windows: Sequence[int | None] | None = None) -> dict[str, tuple[int, ...]]:
+        """Resolved layer indices per flow for a model with ``n_layers`` layers (``windows``:
+        each layer's sliding window, ``None`` for a global one, for the names ``"global"`` and
+        ``"sliding"``; :attr:`~dpc_lens.model.ModelAdapter.attention_windows`)."""
         return {
-            FLOW_QP: tuple(resolve_layers(self.qp_layers, n_layers)),
-            FLOW_QR: tuple(resolve_layers(self.qr_layers, n_layers)),
-            FLOW_PR: tuple(resolve_layers(self.pr_layers, n_layers)),
+            FLOW_QP: tuple(resolve_layers(self.qp_layers, n_layers, windows)),
+            FLOW_QR: tuple(resolve_layers(self.qr_layers, n_layers, windows)),
+            FLOW_PR: tuple(resolve_layers(self.pr_layers, n_layers, windows)),
         }
 
     def score(
