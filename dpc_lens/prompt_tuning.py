@@ -473,11 +473,16 @@ def _encode_all(adapter: Any, examples: Sequence[Any], config: PromptTuningConfi
 # ----------------------------------------------------------------------------------- training
 def _batch_loss(adapter: Any, encoded: Sequence[tuple[list[int], SegmentLayout]],
                 soft: Float[Tensor, "soft d_model"]) -> Float[Tensor, " batch"]:
-    from .saliency import target_nll
+    from .saliency import scored_positions, target_nll
 
     seqs = [ids for ids, _ in encoded]
     lays = [lay for _, lay in encoded]
     batch = PromptBatch.build(adapter, seqs, lays, soft)
+    if adapter.keeps_logits_subset:  # unembed only where the loss reads (Gemma: 262,144 words)
+        keep = scored_positions(batch, (TARGET_SEGMENT,))
+        logits = adapter.forward_embeds(batch.embeds, batch.attention_mask, batch.position_ids,
+                                        logits_at=keep)
+        return target_nll(logits, batch, (TARGET_SEGMENT,), positions=keep)
     logits = adapter.forward_embeds(batch.embeds, batch.attention_mask, batch.position_ids)
     return target_nll(logits, batch, (TARGET_SEGMENT,))
 

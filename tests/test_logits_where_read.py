@@ -103,3 +103,35 @@ def test_prefill_unembeds_the_last_position_and_tokens_are_unchanged(model, monk
         h.remove()
     assert shapes[0][:2] == (2, max(map(len, prompts)))  # the full-logits prefill
     assert [g.token_ids for g in fast] == [g.token_ids for g in slow]
+
+
+def test_prompt_tuning_loss_unembeds_only_the_targets(model, monkeypatch):
+    """The prompt-tuning loss and its gradient on the soft rows equal the full-logits path."""
+    from dpc_lens.prompt_tuning import TARGET_SEGMENT, _batch_loss
+    from dpc_lens.segments import encode_pieces
+
+    adapter = as_adapter(model)
+    enc = [encode_pieces(adapter.tokenizer, [("question", q), (TARGET_SEGMENT, a)])
+           for q, a in (("ann has 3 apples", "so 5 ."), ("bob buys 2 pens and 1 more", "3 ."))]
+    g = torch.Generator().manual_seed(1)
+    soft = (torch.randn(2, adapter.d_model, generator=g) * 0.3).requires_grad_(True)
+    shapes = []
+    monkeypatch.setattr(type(adapter), "forward_embeds",
+                        _recording(type(adapter).forward_embeds, shapes))
+    fast = _batch_loss(adapter, enc, soft)
+    (g_fast,) = torch.autograd.grad(fast.sum(), soft)
+    monkeypatch.setattr(type(adapter), "keeps_logits_subset", property(lambda self: False))
+    full = _batch_loss(adapter, enc, soft)
+    (g_full,) = torch.autograd.grad(full.sum(), soft)
+    # the union of the scored positions, against every position of the padded batch (+2 soft)
+    assert shapes[0][1] < shapes[1][1] == max(len(ids) for ids, _ in enc) + 2
+    assert torch.allclose(fast, full, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(g_fast, g_full, rtol=1e-5, atol=1e-8)
+
+
+def _recording(fn, shapes):
+    def run(self, *a, **kw):
+        out = fn(self, *a, **kw)
+        shapes.append(tuple(out.shape))
+        return out
+    return run
