@@ -105,6 +105,7 @@ def _assert_same(eager, block, tol, *, skip=()):
                          ids=["default", "per_head-signed", "diagonal"])
 def test_equals_eager_fp32(dirs, arch, opts, monkeypatch):
     monkeypatch.setattr(bw, "_CHECKPOINT_BLOCKS", opts == {})  # both routes on every architecture
+    monkeypatch.setattr(bw, "_CHUNK_BYTES", 1 if opts else 1 << 20)  # one head at a time, or all
     model = _model(dirs, arch)
     batch = _batch(model, torch.float32)
     assert batch.pad_lengths[1] > 0  # left padding is exercised
@@ -121,6 +122,7 @@ def test_equals_eager_fp64(dirs, arch, checkpoint, monkeypatch):
     the float32 softmax of every architecture but GPT-2, so a left-padded float64 batch gives a
     NaN loss in the model itself, in either engine; GPT-2 is also checked padded."""
     monkeypatch.setattr(bw, "_CHECKPOINT_BLOCKS", checkpoint)
+    monkeypatch.setattr(bw, "_CHUNK_BYTES", 1 if checkpoint else 1 << 20)  # one head at a time, or all
     model = _model(dirs, arch, torch.float64)
     batch = _batch(model, torch.float64, PIECES if arch == "gpt2" else PIECES[:1])
     for opts in ({}, {"per_head": True, "signed": True}):
@@ -438,11 +440,13 @@ def test_long_padded_batch_with_column_skipping(tmp_path, dtype, tol):
 @pytest.mark.parametrize("softcap", [None, 3.0])
 @pytest.mark.parametrize("sm_fp32", [False, True])
 @pytest.mark.parametrize("manual", [True, False])
-def test_attention_function_against_plain_autograd(softcap, sm_fp32, manual, monkeypatch):
+@pytest.mark.parametrize("chunk", [1 << 30, 1])  # all heads at once; one head at a time
+def test_attention_function_against_plain_autograd(softcap, sm_fp32, manual, chunk, monkeypatch):
     """The blockwise attention function alone, both backwards (by hand for float32/float64,
     autograd of the model's ops otherwise), against plain torch autograd of the formula on the
     full ``T x T`` matrix: GQA (4 query heads on 2 kv heads), left padding, a softcap, float64."""
     monkeypatch.setattr(bw, "_MANUAL_BACKWARD", manual)
+    monkeypatch.setattr(bw, "_CHUNK_BYTES", chunk)
     torch.manual_seed(0)
     B, H, KV, T, D, scale = 2, 4, 2, 37, 8, 0.3
     q = torch.randn(B, H, T, D, dtype=torch.float64)
@@ -466,9 +470,9 @@ def test_attention_function_against_plain_autograd(softcap, sm_fp32, manual, mon
 
     got = torch.zeros(B, T, T, dtype=torch.float64)
 
-    def sink(Ab, gA, r0, r1, c0, c1, product=None):
+    def sink(Ab, gA, r0, r1, c0, c1, product=None, heads_summed=False):
         P = Ab * gA if product is None else product
-        got[:, r0:r1, c0:c1] += P.sum(1)
+        got[:, r0:r1, c0:c1] += P if heads_summed else P.sum(1)
 
     qb, kb, vb = (x.clone().requires_grad_(True) for x in (q, k, v))
     bw._BlockwiseAttention.apply(qb, kb, vb, mask, scale, softcap, sm_fp32, 8, sink).backward(dout)

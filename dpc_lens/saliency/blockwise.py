@@ -217,9 +217,11 @@ class _BlockwiseAttention(torch.autograd.Function):
                 out[:, :, r0:r1] = torch.nn.functional.scaled_dot_product_attention(
                     q[:, :, r0:r1], ke[:, :, c0:c1], ve[:, :, c0:c1], attn_mask=mb, scale=scaling)
             else:
-                out[:, :, r0:r1] = torch.matmul(
-                    _block_probs(q[:, :, r0:r1], ke[:, :, c0:c1], mb, scaling, softcap, sm_fp32),
-                    ve[:, :, c0:c1])
+                for h0, h1 in _head_chunks(B, H, r1 - r0, c1 - c0, q.element_size()):
+                    out[:, h0:h1, r0:r1] = torch.matmul(
+                        _block_probs(q[:, h0:h1, r0:r1], ke[:, h0:h1, c0:c1], mb, scaling, softcap,
+                                     sm_fp32),
+                        ve[:, h0:h1, c0:c1])
         ctx.save_for_backward(q, k, v)
         ctx.mask = mask
         ctx.args = (scaling, softcap, sm_fp32, spans, sink)
@@ -238,24 +240,41 @@ class _BlockwiseAttention(torch.autograd.Function):
         dve = torch.zeros(B, H, T, v.shape[-1], dtype=v.dtype, device=v.device)
         ke_all, ve_all = _repeat_kv(k.detach(), g), _repeat_kv(v.detach(), g)
         if _MANUAL_BACKWARD and (q.dtype == torch.float32 or (q.dtype == torch.float64 and not sm_fp32)):
+            per_head = bool(getattr(getattr(sink, "config", None), "per_head", False))
             for r0, r1, c0, c1 in spans:
-                qb, kb, vb = q[:, :, r0:r1].detach(), ke_all[:, :, c0:c1], ve_all[:, :, c0:c1]
                 mb = None if mask is None else mask[:, :, r0:r1, c0:c1]
-                db = dout[:, :, r0:r1]
-                A, dA_ds = _block_probs_and_slope(qb, kb, mb, scaling, softcap, sm_fp32)
-                gA = torch.matmul(db, vb.transpose(-1, -2))  # dL/dA = dz . v
-                dve[:, :, c0:c1] += torch.matmul(A.transpose(-1, -2), db)
-                P = A * gA  # the saliency's per-head term, and the softmax backward's
-                dS = torch.addcmul(P, A, P.sum(-1, keepdim=True), value=-1)  # A (gA - sum A gA)
-                if dA_ds is not None:
-                    dS.mul_(dA_ds)
-                # the scale on the [Bq, D] and [Tc, D] products, not on the [Bq, Tc] block
-                dq[:, :, r0:r1] = torch.matmul(dS, kb).mul_(scaling)
-                dke[:, :, c0:c1].add_(torch.matmul(dS.transpose(-1, -2), qb), alpha=scaling)
-                del dS
+                heads = _head_chunks(B, H, r1 - r0, c1 - c0, q.element_size())
+                # the saliency term A * dL/dA, summed over the heads as they go (or kept per head)
+                P_all = None
+                for h0, h1 in heads:
+                    qb, kb = q[:, h0:h1, r0:r1].detach(), ke_all[:, h0:h1, c0:c1]
+                    vb, db = ve_all[:, h0:h1, c0:c1], dout[:, h0:h1, r0:r1]
+                    A, dA_ds = _block_probs_and_slope(qb, kb, mb, scaling, softcap, sm_fp32)
+                    gA = torch.matmul(db, vb.transpose(-1, -2))  # dL/dA = dz . v
+                    dve[:, h0:h1, c0:c1] += torch.matmul(A.transpose(-1, -2), db)
+                    P = A * gA  # the saliency's per-head term, and the softmax backward's
+                    dS = torch.addcmul(P, A, P.sum(-1, keepdim=True), value=-1)  # A (gA - sum A gA)
+                    del A, gA
+                    if dA_ds is not None:
+                        dS.mul_(dA_ds)
+                    # the scale on the [Bq, D] and [Tc, D] products, not on the [Bq, Tc] block
+                    dq[:, h0:h1, r0:r1] = torch.matmul(dS, kb).mul_(scaling)
+                    dke[:, h0:h1, c0:c1].add_(torch.matmul(dS.transpose(-1, -2), qb), alpha=scaling)
+                    del dS
+                    if sink is None:
+                        continue
+                    if per_head:
+                        if P_all is None:
+                            P_all = P.new_empty(B, H, r1 - r0, c1 - c0)
+                        P_all[:, h0:h1] = P
+                    elif P_all is None:
+                        P_all = P.sum(1)
+                    else:
+                        P_all += P.sum(1)
+                    del P
                 if sink is not None:
-                    sink(A, gA, r0, r1, c0, c1, product=P)
-                del A, gA, P
+                    sink(None, None, r0, r1, c0, c1, product=P_all, heads_summed=not per_head)
+                del P_all
         else:
             _autograd_blocks(q, ke_all, ve_all, mask, dout, spans, scaling, softcap, sm_fp32, sink,
                              dq, dke, dve)
@@ -265,6 +284,18 @@ class _BlockwiseAttention(torch.autograd.Function):
         else:
             dk, dv = dke, dve
         return dq, dk, dv, None, None, None, None, None, None
+
+
+#: bytes of one head chunk's ``[batch, heads, Bq, Tc]`` work tensor in the float32/float64
+#: passes: small enough that the elementwise steps between the matmuls (scale, mask, softmax,
+#: its backward, A * dL/dA) run in the core's cache instead of streaming through memory
+_CHUNK_BYTES = 1 << 20
+
+
+def _head_chunks(B: int, H: int, rows: int, cols: int, elt: int) -> list[tuple[int, int]]:
+    """Head ranges ``[h0, h1)`` whose block tensor fits :data:`_CHUNK_BYTES` (at least one head)."""
+    n = max(1, _CHUNK_BYTES // max(1, B * rows * cols * elt))
+    return [(h, min(H, h + n)) for h in range(0, H, n)]
 
 
 def _block_probs_and_slope(qb: Tensor, k: Tensor, mask_b: Tensor | None, scaling: float,
@@ -329,20 +360,19 @@ class _LayerReducer:
             self.out[key] = torch.zeros(shape, dtype=like.dtype, device=like.device)
         return self.out[key]
 
-    def __call__(self, A: Tensor, gA: Tensor, r0: int, r1: int, c0: int, c1: int,
-                 product: Tensor | None = None) -> None:
+    def __call__(self, A: Tensor | None, gA: Tensor | None, r0: int, r1: int, c0: int, c1: int,
+                 product: Tensor | None = None, heads_summed: bool = False) -> None:
         """One block: rows ``[r0, r1)``, the key columns ``[c0, c1)`` it can see (elsewhere
         its saliency is exactly 0). ``product``: ``A * gA`` where the caller has it already
-        (float32/float64, where :func:`~dpc_lens.flows.saliency_map` would compute the same)."""
+        (float32/float64), per head ``[B, H, Bq, Tc]`` or, with ``heads_summed``, summed over
+        the heads ``[B, Bq, Tc]``; the reducer may overwrite it."""
         cfg = self.config
         T = self.seg.shape[-1]
-        if product is not None and (product.dtype != torch.float32 and product.dtype != torch.float64):
-            product = None
         if product is None:
             I = F.saliency_map(A, gA, per_head=cfg.per_head, signed=cfg.signed,
                                include_diagonal=True, fp32=cfg.fp32)
         else:
-            I = product if cfg.per_head else product.sum(1)  # the caller is done with it
+            I = product if (cfg.per_head or heads_summed) else product.sum(1)
             if not cfg.signed:
                 I.abs_()
         if not cfg.include_diagonal:
