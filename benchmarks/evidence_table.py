@@ -202,11 +202,13 @@ def _band_sinks(recs):
     return out
 
 
-def _adaptivity(located, always, modal_correct, sinks):
+def _adaptivity(located, always, modal_correct, sinks, det=None):
     """Located-position statistics, the warning line, and (with the modal pass) the paired test
     of per-question locating vs always corrupting the modal position."""
     out = instance_adaptivity([r[0] if r else None for r in located])
-    out["warning"] = adaptivity_warning(out, sinks)
+    out["warning"] = adaptivity_warning(
+        out, sinks, locator=getattr(det, "locator", "argmax"),
+        sinks_excluded=det is not None and det.sink == "exclude" and det.sink_source == "detected")
     if modal_correct is not None:
         out["locating_vs_modal"] = locating_vs_modal(always, modal_correct)
     return out
@@ -273,6 +275,7 @@ def _summarise(recs, cfg, variants, draws, n_layers, meta, locators=(), modal=No
         by_source[s] = {"n": len(sub), "base": sum(r["base"] for r in sub) / len(sub),
                         "pt": sum(r["pt"] for r in sub) / len(sub),
                         "dpc": sum(r["rows"][next(iter(variants))] for r in sub) / len(sub)}
+    sinks_seen = sorted({j for v in _band_sinks(recs).values() for j in v})
     return {
         "n": n,
         "ceiling_right_without_prompt_wrong_with": sum(1 for a, b in zip(base, pt) if a and not b),
@@ -281,13 +284,14 @@ def _summarise(recs, cfg, variants, draws, n_layers, meta, locators=(), modal=No
         "located_token": {"most_common_position": top_pos,
                           "share_at_that_position": tops.count(top_pos) / len(tops) if tops else None,
                           **_adaptivity([r["located"] for r in recs], [r["always"] for r in recs],
-                                        _modal_vec(recs, modal, "calibrated"), sorted({
-                                            j for v in _band_sinks(recs).values() for j in v})),
+                                        _modal_vec(recs, modal, "calibrated"), sinks_seen,
+                                        cfg.detector),
                           "sinks": _band_sinks(recs),
                           "by_locator": {name: _adaptivity(
                               [r["locators"][name]["located"] for r in recs],
                               [r["locators"][name]["always"] for r in recs],
-                              _modal_vec(recs, modal, name), []) for name in locators}},
+                              _modal_vec(recs, modal, name), sinks_seen,
+                              replace(cfg.detector, **LOCATORS[name])) for name in locators}},
         "trigger_auc": _trigger_aucs(recs),
         "contingency_fig5": cont,
         "deep_soft_to_rationale_flow": {

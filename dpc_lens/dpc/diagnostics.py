@@ -231,25 +231,43 @@ def instance_adaptivity(located: Sequence[int | None]) -> dict[str, Any]:
             "normalized_entropy": h / math.log(k) if k > 1 else 0.0}
 
 
-def adaptivity_warning(adaptivity: Mapping[str, Any], sinks: Sequence[int] = (),
-                       threshold: float = ADAPTIVITY_WARNING_SHARE) -> str | None:
+def adaptivity_warning(adaptivity: Mapping[str, Any], sinks: Sequence[int] | None = (),
+                       threshold: float = ADAPTIVITY_WARNING_SHARE, *, sinks_excluded: bool = False,
+                       locator: str = "argmax") -> str | None:
     """One plain warning line when one position takes more than ``threshold`` of the questions
-    (``adaptivity`` from :func:`instance_adaptivity`), naming the likely sink: the modal position,
-    with the positions detected as sinks (``sinks``) when given; ``None`` otherwise."""
+    (``adaptivity`` from :func:`instance_adaptivity`); ``None`` otherwise.
+
+    The line names the cause the evidence supports and a next step that is not already in use:
+    the modal position is a detected sink (``sinks``: the positions detected as sinks; ``None``
+    when sinks were not measured) -> exclude detected sinks or use the z locator; it is not a
+    sink, or the locator already excludes them (``sinks_excluded``) -> the shallow column score
+    ranks the soft rows the same way on every question, so the argmax is a property of the
+    prompt (try the dev-relative z locator); the z locator itself (``locator="z"``) -> even
+    relative to the dev profile one row stands out on every question."""
     share = adaptivity.get("modal_share")
     if share is None or share <= threshold:
         return None
     pos = adaptivity["modal_position"]
-    if pos in sinks:
-        why = f"soft position {pos} is a detected attention sink"
-    elif sinks:
-        why = (f"soft position {pos} is the likely sink (detected sinks: "
-               f"{', '.join(map(str, sinks))})")
-    else:
-        why = f"soft position {pos} is the likely attention sink"
-    return (f"warning: the detector is not instance-adaptive here: it located soft position {pos} on "
-            f"{100 * share:.0f}% of {adaptivity['n']} questions; {why}. Try sink_source='detected' "
-            "with sink='exclude', or locator='z'.")
+    head = (f"warning: the detector is not instance-adaptive here: it located soft position {pos} on "
+            f"{100 * share:.0f}% of {adaptivity['n']} questions; ")
+    known = sorted(sinks) if sinks else []
+    if locator == "z":
+        return head + (f"even against the dev profile (locator='z') soft position {pos} stands out on "
+                       "almost every question, so the dev profile does not describe these questions "
+                       "(refit it on questions like them), and DPC zeroes a fixed row here.")
+    if pos in known and not sinks_excluded:
+        return head + (f"soft position {pos} is a detected attention sink. Try sink_source='detected' "
+                       "with sink='exclude', or locator='z'.")
+    if sinks_excluded or sinks is not None:
+        detail = (f" (detected sinks {', '.join(map(str, known))} are excluded)" if sinks_excluded and known
+                  else " (no detected sink)" if not known else
+                  f" (detected sinks: {', '.join(map(str, known))})")
+        return head + (f"soft position {pos} is not a detected sink{detail}: the shallow column score "
+                       "ranks the soft rows the same way on every question, a property of the prompt "
+                       "rather than of the question. Try locator='z' (each question against a dev "
+                       "profile).")
+    return head + (f"soft position {pos} may be an attention sink (sinks were not measured here). "
+                   "Try sink_source='detected' with sink='exclude', or locator='z'.")
 
 
 def locating_vs_modal(located_correct: Sequence[Any], modal_correct: Sequence[Any],

@@ -836,8 +836,13 @@ def _located_token(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
                                                          if c >= len(with_sinks) / 2)}
              for name, b in bands.items()}
     out["sinks"] = sinks if with_sinks else None
-    detected = sorted({j for b in sinks.values() for j in b["sinks"]}) if with_sinks else []
-    out["warning"] = adaptivity_warning(out, detected)
+    detected = sorted({j for b in sinks.values() for j in b["sinks"]}) if with_sinks else None
+    # the detector's own sink policy and locator, from the records (fields at their defaults are
+    # left out of a stored config: argmax, position-0 sinks)
+    det = next((r["trigger"].get("config") or {} for r in records if r.get("trigger")), {})
+    out["warning"] = adaptivity_warning(
+        out, detected, locator=det.get("locator", "argmax"),
+        sinks_excluded=det.get("sink") == "exclude" and det.get("sink_source") == "detected")
     return out
 
 

@@ -199,6 +199,15 @@ def test_instance_adaptivity_by_hand():
     line = adaptivity_warning(flat, sinks=[2])
     assert line.startswith("warning: the detector is not instance-adaptive here")
     assert "soft position 2 on 90% of 10 questions" in line and "detected attention sink" in line
+    assert "sink_source='detected'" in line
+    # the locator already excludes the detected sinks: never advise what is in use
+    line = adaptivity_warning(flat, sinks=[0, 5], sinks_excluded=True)
+    assert "soft position 2 is not a detected sink (detected sinks 0, 5 are excluded)" in line
+    assert "sink_source='detected'" not in line and "locator='z'" in line
+    assert "not a detected sink (no detected sink)" in adaptivity_warning(flat, sinks=[])
+    line = adaptivity_warning(flat, sinks=[2], locator="z")
+    assert "even against the dev profile" in line and "Try" not in line
+    assert "sinks were not measured" in adaptivity_warning(flat, sinks=None)
     assert instance_adaptivity([3, 1, 1, 3])["modal_position"] == 1  # tie: lower position
 
 
