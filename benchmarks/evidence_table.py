@@ -360,6 +360,28 @@ def modal_pass(adapter, soft, task, exs, cfg, recs, locators, path, chunk):
     return out
 
 
+def sink_survey(root: str | None = None) -> dict:
+    """The per-prompt sink survey (``benchmarks/sink_survey.py``: dev split, one soft prompt per
+    variant), as committed in ``results/sink_survey/<variant>/survey_dev.json``: per prompt its
+    training setting, regime, where the sinks form and where DPC locates."""
+    root = root or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "sink_survey")
+    out = {}
+    for variant in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        path = os.path.join(root, variant, "survey_dev.json")
+        if not os.path.exists(path):
+            continue
+        with open(path) as fh:
+            survey = json.load(fh)
+        train = os.path.join(root, variant, "training.json")
+        if os.path.exists(train):
+            with open(train) as fh:
+                t = json.load(fh)
+            survey["training"] = {k: t.get(k) for k in ("model", "settings", "best_step", "steps_done",
+                                                         "wall_s")}
+        out[variant] = survey
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--testbed", choices=("reasoner", "real"), default="reasoner",
@@ -461,6 +483,8 @@ def main(argv=None) -> int:
             "n_requested": len(exs), "corrupted_generations_this_process": n_corrupted,
             "wall_time_s_this_process": time.perf_counter() - t0, "device": str(adapter.device),
             "torch_threads": torch.get_num_threads()}, loc_names, modal)
+        if args.testbed == "real":
+            result["sink_survey"] = sink_survey()
         with open(out, "w") as fh:
             json.dump(result, fh, indent=2)
         print(f"{len(ordered)}/{len(exs)} questions done, {time.perf_counter() - t0:.0f} s", flush=True)

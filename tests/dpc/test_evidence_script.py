@@ -63,3 +63,21 @@ def test_dry_run_on_the_reasoner(ev, tmp_path, capsys):
     assert "would run 3 test questions" in text and "'sink_excluded'" in text
     assert "5 unrestricted + 5 from the sink-excluded candidates" in text
     assert not os.path.exists(out + ".records.jsonl")  # a dry run writes nothing
+
+
+def test_sink_survey_is_gathered_per_prompt(ev, tmp_path):
+    import json
+
+    for variant, training in (("shipped", None), ("paper", {"model": "smollm2", "steps_done": 143,
+                                                           "settings": {"n_tokens": 100}, "extra": 1})):
+        d = tmp_path / variant
+        d.mkdir()
+        (d / "survey_dev.json").write_text(json.dumps({"variant": variant, "n_dev": 150}))
+        if training:
+            (d / "training.json").write_text(json.dumps(training))
+    (tmp_path / "unfinished").mkdir()  # trained, not yet surveyed: left out
+    got = ev.sink_survey(str(tmp_path))
+    assert sorted(got) == ["paper", "shipped"] and "training" not in got["shipped"]
+    assert got["paper"]["training"] == {"model": "smollm2", "settings": {"n_tokens": 100},
+                                        "best_step": None, "steps_done": 143, "wall_s": None}
+    assert ev.sink_survey(str(tmp_path / "absent")) == {}
