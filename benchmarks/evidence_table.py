@@ -206,9 +206,10 @@ def _adaptivity(located, always, modal_correct, sinks, det=None):
     """Located-position statistics, the warning line, and (with the modal pass) the paired test
     of per-question locating vs always corrupting the modal position."""
     out = instance_adaptivity([r[0] if r else None for r in located])
+    det = det or {}  # the locator's DetectorConfig fields (LOCATORS)
     out["warning"] = adaptivity_warning(
-        out, sinks, locator=getattr(det, "locator", "argmax"),
-        sinks_excluded=det is not None and det.sink == "exclude" and det.sink_source == "detected")
+        out, sinks, locator=det.get("locator", "argmax"),
+        sinks_excluded=det.get("sink") == "exclude" and det.get("sink_source") == "detected")
     if modal_correct is not None:
         out["locating_vs_modal"] = locating_vs_modal(always, modal_correct)
     return out
@@ -285,13 +286,14 @@ def _summarise(recs, cfg, variants, draws, n_layers, meta, locators=(), modal=No
                           "share_at_that_position": tops.count(top_pos) / len(tops) if tops else None,
                           **_adaptivity([r["located"] for r in recs], [r["always"] for r in recs],
                                         _modal_vec(recs, modal, "calibrated"), sinks_seen,
-                                        cfg.detector),
+                                        {k: getattr(cfg.detector, k)
+                                         for k in ("locator", "sink", "sink_source")}),
                           "sinks": _band_sinks(recs),
                           "by_locator": {name: _adaptivity(
                               [r["locators"][name]["located"] for r in recs],
                               [r["locators"][name]["always"] for r in recs],
-                              _modal_vec(recs, modal, name), sinks_seen,
-                              replace(cfg.detector, **LOCATORS[name])) for name in locators}},
+                              _modal_vec(recs, modal, name), sinks_seen, LOCATORS[name])
+                              for name in locators}},
         "trigger_auc": _trigger_aucs(recs),
         "contingency_fig5": cont,
         "deep_soft_to_rationale_flow": {
