@@ -106,7 +106,8 @@ _EVIDENCE_FILES = {"real": "evidence_real.json", "reasoner": "evidence_arith.jso
 # the evidence table's method names (benchmarks/evidence_table.py) -> the demo's rows
 _EVIDENCE_ROWS = (("base", "base (no soft prompt)"), ("pt", "vanilla PT"), ("dpc", "DPC, calibrated trigger"),
                   ("always", "corrupt every instance"), ("random", "random corruption ("),
-                  ("oracle", "oracle"))
+                  # drawn from the rows the locator may choose (detected sinks excluded)
+                  ("random*", "random corruption from the candidates"), ("oracle", "oracle"))
 
 
 def _evidence_path(testbed: str) -> str:
@@ -160,10 +161,12 @@ def full_evidence_lines(ev: dict, slice_summary: dict | None = None) -> list[str
         verdict, sign = f"DPC did worse than PT ({said})", -1
     else:
         verdict, sign = f"no evidence that DPC beats PT ({said}; the interval includes 0)", 0
-    rnd = rows.get("random")
-    if rnd is not None and rnd["accuracy"] >= d["accuracy"]:
-        verdict += (f"; corrupting a random soft token did as well or better ({100 * rnd['accuracy']:.1f}%, "
-                    f"{pct(rnd['diff'])} [{pct(rnd['ci95'][0])}, {pct(rnd['ci95'][1])}])")
+    for key, what in (("random", "a random soft token"),
+                      ("random*", "a random soft token that is not a detected sink")):
+        rnd = rows.get(key)
+        if rnd is not None and rnd["accuracy"] >= d["accuracy"]:
+            verdict += (f"; corrupting {what} did as well or better ({100 * rnd['accuracy']:.1f}%, "
+                        f"{pct(rnd['diff'])} [{pct(rnd['ci95'][0])}, {pct(rnd['ci95'][1])}])")
     out.append(f"verdict, from the full evidence: {verdict}")
     acc = (slice_summary or {}).get("accuracy", {})
     if "dpc" in acc and "pt" in acc:
@@ -220,6 +223,9 @@ def explain_summary(summary: dict, *, model: str, config: str) -> list[str]:
                 text += (f" (mean of {rd['n']} seeded draws per question, sd "
                          f"{100 * rd['std']:.1f} points)")
             out.append(f"  {name:<8} {text}")
+    if (summary.get("random_candidates") or {}).get("questions_restricted"):
+        out.append(f"  {'random*':<8} the same, drawn only from the soft tokens the locator may choose "
+                   "(detected sinks excluded)")
     if "trigger_rate" in summary:
         out.append("  trigger rate: share of questions where DPC fired; flips: fired questions whose "
                    "answer went wrong->right or right->wrong against PT")

@@ -29,6 +29,8 @@ def _evidence(tmp_path, dpc_ci):
         {"method": "DPC raw, k=2", "accuracy": 0.9, "diff_vs_pt": 0.5, "ci95": [0.4, 0.6]},  # not a demo row
         {"method": "random corruption (1 token, mean of 5 draws)", "accuracy": 0.448, "diff_vs_pt": 0.037,
          "ci95": [0.006, 0.067]},
+        {"method": "random corruption from the candidates (detected sinks excluded; 1 token, mean of 5 "
+                   "draws)", "accuracy": 0.477, "diff_vs_pt": 0.066, "ci95": [0.038, 0.094]},
     ]
     path = tmp_path / "evidence.json"
     path.write_text(json.dumps({"n": 600, "table": table}))
@@ -37,14 +39,16 @@ def _evidence(tmp_path, dpc_ci):
 
 def test_full_evidence_line_and_verdict_by_hand(tmp_path):
     ev = _evidence(tmp_path, [-0.015, 0.058])
-    assert ev["n"] == 600 and list(ev["rows"]) == ["base", "pt", "dpc", "random"]
+    assert ev["n"] == 600 and list(ev["rows"]) == ["base", "pt", "dpc", "random", "random*"]
     lines = full_evidence_lines(ev, {"n": 40, "accuracy": {"dpc": 0.575, "pt": 0.35}})
     assert lines[0].startswith("full evidence (n = 600 test questions")
     assert lines[0].endswith("base 31.3 (-9.9 [-14.2, -5.5]); pt 41.2; dpc 43.5 (+2.3 [-1.5, +5.8]); "
-                             "random 44.8 (+3.7 [+0.6, +6.7])")
+                             "random 44.8 (+3.7 [+0.6, +6.7]); random* 47.7 (+6.6 [+3.8, +9.4])")
     assert lines[1] == ("verdict, from the full evidence: no evidence that DPC beats PT (DPC 43.5% vs PT "
                         "41.2%, +2.3 points, 95% [-1.5, +5.8] over 600 questions; the interval includes 0); "
-                        "corrupting a random soft token did as well or better (44.8%, +3.7 [+0.6, +6.7])")
+                        "corrupting a random soft token did as well or better (44.8%, +3.7 [+0.6, +6.7]); "
+                        "corrupting a random soft token that is not a detected sink did as well or better "
+                        "(47.7%, +6.6 [+3.8, +9.4])")
     # the lucky slice (57.5 vs 35.0) is named as overruled, never headlined
     assert lines[2] == ("this slice of 40 questions points another way than the full evidence; the "
                         "slice is too small to overrule it")
@@ -58,7 +62,7 @@ def test_committed_real_evidence_is_read():
     ev = full_evidence("real")
     if ev is None:
         pytest.skip("benchmarks/results is not in this checkout")
-    assert ev["n"] >= 600 and {"pt", "dpc", "random"} <= set(ev["rows"])
+    assert ev["n"] >= 600 and {"pt", "dpc", "random", "random*"} <= set(ev["rows"])
     raw = json.load(open(ev["path"]))
     dpc = next(r for r in raw["table"] if r["method"] == "DPC, calibrated trigger")
     assert ev["rows"]["dpc"]["ci95"] == dpc["ci95"]
