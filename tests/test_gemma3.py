@@ -13,7 +13,8 @@ Checked against references that never go through dpc_lens:
 * greedy decoding (KV cache) against transformers' ``generate`` on a short prompt and on one
   longer than the 512-token sliding window;
 * saliency on all 18 layers (15 sliding, 3 global) against ``test_saliency_reference.hf_reference``
-  at T > 512, and the per-layer pair counts against hand counts under each layer's window.
+  at T > 512, in the eager and the blockwise engine, and the per-layer pair counts against hand
+  counts under each layer's window.
 """
 
 from __future__ import annotations
@@ -152,6 +153,14 @@ def test_saliency_equals_hf_reference_beyond_the_window(model, converted):
     print(f"\nGemma 3 saliency vs HF reference, T={T}: max |diff| / max |I| = {max(worst.values()):.3g}"
           f" (global layers {max(worst[l] for l in GLOBAL_LAYERS):.3g})")
     assert max(worst.values()) < 1e-5
+    # the blockwise engine (no T x T pattern; sliding and global masks from the model's own
+    # attention call) against the same reference, block by block with the masked columns skipped
+    blk = compute_saliency(model, batch, SaliencyConfig(memory="blockwise", block_size=128,
+                                                        loss_segments=("rationale",), keep_full=True))
+    worst_b = {l: float((blk.full[l, 0].double() - ref_saliency(A[l], G[l])).abs().max()
+                        / ref_saliency(A[l], G[l]).abs().max()) for l in range(18)}
+    print(f"Gemma 3 blockwise vs HF reference: {max(worst_b.values()):.3g}")
+    assert max(worst_b.values()) < 1e-5
     # per-layer pair counts by hand: the soft prompt is more than a window from the rationale
     (s0, s1), (r0, r1) = spans["soft"], spans["rationale"]
     names = res.segment_names

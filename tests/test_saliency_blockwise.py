@@ -430,9 +430,17 @@ def test_long_padded_batch_with_column_skipping(tmp_path, dtype, tol):
     eager = compute_saliency(model, batch, SaliencyConfig(memory="normal", **cfg))
     import unittest.mock as um
 
-    with um.patch.object(bw, "_key_span", bw_span):
+    padded = []
+    real_padded = bw._block_probs_padded
+
+    def spy_padded(qb, k, mb, *a):  # the forward's scores on the kept columns, softmax on all
+        padded.append((k.shape[-2], mb.shape[-1]))
+        return real_padded(qb, k, mb, *a)
+
+    with um.patch.object(bw, "_key_span", bw_span), um.patch.object(bw, "_block_probs_padded", spy_padded):
         block = compute_saliency(model, batch, SaliencyConfig(memory="blockwise", block_size=48, **cfg))
     assert min(c1 for _, c1 in spans) < 300
+    assert padded and all(kept < full == 300 for kept, full in padded)
     assert all(c0 == 0 and (c1 % 64 == 0 or c1 == 300) for c0, c1 in spans)
     _assert_same(eager, block, tol)
 

@@ -164,6 +164,7 @@ def _block_probs(qb: Tensor, k: Tensor, mask_b: Tensor | None, scaling: float,
 # float64 Llama-family models (float32 softmax) ~1e-8 from the eager engine; with it, results
 # match as without skipping (tested at T = 300 against 1e-10 in float64).
 _SKIP_MASKED_COLUMNS = True
+_SKIP_IN_FORWARD = True  # the forward's scores q.k skip them too (its softmax and A v never do)
 _SPAN_ALIGN = 64
 # float32 blocks (and float64 ones whose softmax runs in float64): the backward by hand
 # (dL/dA = dz v^T, the softmax backward from the same A * dL/dA the saliency reads, no
@@ -212,16 +213,31 @@ class _BlockwiseAttention(torch.autograd.Function):
             mb = None if mask is None else mask[:, :, r0:r1]
             c0, c1 = _key_span(mb, T)
             spans.append((r0, r1, c0, c1))
-            mb = None if mb is None else mb[..., c0:c1]
             if sdpa:
+                mb = None if mb is None else mb[..., c0:c1]
                 out[:, :, r0:r1] = torch.nn.functional.scaled_dot_product_attention(
                     q[:, :, r0:r1], ke[:, :, c0:c1], ve[:, :, c0:c1], attn_mask=mb, scale=scaling)
-            else:
-                for h0, h1 in _head_chunks(B, H, r1 - r0, c1 - c0, q.element_size()):
-                    out[:, h0:h1, r0:r1] = torch.matmul(
-                        _block_probs(q[:, h0:h1, r0:r1], ke[:, h0:h1, c0:c1], mb, scaling, softcap,
-                                     sm_fp32),
-                        ve[:, h0:h1, c0:c1])
+                continue
+            # The forward's z must be the model's to the last bit: an ulp-level change in z,
+            # carried forward through 18 layers, moved Gemma 3 270M's saliency (T = 779,
+            # 128-row blocks) 2.5e-4 of a layer's largest entry from the eager engine. Skipping
+            # the masked columns in A v (a shorter inner dimension: the BLAS kernel sums it in
+            # another order) did that; so A v runs over every column and the softmax over the
+            # full row, as in the model (2.4e-6, as without skipping). Only the scores q.k skip
+            # the masked columns: there the model's score is s q.k + finfo.min, which is the
+            # mask value exactly (|s q.k| is far below half an ulp of finfo.min). The backward
+            # skips them throughout (its rounding is not carried forward).
+            full = mb is not None and c1 < T and _SKIP_IN_FORWARD
+            if not full:
+                c0, c1 = 0, T
+            for h0, h1 in _head_chunks(B, H, r1 - r0, T if full else c1, q.element_size()):
+                qb = q[:, h0:h1, r0:r1]
+                if full:
+                    A = _block_probs_padded(qb, ke[:, h0:h1, :c1], mb, scaling, softcap, sm_fp32)
+                else:
+                    A = _block_probs(qb, ke[:, h0:h1], mb, scaling, softcap, sm_fp32)
+                out[:, h0:h1, r0:r1] = torch.matmul(A, ve[:, h0:h1])  # over every column (below)
+                del A
         ctx.save_for_backward(q, k, v)
         ctx.mask = mask
         ctx.args = (scaling, softcap, sm_fp32, spans, sink)
@@ -296,6 +312,23 @@ def _head_chunks(B: int, H: int, rows: int, cols: int, elt: int) -> list[tuple[i
     """Head ranges ``[h0, h1)`` whose block tensor fits :data:`_CHUNK_BYTES` (at least one head)."""
     n = max(1, _CHUNK_BYTES // max(1, B * rows * cols * elt))
     return [(h, min(H, h + n)) for h in range(0, H, n)]
+
+
+def _block_probs_padded(qb: Tensor, k: Tensor, mask_b: Tensor, scaling: float,
+                        softcap: float | None, sm_fp32: bool) -> Tensor:
+    """:func:`_block_probs` over the full row of ``mask_b`` (``[.., Bq, T]``) with the scores
+    computed only for the first ``k.shape[-2]`` columns: beyond them the score is the mask value
+    itself, as in the model (``s q.k + finfo.min == finfo.min``), so the softmax sees the row the
+    model's eager attention sees."""
+    c1 = k.shape[-2]
+    s = torch.matmul(qb, k.transpose(-1, -2)) * scaling
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    full = mask_b.expand(*s.shape[:-1], mask_b.shape[-1]).clone()
+    full[..., :c1] = s + mask_b[..., :c1]
+    if sm_fp32:
+        return torch.softmax(full, dim=-1, dtype=torch.float32).to(qb.dtype)
+    return torch.softmax(full, dim=-1)
 
 
 def _block_probs_and_slope(qb: Tensor, k: Tensor, mask_b: Tensor | None, scaling: float,
