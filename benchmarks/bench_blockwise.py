@@ -38,6 +38,9 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from bench_memory import _status  # noqa: E402  (the high-water mark, read the same way)
+
 SHAPE = dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257)
 N_POS = 16384 + 64
 N_TARGET = 64
@@ -57,14 +60,6 @@ def _checkpoint(root: str) -> str:
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
-
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
 
 
 def _point(mode: str, T: int, root: str, block_size: int | None) -> dict:
