@@ -142,17 +142,28 @@ def _repeat_kv(x: Tensor, groups: int) -> Tensor:
     return x[:, :, None].expand(B, KV, groups, T, D).reshape(B, KV * groups, T, D)
 
 
+def _scores(qb: Tensor, k: Tensor, scaling: float, softcap: float | None,
+            slope: bool = False) -> tuple[Tensor, Tensor | None]:
+    """The model's scores ``s q.k`` (through the softcap where it has one), op for op, and with
+    ``slope`` the softcap's derivative ``1 - tanh^2(x / c)`` (``None`` without a softcap)."""
+    s = torch.matmul(qb, k.transpose(-1, -2)) * scaling
+    if softcap is None:
+        return s, None
+    t = torch.tanh(s / softcap)
+    return t * softcap, (1 - t * t) if slope else None
+
+
+def _softmax(s: Tensor, sm_fp32: bool, dtype: torch.dtype) -> Tensor:
+    if sm_fp32:
+        return torch.softmax(s, dim=-1, dtype=torch.float32).to(dtype)
+    return torch.softmax(s, dim=-1)
+
+
 def _block_probs(qb: Tensor, k: Tensor, mask_b: Tensor | None, scaling: float,
                  softcap: float | None, sm_fp32: bool) -> Tensor:
     """The model's eager attention weights for one block of query rows, op for op."""
-    s = torch.matmul(qb, k.transpose(-1, -2)) * scaling
-    if softcap is not None:
-        s = torch.tanh(s / softcap) * softcap
-    if mask_b is not None:
-        s = s + mask_b
-    if sm_fp32:
-        return torch.softmax(s, dim=-1, dtype=torch.float32).to(qb.dtype)
-    return torch.softmax(s, dim=-1)
+    s, _ = _scores(qb, k, scaling, softcap)
+    return _softmax(s if mask_b is None else s + mask_b, sm_fp32, qb.dtype)
 
 
 # Work only on the key columns a block can see: about half the attention work under a causal
@@ -164,7 +175,6 @@ def _block_probs(qb: Tensor, k: Tensor, mask_b: Tensor | None, scaling: float,
 # float64 Llama-family models (float32 softmax) ~1e-8 from the eager engine; with it, results
 # match as without skipping (tested at T = 300 against 1e-10 in float64).
 _SKIP_MASKED_COLUMNS = True
-_SKIP_IN_FORWARD = True  # the forward's scores q.k skip them too (its softmax and A v never do)
 _SPAN_ALIGN = 64
 # float32 blocks (and float64 ones whose softmax runs in float64): the backward by hand
 # (dL/dA = dz v^T, the softmax backward from the same A * dL/dA the saliency reads, no
@@ -227,7 +237,7 @@ class _BlockwiseAttention(torch.autograd.Function):
             # the masked columns: there the model's score is s q.k + finfo.min, which is the
             # mask value exactly (|s q.k| is far below half an ulp of finfo.min). The backward
             # skips them throughout (its rounding is not carried forward).
-            full = mb is not None and c1 < T and _SKIP_IN_FORWARD
+            full = mb is not None and c1 < T
             if not full:
                 c0, c1 = 0, T
             for h0, h1 in _head_chunks(B, H, r1 - r0, T if full else c1, q.element_size()):
@@ -321,31 +331,18 @@ def _block_probs_padded(qb: Tensor, k: Tensor, mask_b: Tensor, scaling: float,
     itself, as in the model (``s q.k + finfo.min == finfo.min``), so the softmax sees the row the
     model's eager attention sees."""
     c1 = k.shape[-2]
-    s = torch.matmul(qb, k.transpose(-1, -2)) * scaling
-    if softcap is not None:
-        s = torch.tanh(s / softcap) * softcap
+    s, _ = _scores(qb, k, scaling, softcap)
     full = mask_b.expand(*s.shape[:-1], mask_b.shape[-1]).clone()
     full[..., :c1] = s + mask_b[..., :c1]
-    if sm_fp32:
-        return torch.softmax(full, dim=-1, dtype=torch.float32).to(qb.dtype)
-    return torch.softmax(full, dim=-1)
+    return _softmax(full, sm_fp32, qb.dtype)
 
 
 def _block_probs_and_slope(qb: Tensor, k: Tensor, mask_b: Tensor | None, scaling: float,
                            softcap: float | None, sm_fp32: bool) -> tuple[Tensor, Tensor | None]:
     """:func:`_block_probs` for float32/float64 blocks, and the softcap's slope
     ``d(c tanh(x / c))/dx = 1 - tanh^2(x / c)`` (``None`` without a softcap)."""
-    s = torch.matmul(qb, k.transpose(-1, -2)) * scaling
-    slope = None
-    if softcap is not None:
-        t = torch.tanh(s / softcap)
-        s = t * softcap
-        slope = 1 - t * t
-    if mask_b is not None:
-        s = s + mask_b
-    if sm_fp32:
-        return torch.softmax(s, dim=-1, dtype=torch.float32).to(qb.dtype), slope
-    return torch.softmax(s, dim=-1), slope
+    s, slope = _scores(qb, k, scaling, softcap, slope=True)
+    return _softmax(s if mask_b is None else s + mask_b, sm_fp32, qb.dtype), slope
 
 
 def _autograd_blocks(q: Tensor, ke_all: Tensor, ve_all: Tensor, mask: Tensor | None, dout: Tensor,
